@@ -1,0 +1,14 @@
+"""lightning_lazy: see and control lazy training (Chizat, Oyallon & Bach, NeurIPS 2019) in PyTorch Lightning."""
+
+from lightning_lazy import diagnostics
+from lightning_lazy.scaling import AlphaScaled, resolve_loss, scaled_loss
+from lightning_lazy.tangent import LinearizedModel
+
+__all__ = [
+    "AlphaScaled",
+    "LinearizedModel",
+    "diagnostics",
+    "resolve_loss",
+    "scaled_loss",
+]
+__version__ = "0.1.0"
