@@ -1,0 +1,89 @@
+"""Small shared helpers for the maths files: frozen parameter snapshots and mode switches.
+
+Lightning-free; imported by ``scaling``, ``tangent`` and ``diagnostics`` only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+_BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+
+class FrozenParams(nn.Module):
+    """A snapshot of a module's parameters (and optionally buffers) kept as buffers.
+
+    Buffers, not parameters: the snapshot is never trained, is skipped by ``module.parameters()`` (so no
+    optimizer sees it), follows ``.to()`` / dtype changes and is saved in ``state_dict``. Parameter names
+    contain dots, which buffer names may not, so they are stored under a mangled name and read back
+    through :meth:`as_dict`.
+    """
+
+    def __init__(self, tensors: dict[str, Tensor]) -> None:
+        super().__init__()
+        self._names = list(tensors)
+        for name, tensor in tensors.items():
+            self.register_buffer(_mangle(name), tensor.detach().clone())
+
+    def as_dict(self) -> dict[str, Tensor]:
+        return {name: getattr(self, _mangle(name)) for name in self._names}
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+
+def _mangle(name: str) -> str:
+    return name.replace(".", "__")
+
+
+def named_params(module: nn.Module) -> dict[str, Tensor]:
+    """``dict(module.named_parameters())`` (shared parameters appear once, as PyTorch lists them)."""
+    return dict(module.named_parameters())
+
+
+def named_buffers(module: nn.Module) -> dict[str, Tensor]:
+    return dict(module.named_buffers())
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Temporarily put ``module`` in eval mode (dropout off, BatchNorm on running statistics)."""
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+@contextlib.contextmanager
+def batchnorm_eval(module: nn.Module) -> Iterator[None]:
+    """Temporarily put only the BatchNorm layers of ``module`` in eval mode."""
+    layers = [m for m in module.modules() if isinstance(m, _BATCHNORM_TYPES)]
+    modes = [m.training for m in layers]
+    for m in layers:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, training in zip(layers, modes):
+            m.training = training
+
+
+def has_batchnorm(module: nn.Module) -> bool:
+    return any(isinstance(m, _BATCHNORM_TYPES) for m in module.modules())
+
+
+def check_finite(tensor: Tensor, what: str) -> None:
+    """Raise ``ValueError`` when ``tensor`` holds NaN or inf: a measure of it would be meaningless."""
+    if not torch.isfinite(tensor).all():
+        bad = (~torch.isfinite(tensor)).sum().item()
+        raise ValueError(
+            f"{what} contains {bad} non-finite value(s) (NaN or inf). The model has diverged or its inputs "
+            "are bad; lower the learning rate, check the data, or use float64 for large alpha."
+        )

@@ -1,0 +1,181 @@
+"""α-scaling of a model around its initialization and the scaled objective R(αh)/α².
+
+Chizat, Oyallon & Bach (2019), section 2: for a model h with h(w0) = 0, training α·h on the objective
+F_α(w) = R(α h(w)) / α² becomes *lazy* as α grows: the weights move by O(1/α) and the model stays close
+to its linearization around w0. Centring (subtracting a frozen copy of the initial network) makes
+h(w0) = 0 hold for any network.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from lightning_lazy._params import FrozenParams, named_buffers, named_params
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+LossLike = Union[str, LossFn]
+
+
+def half_squared_error(output: Tensor, target: Tensor) -> Tensor:
+    """R(y) = (1/N) Σᵢ ½‖yᵢ − yᵢ*‖², output ``[N, K]``; integer class targets ``[N]`` become one-hot.
+
+    Half the squared Euclidean error per example, averaged over examples: the loss whose gradient flow
+    has time scale 1/‖Dh‖² when ‖·‖ is the empirical L² norm on the batch (see ``diagnostics``).
+    """
+    target = as_regression_target(output, target)
+    return 0.5 * (output - target).pow(2).flatten(1).sum(1).mean()
+
+
+def as_regression_target(output: Tensor, target: Tensor) -> Tensor:
+    """``target`` in the output's shape and dtype: class indices ``[N]`` are one-hot encoded for ``[N, K]``."""
+    if not target.is_floating_point() and not target.is_complex():
+        if output.dim() != 2 or target.dim() != 1 or target.shape[0] != output.shape[0]:
+            raise ValueError(
+                f"integer targets of shape {tuple(target.shape)} cannot be matched to outputs of shape "
+                f"{tuple(output.shape)}: class-index targets must be [N] for outputs [N, num_classes]"
+            )
+        num_classes = output.shape[1]
+        if target.numel() and (target.min() < 0 or target.max() >= num_classes):
+            raise ValueError(
+                f"class-index targets must lie in [0, {num_classes}) for outputs with {num_classes} columns, "
+                f"got values in [{int(target.min())}, {int(target.max())}]"
+            )
+        return F.one_hot(target.long(), num_classes).to(output.dtype)
+    if target.shape != output.shape:
+        raise ValueError(
+            f"target shape {tuple(target.shape)} does not match output shape {tuple(output.shape)}; "
+            "give targets of the output's shape, or class indices [N] for a classifier"
+        )
+    return target.to(output.dtype)
+
+
+_NAMED_LOSSES: dict[str, LossFn] = {
+    "mse": half_squared_error,
+    "cross_entropy": F.cross_entropy,
+}
+
+
+def resolve_loss(loss: LossLike) -> LossFn:
+    """Turn ``"mse"``, ``"cross_entropy"`` or a callable ``(output, target) -> scalar`` into a loss function.
+
+    ``"mse"`` is :func:`half_squared_error` (½‖y − y*‖² averaged over examples, one-hot for class targets);
+    ``"cross_entropy"`` is :func:`torch.nn.functional.cross_entropy`.
+    """
+    if isinstance(loss, str):
+        try:
+            return _NAMED_LOSSES[loss]
+        except KeyError:
+            raise ValueError(
+                f"unknown loss {loss!r}: use one of {sorted(_NAMED_LOSSES)} or a callable(output, target)"
+            ) from None
+    if callable(loss):
+        return loss
+    raise TypeError(f"loss must be a name or a callable(output, target) -> loss, got {type(loss).__name__}")
+
+
+def check_alpha(alpha: Any) -> float:
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        raise ValueError(f"alpha must be a positive finite number, got {alpha!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
+    return value
+
+
+def scaled_loss(loss: LossLike, alpha: float) -> LossFn:
+    """The scaled objective of section 2: ``(output, target) -> R(output, target) / α²``.
+
+    ``output`` is the output of the α-scaled model (α·h); the 1/α² factor keeps gradient-flow time
+    comparable across α, so no learning-rate rescaling is needed on top of it.
+    """
+    base = resolve_loss(loss)
+    scale = 1.0 / check_alpha(alpha) ** 2
+
+    def objective(output: Tensor, target: Tensor) -> Tensor:
+        return base(output, target) * scale
+
+    return objective
+
+
+class AlphaScaled(nn.Module):
+    """``α · (f(x; w) − f(x; w0))`` (``center=True``) or ``α · f(x; w)``, trained on ``R(α h)/α²``.
+
+    ``module`` is the network f whose parameters w are trained (it is kept, not copied). ``w0`` is a
+    frozen snapshot of its parameters and buffers taken here, at construction: stored as buffers, so it is
+    never trained, follows ``.to()``, and is saved in ``state_dict``. The initial output f(x; w0) is
+    computed without gradient, in the same train/eval mode and with the same random numbers (dropout
+    masks) as the live forward, so the centred model is exactly zero at w0.
+
+    Attributes: ``alpha``, ``center``, ``loss_scale`` (= 1/α²), ``loss`` (resolved, or ``None``).
+    """
+
+    def __init__(self, module: nn.Module, alpha: float, center: bool = True, loss: LossLike | None = None) -> None:
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"AlphaScaled wraps an nn.Module, got {type(module).__name__}")
+        self.module = module
+        self._alpha = check_alpha(alpha)
+        self.center = bool(center)
+        self.loss = None if loss is None else resolve_loss(loss)
+        # Only the centred model needs w0; the uncentred one would carry a useless copy.
+        self.initial = FrozenParams(named_params(module)) if self.center else None
+        self.initial_buffers = FrozenParams(named_buffers(module)) if self.center else None
+
+    @property
+    def alpha(self) -> float:
+        return self._alpha
+
+    @property
+    def loss_scale(self) -> float:
+        """1/α², the factor of the scaled objective R(α h)/α²."""
+        return 1.0 / self._alpha**2
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        if not self.center:
+            return self._alpha * self.module(*args, **kwargs)
+        if self.training:
+            # fork_rng restores the RNG state on exit, so the live forward draws the same dropout masks.
+            devices = sorted({a.device.index or 0 for a in args if isinstance(a, Tensor) and a.is_cuda})
+            with torch.random.fork_rng(devices=devices):
+                initial = self.initial_output(*args, **kwargs)
+        else:
+            initial = self.initial_output(*args, **kwargs)
+        return self._alpha * (self.module(*args, **kwargs) - initial)
+
+    @torch.no_grad()
+    def initial_output(self, *args: Any, **kwargs: Any) -> Tensor:
+        """f(x; w0), the frozen initial network's output (no gradient)."""
+        if self.initial is None:
+            raise RuntimeError("initial_output needs center=True: the uncentred model keeps no copy of w0")
+        # Buffers are cloned so that train-mode BatchNorm does not move the snapshot's running statistics.
+        state = {**self.initial.as_dict(), **{k: v.clone() for k, v in self.initial_buffers.as_dict().items()}}
+        return functional_call(self.module, state, args, kwargs)
+
+    def objective(self, output: Tensor, target: Tensor) -> Tensor:
+        """R(output, target) / α², where ``output`` is this model's (α-scaled) output."""
+        if self.loss is None:
+            raise ValueError("AlphaScaled has no loss: pass loss='mse', 'cross_entropy' or a callable")
+        return self.loss(output, target) * self.loss_scale
+
+    def extra_repr(self) -> str:
+        return f"alpha={self._alpha:g}, center={self.center}"
+
+    # alpha and center are saved with the weights: loading them into a model built with another alpha
+    # would silently train a different objective.
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"alpha": self._alpha, "center": self.center}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if not math.isclose(state["alpha"], self._alpha, rel_tol=1e-12) or state["center"] != self.center:
+            raise ValueError(
+                f"checkpoint was saved with alpha={state['alpha']:g}, center={state['center']} but this "
+                f"AlphaScaled has alpha={self._alpha:g}, center={self.center}; build it with the saved values"
+            )
