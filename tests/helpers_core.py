@@ -1,0 +1,39 @@
+"""Tiny models and explicit-derivative references shared by the core tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev
+
+
+def mlp(d_in: int = 5, width: int = 16, d_out: int = 3, act: type[nn.Module] = nn.Tanh, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, width), act(), nn.Linear(width, width), act(), nn.Linear(width, d_out)).double()
+
+
+def flat_function(model: nn.Module, x: Tensor):
+    """(flat parameter vector -> flat output [N*K]) and the flat vector at the current parameters."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    shapes = {k: v.shape for k, v in params.items()}
+
+    def unflatten(vector: Tensor) -> dict[str, Tensor]:
+        out, i = {}, 0
+        for name, shape in shapes.items():
+            out[name] = vector[i : i + shape.numel()].reshape(shape)
+            i += shape.numel()
+        return out
+
+    flat = torch.cat([p.reshape(-1) for p in params.values()])
+    return (lambda v: functional_call(model, unflatten(v), (x,)).reshape(-1)), flat
+
+
+def explicit_jacobian(model: nn.Module, x: Tensor) -> Tensor:
+    f, flat = flat_function(model, x)
+    return jacrev(f)(flat)
+
+
+def explicit_hessians(model: nn.Module, x: Tensor) -> Tensor:
+    """[N*K, P, P]: the Hessian of every output coordinate."""
+    f, flat = flat_function(model, x)
+    return jacrev(jacrev(f))(flat)

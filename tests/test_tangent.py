@@ -1,0 +1,151 @@
+import pytest
+import torch
+from torch import nn
+
+from lightning_lazy import AlphaScaled, LinearizedModel
+
+from helpers_core import explicit_jacobian, mlp
+
+
+def _perturb(module: nn.Module, scale: float = 0.1, seed: int = 1) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+
+
+def _conv_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5), nn.Tanh(), nn.Linear(5, 3)
+    ).double()
+
+
+@pytest.mark.parametrize("make", [mlp, _conv_net])
+def test_forward_and_gradient_match_explicit_jacobian(make):
+    net = make()
+    x = torch.randn(7, 5, dtype=torch.float64) if make is mlp else torch.randn(7, 3, 8, 8, dtype=torch.float64)
+    lin = LinearizedModel(net)
+    assert torch.equal(lin(x), net(x)), "at w0 the tangent model equals the model"
+    _perturb(lin)
+    jacobian = explicit_jacobian(net, x)  # [N*K, P]
+    w0 = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    w = torch.cat([p.detach().reshape(-1) for p in lin.parameters()])
+    expected = net(x).detach().reshape(-1) + jacobian @ (w - w0)
+    out = lin(x)
+    torch.testing.assert_close(out.reshape(-1), expected, rtol=1e-12, atol=1e-12)
+    cotangent = torch.randn_like(out)
+    out.backward(cotangent)
+    grad = torch.cat([p.grad.reshape(-1) for p in lin.parameters()])
+    torch.testing.assert_close(grad, jacobian.T @ cotangent.reshape(-1), rtol=1e-12, atol=1e-12)
+
+
+def test_parameters_start_at_w0_and_original_untouched():
+    net = mlp()
+    lin = LinearizedModel(net)
+    for (name, p), (_, q) in zip(lin.module.named_parameters(), net.named_parameters()):
+        assert torch.equal(p, q) and p is not q
+    assert set(lin.initial_params) == {n for n, _ in net.named_parameters()}
+    assert all(k.startswith("module.") for k, _ in lin.named_parameters())
+    assert any(k.startswith("initial.") for k in lin.state_dict())
+    _perturb(lin)
+    assert all(torch.equal(a, b) for a, b in zip(lin.initial_params.values(), net.parameters()))
+    lin.float()
+    assert all(t.dtype == torch.float32 for t in lin.initial_params.values())
+
+
+def test_model_linear_in_its_parameters_follows_the_same_sgd_path():
+    # Fixed random features then a linear read-out: h is linear in w, so h̄ = h exactly.
+    torch.manual_seed(0)
+    features = torch.randn(6, 20, dtype=torch.float64)
+    net = nn.Sequential(nn.Linear(6, 20, bias=False).requires_grad_(False), nn.Tanh(), nn.Linear(20, 3)).double()
+    with torch.no_grad():
+        net[0].weight.copy_(features.T)
+    lin = LinearizedModel(net)
+    real_opt = torch.optim.SGD(net.parameters(), lr=0.2, momentum=0.9)
+    twin_opt = torch.optim.SGD(lin.parameters(), lr=0.2, momentum=0.9)
+    x, y = torch.randn(64, 6, dtype=torch.float64), torch.randn(64, 3, dtype=torch.float64)
+    for step in range(50):
+        batch = slice(8 * (step % 8), 8 * (step % 8) + 8)
+        for model, opt in ((net, real_opt), (lin, twin_opt)):
+            opt.zero_grad()
+            (0.5 * (model(x[batch]) - y[batch]).pow(2).sum(1).mean()).backward()
+            opt.step()
+    for a, b in zip(net.parameters(), lin.parameters()):
+        assert (a - b).abs().max() <= 1e-6
+    assert (net(x) - lin(x)).abs().max() <= 1e-6
+    assert (net[2].weight - lin.initial_params["2.weight"]).abs().max() > 1e-2, "it did train"
+
+
+def test_linearized_alpha_scaled_is_alpha_times_jacobian_step():
+    net = mlp()
+    twin = LinearizedModel(AlphaScaled(net, alpha=50.0))
+    x = torch.randn(3, 5, dtype=torch.float64)
+    assert torch.equal(twin(x), torch.zeros(3, 3, dtype=torch.float64))
+    _perturb(twin, 1e-3)
+    jacobian = explicit_jacobian(net, x)
+    delta = torch.cat([(p - q).detach().reshape(-1) for p, q in zip(twin.parameters(), net.parameters())])
+    torch.testing.assert_close(twin(x).reshape(-1), 50.0 * jacobian @ delta, rtol=1e-10, atol=1e-12)
+
+
+def _bn_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)).double()
+
+
+def test_batchnorm_frozen_policy_uses_initial_statistics_and_never_touches_the_module():
+    net = _bn_net().train()
+    lin = LinearizedModel(net).train()
+    real_stats = net[1].running_mean.clone()
+    x = torch.randn(16, 4, dtype=torch.float64)
+    lin(x).sum().backward()
+    assert torch.equal(net[1].running_mean, real_stats)
+    assert torch.equal(lin.module[1].running_mean, real_stats), "frozen: statistics of w0 stay"
+    assert torch.allclose(lin(x), net.eval()(x))
+    assert lin.training and lin.module[1].training, "mode restored after the forward"
+
+
+def test_batchnorm_batch_policy_trains_in_train_mode():
+    net = _bn_net().train()
+    lin = LinearizedModel(net, batchnorm="batch").train()
+    x = torch.randn(16, 4, dtype=torch.float64)
+    out = lin(x)
+    assert torch.allclose(out, net(x))  # batch statistics, like the real network in train mode
+    out.sum().backward()
+    assert all(p.grad is not None for p in lin.parameters())
+    assert not torch.equal(lin.module[1].running_mean, torch.zeros(8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="batchnorm must be one of"):
+        LinearizedModel(net, batchnorm="running")
+
+
+class _NoJvp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2
+
+
+class _Doubler(nn.Module):
+    def forward(self, x):
+        return _NoJvp.apply(x)
+
+
+def test_op_without_forward_ad_rule_names_the_module():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.Tanh(), _Doubler()), nn.Linear(4, 1))
+    lin = LinearizedModel(net)
+    with pytest.raises(RuntimeError, match=r"module 1\.1 \(_Doubler\).*jvp"):
+        lin(torch.randn(2, 3))
+
+
+def test_frozen_parameters_stay_at_w0_and_get_no_tangent():
+    net = mlp()
+    net[0].weight.requires_grad_(False)
+    lin = LinearizedModel(net)
+    assert "0.weight" not in lin.initial_params
+    x = torch.randn(4, 5, dtype=torch.float64)
+    lin(x).sum().backward()
+    assert lin.module[0].weight.grad is None and lin.module[2].weight.grad is not None
