@@ -432,13 +432,21 @@ class LazyTrainingMonitor(Callback):
 
     def _measure_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, on_step: bool) -> None:
         values = self.measure(pl_module)
-        for name, value in values.items():
-            if name != "displacement_per_tensor":
-                pl_module.log(f"lazy/{name}", value, on_step=on_step, on_epoch=not on_step)
+        per_tensor = values.pop("displacement_per_tensor")
+        scalars = {f"lazy/{name}": value for name, value in values.items()}
+        if on_step:
+            # Straight to the loggers: pl_module.log from a batch hook would repeat the value at every step.
+            # Lightning writes what is logged after k optimizer steps at step k - 1; so do we.
+            if trainer.is_global_zero:
+                for logger in trainer.loggers:
+                    logger.log_metrics(scalars, step=trainer.global_step - 1)
+        else:
+            for name, value in scalars.items():
+                pl_module.log(name, value)
         logger = trainer.logger
-        if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero and values["displacement_per_tensor"]:
-            per_tensor = torch.stack([v.float().cpu() for v in values["displacement_per_tensor"].values()])
-            logger.experiment.add_histogram("lazy/displacement_per_tensor", per_tensor, trainer.global_step)
+        if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero and per_tensor:
+            histogram = torch.stack([v.float().cpu() for v in per_tensor.values()])
+            logger.experiment.add_histogram("lazy/displacement_per_tensor", histogram, trainer.global_step)
 
     @torch.no_grad()
     def _twin_probe_output(self) -> Tensor:

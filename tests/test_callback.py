@@ -1,0 +1,220 @@
+import glob
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_lazy.callback import LazyTrainingMonitor
+
+from lightning_helpers import Regressor, loaders, trainer
+
+EPOCH_TAGS = [
+    "lazy/divergence", "lazy/bound", "lazy/kappa", "lazy/jacobian_norm", "lazy/hessian_norm", "lazy/displacement",
+    "lazy/tangent_gap", "lazy/ntk_distance", "lazy/kernel_alignment", "lazy/activation_stability",
+    "lazy/normalized_time", "lazy/tangent/train_loss", "lazy/tangent/val_loss",
+]
+
+
+def _events(tmp_path) -> EventAccumulator:
+    (path,) = glob.glob(str(tmp_path / "runs" / "version_0" / "events.out.tfevents.*"))
+    accumulator = EventAccumulator(path, size_guidance={"scalars": 0, "histograms": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def test_tensorboard_holds_every_tag_with_finite_values(tmp_path):
+    train, val = loaders()
+    monitor = LazyTrainingMonitor()
+    trainer(tmp_path, [monitor], max_epochs=3).fit(Regressor(alpha=10.0), train, val)
+    events = _events(tmp_path)
+    scalars = set(events.Tags()["scalars"])
+    for tag in EPOCH_TAGS:
+        assert tag in scalars, tag
+        values = [e.value for e in events.Scalars(tag)]
+        assert len(values) == 3 and all(math.isfinite(v) for v in values), (tag, values)
+    assert "lazy/displacement_per_tensor" in events.Tags()["histograms"]
+    # Divergence grows from 0 as training leaves the tangent path; the bound is t̃²κ(w0).
+    divergence = [e.value for e in events.Scalars("lazy/divergence")]
+    assert 0 < divergence[0] <= divergence[-1] < 0.5
+    time = [e.value for e in events.Scalars("lazy/normalized_time")]
+    bound = [e.value for e in events.Scalars("lazy/bound")]
+    assert bound[-1] == pytest.approx(time[-1] ** 2 * monitor._initial_kappa, rel=1e-5)
+    assert monitor.laziness_horizon == pytest.approx(monitor._initial_kappa ** -0.5)
+
+
+def test_model_linear_in_parameters_has_zero_divergence_through_the_trainer(tmp_path):
+    # Momentum, a StepLR schedule and gradient clipping: the twin follows all of them, so for a model linear
+    # in its parameters the two paths coincide.
+    train, val = loaders(dtype=torch.float64)
+    monitor = LazyTrainingMonitor()
+    model = Regressor(alpha=3.0, linear_in_params=True).double()
+    trainer(tmp_path, [monitor], max_epochs=4, gradient_clip_val=0.05, precision="64-true").fit(model, train, val)
+    metrics = trainer_metrics = {k: float(v) for k, v in monitor.measure(model).items() if k != "displacement_per_tensor"}
+    assert trainer_metrics["displacement"] > 1e-3
+    assert metrics["divergence"] < 1e-10 and metrics["tangent_gap"] < 1e-8
+
+
+def _measures_after(tmp_path, name, epochs, ckpt_path=None, max_epochs=None):
+    train, val = loaders()
+    monitor = LazyTrainingMonitor()
+    run = trainer(tmp_path / name, [monitor], max_epochs=max_epochs or epochs)
+    run.fit(Regressor(alpha=10.0), train, val, ckpt_path=ckpt_path)
+    return run, monitor
+
+
+def test_resume_from_checkpoint_logs_the_same_values(tmp_path):
+    straight, straight_monitor = _measures_after(tmp_path, "straight", 4)
+    first, _ = _measures_after(tmp_path, "first", 2)
+    checkpoint = first.checkpoint_callback.best_model_path
+    assert checkpoint
+    resumed, resumed_monitor = _measures_after(tmp_path, "resumed", 4, ckpt_path=checkpoint)
+    for key, value in straight.callback_metrics.items():
+        if key.startswith("lazy/"):
+            assert float(resumed.callback_metrics[key]) == pytest.approx(float(value), rel=1e-5, abs=1e-7), key
+    # w0 came from the checkpoint, not from the resumed weights.
+    for name, w0 in straight_monitor._initial.items():
+        torch.testing.assert_close(resumed_monitor._initial[name], w0)
+
+
+def test_gradient_accumulation_steps_the_twin_with_the_optimizer(tmp_path):
+    results = []
+    for batch_size, accumulate in ((32, 1), (16, 2)):
+        train, val = loaders(batch_size=batch_size, dtype=torch.float64)
+        monitor = LazyTrainingMonitor()
+        model = Regressor(alpha=10.0, scheduler=False).double()
+        trainer(tmp_path / str(accumulate), [monitor], max_epochs=2, accumulate_grad_batches=accumulate,
+                precision="64-true").fit(model, train, val)
+        results.append((monitor, model))
+    (mono, model_a), (acc, model_b) = results
+    assert mono._steps == acc._steps == 8
+    for (name, a), b in zip(mono.twin.named_parameters(), acc.twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+    assert not torch.equal(mono.twin.module.model.module[0].weight, mono.twin.initial_params["model.module.0.weight"])
+
+
+def test_float64_measures_and_track_tangent_off(tmp_path):
+    train, val = loaders(dtype=torch.float64)
+    monitor = LazyTrainingMonitor(track_tangent=False)
+    run = trainer(tmp_path, [monitor], max_epochs=2, precision="64-true")
+    model = Regressor(alpha=100.0)
+    run.fit(model, train, val)
+    assert monitor.twin is None
+    assert monitor._probe_x.dtype == torch.float64
+    logged = run.callback_metrics
+    assert "lazy/divergence" not in logged and "lazy/tangent/val_loss" not in logged
+    for key in ("lazy/kappa", "lazy/displacement", "lazy/ntk_distance", "lazy/activation_stability"):
+        assert math.isfinite(float(logged[key])), key
+
+
+def test_log_spaced_steps(tmp_path):
+    train, val = loaders()
+    trainer(tmp_path, [LazyTrainingMonitor(log_steps="log", measure_kappa=False)], max_epochs=2).fit(
+        Regressor(alpha=10.0), train, val)
+    steps = [e.step for e in _events(tmp_path).Scalars("lazy/divergence")]
+    # After 1, 2, 4, 8 optimizer steps, then the two epoch ends (after 8 and 16 steps), on Lightning's axis (k - 1).
+    assert steps == [0, 1, 3, 7, 7, 15, 15], steps  # 16 is also on the log schedule
+
+
+def test_user_probe_and_batch_to_xy(tmp_path):
+    x, y = loaders()[0].dataset.tensors
+    dict_loader = DataLoader([{"inputs": a, "targets": b} for a, b in zip(x, y)], batch_size=16)
+    monitor = LazyTrainingMonitor(probe=(x[:20], y[:20]), batch_to_xy=lambda b: (b["inputs"], b["targets"]))
+
+    class DictRegressor(Regressor):
+        def _loss(self, batch):
+            return super()._loss((batch["inputs"], batch["targets"]))
+
+    trainer(tmp_path, [monitor], max_epochs=1).fit(DictRegressor(alpha=10.0), dict_loader)
+    assert monitor._probe_x.shape == (20, 6)
+    assert torch.isfinite(torch.tensor(monitor.measure(monitor.twin.module)["divergence"]))
+
+
+# ------------------------------------------------------------------------------------------------- errors
+
+
+def test_batch_that_is_not_xy_is_a_clear_error(tmp_path):
+    x, y = loaders()[0].dataset.tensors
+    triples = DataLoader(TensorDataset(x, y, y), batch_size=16)
+
+    class Triple(Regressor):
+        def _loss(self, batch):
+            return super()._loss(batch[:2])
+
+    with pytest.raises(MisconfigurationException, match="reads batches as \\(x, y\\).*batch_to_xy"):
+        trainer(tmp_path, [LazyTrainingMonitor()], max_epochs=1).fit(Triple(), triples)
+
+
+def test_no_loss_known_is_a_clear_error(tmp_path):
+    train, _ = loaders()
+    with pytest.raises(MisconfigurationException, match="does not know the loss"):
+        trainer(tmp_path, [LazyTrainingMonitor()], max_epochs=1).fit(Regressor(alpha=None), train)
+    # With the loss named, a plain (unscaled) model is monitored with alpha = 1.
+    monitor = LazyTrainingMonitor(loss="mse")
+    trainer(tmp_path / "ok", [monitor], max_epochs=1).fit(Regressor(alpha=None), train)
+    assert monitor._loss_scale == 1.0
+
+
+def test_ambiguous_or_contradicting_alpha_is_a_clear_error(tmp_path):
+    from lightning_lazy import AlphaScaled
+
+    train, _ = loaders()
+    model = Regressor(alpha=10.0)
+    model.extra = AlphaScaled(torch.nn.Linear(2, 2), 5.0)
+    with pytest.raises(MisconfigurationException, match="pass LazyTrainingMonitor\\(alpha=...\\)"):
+        trainer(tmp_path, [LazyTrainingMonitor()], max_epochs=1).fit(model, train)
+    with pytest.raises(MisconfigurationException, match="contradicts"):
+        trainer(tmp_path, [LazyTrainingMonitor(alpha=3.0)], max_epochs=1).fit(Regressor(alpha=10.0), train)
+
+
+def test_several_optimizers_and_manual_optimization_are_refused(tmp_path):
+    train, _ = loaders()
+
+    class TwoOptimizers(Regressor):
+        def configure_optimizers(self):
+            return [torch.optim.SGD(self.parameters(), lr=0.1), torch.optim.SGD(self.parameters(), lr=0.1)]
+
+        def training_step(self, batch, batch_idx):
+            return None
+
+    class Manual(Regressor):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(self._loss(batch))
+            opt.step()
+
+    manual = Manual()
+    with pytest.raises(MisconfigurationException, match="manual optimization"):
+        trainer(tmp_path, [LazyTrainingMonitor()], max_epochs=1).fit(manual, train)
+    two = TwoOptimizers()
+    two.automatic_optimization = False  # Lightning itself needs manual optimization for several optimizers
+    with pytest.raises(MisconfigurationException, match="manual optimization|exactly one optimizer"):
+        trainer(tmp_path, [LazyTrainingMonitor()], max_epochs=1).fit(two, train)
+
+
+def test_sharded_strategy_is_refused():
+    class FakeFSDPStrategy:
+        pass
+
+    class FakeTrainer:
+        strategy = FakeFSDPStrategy()
+
+    with pytest.raises(MisconfigurationException, match="sharded strategies"):
+        LazyTrainingMonitor().setup(FakeTrainer(), None, "fit")
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="probe_size"):
+        LazyTrainingMonitor(probe_size=0)
+    with pytest.raises(ValueError, match="log_steps"):
+        LazyTrainingMonitor(log_steps="linear")
+    with pytest.raises(ValueError, match="alpha must be"):
+        LazyTrainingMonitor(alpha=-1)
