@@ -1,11 +1,15 @@
 """lightning_lazy: see and control lazy training (Chizat, Oyallon & Bach, NeurIPS 2019) in PyTorch Lightning."""
 
 from lightning_lazy import diagnostics
+from lightning_lazy.callback import LazyTrainingMonitor
+from lightning_lazy.module import LazyClassifier
 from lightning_lazy.scaling import AlphaScaled, resolve_loss, scaled_loss
 from lightning_lazy.tangent import LinearizedModel
 
 __all__ = [
     "AlphaScaled",
+    "LazyClassifier",
+    "LazyTrainingMonitor",
     "LinearizedModel",
     "diagnostics",
     "resolve_loss",

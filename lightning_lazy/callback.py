@@ -19,7 +19,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_lazy import diagnostics
 from lightning_lazy.scaling import AlphaScaled, LossLike, as_regression_target, check_alpha, resolve_loss
@@ -66,7 +66,8 @@ class LazyTrainingMonitor(Callback):
     ``lazy/divergence``, ``lazy/bound`` (= t̃²·κ(w0)), ``lazy/kappa``, ``lazy/jacobian_norm``,
     ``lazy/hessian_norm``, ``lazy/displacement``, ``lazy/tangent_gap``, ``lazy/ntk_distance``,
     ``lazy/kernel_alignment``, ``lazy/activation_stability``, ``lazy/normalized_time``,
-    ``lazy/tangent/train_loss``, ``lazy/tangent/val_loss`` and, for integer targets, ``lazy/tangent/val_acc``.
+    ``lazy/tangent/train_loss``, ``lazy/tangent/val_loss`` (``test_loss`` under ``trainer.test``) and, for
+    integer targets, ``lazy/tangent/val_acc`` / ``test_acc``.
     The losses logged are R (without the 1/α² factor), comparable across α.
     """
 
@@ -77,7 +78,7 @@ class LazyTrainingMonitor(Callback):
         alpha: float | None = None,
         probe: Tensor | tuple[Tensor, Tensor] | None = None,
         probe_size: int = 256,
-        kappa_probe_size: int = 64,
+        kappa_probe_size: int = 32,
         ntk_probe_size: int = 16,
         every_n_epochs: int = 1,
         log_steps: str | Sequence[int] | None = None,
@@ -127,9 +128,10 @@ class LazyTrainingMonitor(Callback):
         self._steps = 0
         self._twin_loss_sum = 0.0
         self._twin_loss_count = 0
-        self._val_loss_sum = 0.0
-        self._val_correct = 0
-        self._val_count = 0
+        self._eval_loss_sum = 0.0
+        self._eval_correct = 0
+        self._eval_count = 0
+        self._eval_is_classification = False
 
     # ---------------------------------------------------------------------------------------- lifecycle
 
@@ -214,27 +216,19 @@ class LazyTrainingMonitor(Callback):
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
-        if self.twin is None or trainer.sanity_checking:
-            return
-        x, y = self.batch_to_xy(batch)
-        self.twin.eval()
-        with torch.no_grad():
-            output = self.twin(x)
-            self._val_loss_sum += float(self._objective(output, y)) / self._loss_scale * len(x)
-        self._val_count += len(x)
-        if not y.is_floating_point() and output.dim() == 2:
-            self._val_correct += int((output.argmax(1) == y).sum())
+        if not trainer.sanity_checking:
+            self._evaluate_twin(batch)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.twin is None or trainer.sanity_checking or self._val_count == 0:
-            return
-        totals = torch.tensor([self._val_loss_sum, self._val_correct, self._val_count], dtype=torch.float64,
-                              device=pl_module.device)
-        totals = trainer.strategy.reduce(totals, reduce_op="sum")
-        pl_module.log("lazy/tangent/val_loss", float(totals[0] / totals[2]))
-        if self._val_correct or self._probe_is_classification():
-            pl_module.log("lazy/tangent/val_acc", float(totals[1] / totals[2]))
-        self._val_loss_sum, self._val_correct, self._val_count = 0.0, 0, 0
+        if not trainer.sanity_checking:
+            self._log_twin_evaluation(trainer, pl_module, "val")
+
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate_twin(batch)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_twin_evaluation(trainer, pl_module, "test")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._twin_loss_count:
@@ -363,9 +357,13 @@ class LazyTrainingMonitor(Callback):
                 "LazyTrainingMonitor draws its probe from the train DataLoader's dataset, which must be indexable; "
                 "pass LazyTrainingMonitor(probe=(x, y)) instead"
             )
-        generator = torch.Generator().manual_seed(0)  # private: the training RNG is not consumed
+        generator = torch.Generator().manual_seed(0)
         indices = torch.randperm(len(dataset), generator=generator)[: self.probe_size].tolist()
-        batch = loader.collate_fn([dataset[i] for i in indices])
+        # Random transforms draw from the global RNG: fork it, so a run with the monitor trains exactly as one
+        # without (the probe is augmented once, then fixed).
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices):
+            batch = loader.collate_fn([dataset[i] for i in indices])
         return self.batch_to_xy(batch)
 
     def _measure_initial(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -406,7 +404,9 @@ class LazyTrainingMonitor(Callback):
         n = min(self.kappa_probe_size, len(x))
         return diagnostics.kappa(
             pl_module, x[:n], y[:n], params or self._params(pl_module),
-            jacobian_kwargs={"tol": 1e-4}, hessian_kwargs={"max_iter": 20, "max_rounds": 4, "restarts": 1},
+            # Cheap settings: ‖D²h‖ is a lower bound that a few Lanczos steps already get close to; each
+            # epoch's κ is a trend to watch, not a certified number (diagnostics.kappa gives the careful one).
+            jacobian_kwargs={"tol": 1e-3}, hessian_kwargs={"max_iter": 10, "max_rounds": 2, "restarts": 1},
         )
 
     def _kernel(self, pl_module: pl.LightningModule, params: dict[str, Tensor]) -> Tensor:
@@ -420,8 +420,30 @@ class LazyTrainingMonitor(Callback):
                 return None
             raise
 
-    def _probe_is_classification(self) -> bool:
-        return self._probe_y is not None and not self._probe_y.is_floating_point()
+    def _evaluate_twin(self, batch: Any) -> None:
+        """Accumulates the tangent model's loss R and accuracy on an evaluation batch."""
+        if self.twin is None:
+            return
+        x, y = self.batch_to_xy(batch)
+        self.twin.eval()
+        with torch.no_grad():
+            output = self.twin(x)
+            self._eval_loss_sum += float(self._objective(output, y)) / self._loss_scale * len(x)
+        self._eval_count += len(x)
+        if not y.is_floating_point() and output.dim() == 2:
+            self._eval_correct += int((output.argmax(1) == y).sum())
+            self._eval_is_classification = True
+
+    def _log_twin_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.twin is None or self._eval_count == 0:
+            return
+        totals = torch.tensor([self._eval_loss_sum, self._eval_correct, self._eval_count], dtype=torch.float64,
+                              device=pl_module.device)
+        totals = trainer.strategy.reduce(totals, reduce_op="sum")
+        pl_module.log(f"lazy/tangent/{stage}_loss", float(totals[0] / totals[2]))
+        if self._eval_is_classification:
+            pl_module.log(f"lazy/tangent/{stage}_acc", float(totals[1] / totals[2]))
+        self._eval_loss_sum, self._eval_correct, self._eval_count = 0.0, 0, 0
 
     def _is_log_step(self, step: int) -> bool:
         if self.log_steps is None or step == 0:
@@ -463,6 +485,11 @@ class LazyTrainingMonitor(Callback):
         if self._initial_kappa is not None:
             values["bound"] = normalized_time**2 * self._initial_kappa
         moved = diagnostics.displacement(params, self._initial)
+        if not math.isfinite(moved.total.item()):
+            raise ValueError(
+                "training has diverged: the weights hold NaN or inf, so no laziness measure is meaningful. Lower the "
+                "learning rate (for AlphaScaled models the step that is stable is about 1/||Dh(w0)||^2 whatever alpha)"
+            )
         values["displacement"] = moved.total.item()
         values["displacement_per_tensor"] = moved.per_tensor
         if self.twin is not None:

@@ -161,11 +161,13 @@ def jacobian_norm(
     max_iter: int = 100,
     tol: float = 1e-6,
     seed: int = 0,
+    dense_below: int = 65,
 ) -> Tensor:
     """‖Dh(w)‖ = σ_max(J) / √N, J = ∂h(x; w)/∂w the ``[N·K, P]`` probe Jacobian, matrix-free.
 
     Lanczos on J Jᵀ (``[N·K, N·K]``), each product one vjp (reusing one recorded backward) and one jvp.
-    Returns a 0-dim tensor in the output's dtype.
+    When N·K < ``dense_below``, J Jᵀ itself is cheaper: one vmapped pass (:func:`empirical_ntk`) and an
+    exact symmetric eigensolve. Returns a 0-dim tensor in the output's dtype.
     """
     _check_probe(x)
     params = _trainable_params(model, params)
@@ -173,6 +175,10 @@ def jacobian_norm(
         f = _as_function(model, x)
         out, vjp_fn = vjp(f, params)
         check_finite(out, "the model output on the probe")
+        if out.numel() < dense_below:
+            n_params = sum(p.numel() for p in params.values())
+            kernel = _ntk_columns(f, f, params, out, vjp_fn, _default_chunk(n_params, out.numel()))
+            return torch.sqrt(torch.linalg.eigvalsh(kernel)[-1].clamp_min(0) / out.shape[0])
 
         def gram(u: Tensor) -> Tensor:
             (direction,) = vjp_fn(u)
@@ -360,19 +366,27 @@ def empirical_ntk(
         out2, vjp_fn = vjp(f2, params)
         check_finite(out2, "the model output on the probe")
         n_params = sum(p.numel() for p in params.values())
-        columns = out2.numel()
-        chunk = chunk_size or _default_chunk(n_params, columns)
+        chunk = chunk_size or _default_chunk(n_params, out2.numel())
+        return _ntk_columns(f1, f2, params, out2, vjp_fn, chunk)
 
-        def apply_jacobian(direction: Params) -> Tensor:
-            return jvp(f1, (params,), (direction,))[1].reshape(-1)
 
-        blocks = []
-        eye = torch.eye(columns, dtype=out2.dtype, device=out2.device)
-        for start in range(0, columns, chunk):
-            cotangents = eye[start : start + chunk].reshape(-1, *out2.shape)
-            (directions,) = vmap(vjp_fn)(cotangents)
-            blocks.append(vmap(apply_jacobian)(directions))
-        return torch.cat(blocks).T.contiguous()
+def _ntk_columns(
+    f1: Callable[[Params], Tensor], f2: Callable[[Params], Tensor], params: Params, out2: Tensor,
+    vjp_fn: Callable, chunk: int,
+) -> Tensor:
+    """J(x1) J(x2)ᵀ, ``chunk`` columns at a time (``vjp_fn`` is the vjp of ``f2`` at ``params``)."""
+
+    def apply_jacobian(direction: Params) -> Tensor:
+        return jvp(f1, (params,), (direction,))[1].reshape(-1)
+
+    columns = out2.numel()
+    blocks = []
+    eye = torch.eye(columns, dtype=out2.dtype, device=out2.device)
+    for start in range(0, columns, chunk):
+        cotangents = eye[start : start + chunk].reshape(-1, *out2.shape)
+        (directions,) = vmap(vjp_fn)(cotangents)
+        blocks.append(vmap(apply_jacobian)(directions))
+    return torch.cat(blocks).T.contiguous()
 
 
 def _check_kernels(kernel: Tensor, initial_kernel: Tensor) -> None:

@@ -87,8 +87,17 @@ class LinearizedModel(nn.Module):
         return self.initial.as_dict()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.is_inference_mode_enabled():
+            # Forward-mode AD is off under inference mode (Lightning's validate/test run there): without this,
+            # the tangent would silently vanish and the output be f(x; w0).
+            with torch.inference_mode(False), torch.no_grad():
+                return self.forward(*args, **kwargs)
         initial = self.initial.as_dict()
         params = dict(self.module.named_parameters())
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            # Inside a torch.func transform (the monitor's jvp/vjp): dual levels cannot nest there, so use
+            # torch.func.jvp, which composes with the enclosing transform.
+            return self._forward_in_transform(initial, params, args, kwargs)
         with self._batchnorm_context(), fwAD.dual_level(), _ConstantInputTangents():
             duals = {name: fwAD.make_dual(w0, params[name] - w0) for name, w0 in initial.items()}
             try:
@@ -98,6 +107,17 @@ class LinearizedModel(nn.Module):
                     raise
                 raise _locate_forward_ad_error(self.module, duals, args, kwargs, error) from error
             return tree_map(_primal_plus_tangent, output)
+
+    def _forward_in_transform(self, initial: dict[str, Tensor], params: dict[str, Tensor], args: tuple,
+                              kwargs: dict) -> Any:
+        tangents = {name: params[name] - w0 for name, w0 in initial.items()}
+
+        def at(p: dict[str, Tensor]) -> Any:
+            return functional_call(self.module, p, args, kwargs)
+
+        with self._batchnorm_context():
+            primal, tangent = torch.func.jvp(at, (initial,), (tangents,))
+        return tree_map(lambda a, b: a + b if isinstance(a, Tensor) else a, primal, tangent)
 
     def _batchnorm_context(self) -> contextlib.AbstractContextManager:
         return batchnorm_eval(self.module) if self.batchnorm == "frozen" else contextlib.nullcontext()

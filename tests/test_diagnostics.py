@@ -219,3 +219,10 @@ def test_functional_model_and_mode_restored(probe):
     params = {k: v.detach() for k, v in net.named_parameters()}
     fn = lambda p, x: torch.func.functional_call(net.eval(), p, (x,))  # noqa: E731
     assert D.jacobian_norm(fn, probe, params).item() == pytest.approx(D.jacobian_norm(net, probe).item())
+
+
+def test_jacobian_norm_dense_and_lanczos_paths_agree(probe):
+    net = mlp()
+    dense = D.jacobian_norm(net, probe)  # 27 outputs: the Gram matrix is formed
+    lanczos = D.jacobian_norm(net, probe, dense_below=0)
+    assert dense.item() == pytest.approx(lanczos.item(), rel=1e-8)

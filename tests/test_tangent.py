@@ -149,3 +149,26 @@ def test_frozen_parameters_stay_at_w0_and_get_no_tangent():
     x = torch.randn(4, 5, dtype=torch.float64)
     lin(x).sum().backward()
     assert lin.module[0].weight.grad is None and lin.module[2].weight.grad is not None
+
+
+def test_inference_mode_keeps_the_tangent():
+    net = mlp()
+    lin = LinearizedModel(net)
+    _perturb(lin)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    expected = lin(x).detach()
+    assert not torch.allclose(expected, net(x))
+    with torch.inference_mode():
+        torch.testing.assert_close(lin(x), expected)
+
+
+def test_jacobian_inside_torch_func_transforms_is_the_initial_jacobian():
+    from lightning_lazy import diagnostics
+
+    net = mlp()
+    lin = LinearizedModel(net)
+    _perturb(lin)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    torch.testing.assert_close(diagnostics.jacobian_norm(lin, x), diagnostics.jacobian_norm(net, x))
+    assert diagnostics.hessian_norm(lin, x, max_iter=3).item() == pytest.approx(0.0, abs=1e-12)
+    torch.testing.assert_close(diagnostics.empirical_ntk(lin, x), diagnostics.empirical_ntk(net, x))
