@@ -124,6 +124,7 @@ class LazyTrainingMonitor(Callback):
         self._initial_kappa: float | None = None
         self._initial_jacobian_norm: float | None = None
         self._has_relu = True
+        self._hessian_direction: Tensor | None = None
         self._time = 0.0  # Σ learning rates of the steps taken
         self._steps = 0
         self._twin_loss_sum = 0.0
@@ -253,6 +254,7 @@ class LazyTrainingMonitor(Callback):
             "initial_kappa": self._initial_kappa,
             "initial_jacobian_norm": self._initial_jacobian_norm,
             "has_relu": self._has_relu,
+            "hessian_direction": None if self._hessian_direction is None else self._hessian_direction.cpu(),
             "time": self._time,
             "steps": self._steps,
             "twin_loss": (self._twin_loss_sum, self._twin_loss_count),
@@ -281,6 +283,8 @@ class LazyTrainingMonitor(Callback):
         self._initial_kappa = state["initial_kappa"]
         self._initial_jacobian_norm = state["initial_jacobian_norm"]
         self._has_relu = state["has_relu"]
+        direction = state["hessian_direction"]
+        self._hessian_direction = None if direction is None else direction.to(device)
         self._time = state["time"]
         self._steps = state["steps"]
         self._twin_loss_sum, self._twin_loss_count = state["twin_loss"]
@@ -402,12 +406,15 @@ class LazyTrainingMonitor(Callback):
 
     def _kappa(self, pl_module: pl.LightningModule, x: Tensor, y: Tensor, params: dict | None = None) -> diagnostics.Kappa:
         n = min(self.kappa_probe_size, len(x))
-        return diagnostics.kappa(
-            pl_module, x[:n], y[:n], params or self._params(pl_module),
-            # Cheap settings: ‖D²h‖ is a lower bound that a few Lanczos steps already get close to; each
-            # epoch's κ is a trend to watch, not a certified number (diagnostics.kappa gives the careful one).
-            jacobian_kwargs={"tol": 1e-3}, hessian_kwargs={"max_iter": 10, "max_rounds": 2, "restarts": 1},
+        params = params or self._params(pl_module)
+        if self._hessian_direction is None:  # at w0: a careful search
+            options = {"max_iter": 20, "max_rounds": 3, "restarts": 2}
+        else:  # then warm-started from the last direction: a few Lanczos steps follow it along training
+            options = {"max_iter": 6, "max_rounds": 1, "restarts": 1, "start": self._hessian_direction}
+        hessian, self._hessian_direction = diagnostics.hessian_norm(
+            pl_module, x[:n], params, return_direction=True, **options
         )
+        return diagnostics.kappa(pl_module, x[:n], y[:n], params, jacobian_kwargs={"tol": 1e-3}, hessian=hessian)
 
     def _kernel(self, pl_module: pl.LightningModule, params: dict[str, Tensor]) -> Tensor:
         return diagnostics.empirical_ntk(pl_module, self._probe_x[: self.ntk_probe_size], params=params)

@@ -67,10 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightning-lazy demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.1, 1.0, 10.0, 100.0],
                         help="output scales to train at (default: 0.1 1 10 100)")
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--d", type=int, default=10, help="input dimension")
     parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--n-train", type=int, default=8192)
+    parser.add_argument("--n-train", type=int, default=65536)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--step", type=float, default=0.25,
                         help="learning rate in normalized time: lr = step / ||Dh(w0)||^2 (default 0.25)")
@@ -110,12 +110,13 @@ def _run_one(args: argparse.Namespace, alpha: float, index: int, total: int) -> 
     data.setup("fit")
     x, _ = next(iter(data.train_dataloader()))
     model.hparams.lr = args.step / diagnostics.jacobian_norm(model.model.module, x, tol=1e-4).item() ** 2
-    monitor = LazyTrainingMonitor(probe_size=256, kappa_probe_size=64, ntk_probe_size=16)
+    # Measured at every epoch end and after steps 1, 2, 4, 8, ...: log-spaced points show the early phase.
+    monitor = LazyTrainingMonitor(log_steps="log")
     trainer = pl.Trainer(
         max_epochs=args.epochs, accelerator="cpu", devices=1, callbacks=[monitor],
         logger=TensorBoardLogger(args.log_dir, name="demo", version=f"alpha_{alpha:g}"),
         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=not args.no_progress,
-        log_every_n_steps=max(1, math.ceil(args.n_train / args.batch_size)), precision="64-true",
+        log_every_n_steps=50, precision="64-true",
     )
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)

@@ -161,13 +161,11 @@ def jacobian_norm(
     max_iter: int = 100,
     tol: float = 1e-6,
     seed: int = 0,
-    dense_below: int = 65,
 ) -> Tensor:
     """‖Dh(w)‖ = σ_max(J) / √N, J = ∂h(x; w)/∂w the ``[N·K, P]`` probe Jacobian, matrix-free.
 
     Lanczos on J Jᵀ (``[N·K, N·K]``), each product one vjp (reusing one recorded backward) and one jvp.
-    When N·K < ``dense_below``, J Jᵀ itself is cheaper: one vmapped pass (:func:`empirical_ntk`) and an
-    exact symmetric eigensolve. Returns a 0-dim tensor in the output's dtype.
+    Returns a 0-dim tensor in the output's dtype.
     """
     _check_probe(x)
     params = _trainable_params(model, params)
@@ -175,10 +173,6 @@ def jacobian_norm(
         f = _as_function(model, x)
         out, vjp_fn = vjp(f, params)
         check_finite(out, "the model output on the probe")
-        if out.numel() < dense_below:
-            n_params = sum(p.numel() for p in params.values())
-            kernel = _ntk_columns(f, f, params, out, vjp_fn, _default_chunk(n_params, out.numel()))
-            return torch.sqrt(torch.linalg.eigvalsh(kernel)[-1].clamp_min(0) / out.shape[0])
 
         def gram(u: Tensor) -> Tensor:
             (direction,) = vjp_fn(u)
@@ -198,7 +192,9 @@ def hessian_norm(
     restarts: int = 2,
     tol: float = 1e-4,
     seed: int = 1,
-) -> Tensor:
+    start: Tensor | None = None,
+    return_direction: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """‖D²h(w)‖ = sup_{‖u‖=1} ‖D²h(w)[u, u]‖ / √N, matrix-free (a lower bound that converges to it).
 
     sup_u ‖D²h[u, u]‖ = sup_{u, c unit} ⟨c, D²h[u, u]⟩ = sup_c |λ|_max(H_c), H_c = Σₖ cₖ Hₖ, so we
@@ -208,6 +204,10 @@ def hessian_norm(
     ``max_rounds``. With several outputs the alternation can stop at a local maximum, so it is run from
     ``restarts`` random starts and the largest value is kept. The value returned is ‖D²h[u, u]‖ at a
     unit u, so it never exceeds the true norm. Memory: ``max_iter`` parameter-sized Lanczos vectors.
+
+    ``start`` (a flat ``[P]`` direction, e.g. the one returned by an earlier call with
+    ``return_direction=True``) replaces the first random start: tracking ‖D²h‖ along training then needs
+    only a few iterations per measurement. With ``return_direction=True`` returns ``(norm, u)``.
     """
     _check_probe(x)
     if restarts < 1:
@@ -232,13 +232,17 @@ def hessian_norm(
 
             return jvp(directional, (params,), (direction,))[1]  # D²h[u, u], [N, K]
 
-        values = [
-            _alternate(f, params, second_derivative, unflatten, names, _random_like(flat, seed + 7919 * r),
-                       max_iter, max_rounds, tol)
-            for r in range(restarts)
-        ]
-        best = max(values, key=float)
-    return best / math.sqrt(x.shape[0])
+        starts = [_random_like(flat, seed + 7919 * r) for r in range(restarts)]
+        if start is not None:
+            if start.shape != flat.shape:
+                raise ValueError(f"start must be a flat direction of {flat.numel()} numbers, got {tuple(start.shape)}")
+            starts[0] = start.to(dtype=flat.dtype, device=flat.device)
+        value, direction = max(
+            (_alternate(f, params, second_derivative, unflatten, names, u, max_iter, max_rounds, tol) for u in starts),
+            key=lambda pair: float(pair[0]),
+        )
+    norm = value / math.sqrt(x.shape[0])
+    return (norm, direction) if return_direction else norm
 
 
 def _alternate(
@@ -252,11 +256,11 @@ def _alternate(
     max_rounds: int,
     tol: float,
 ) -> Tensor:
-    """One start of the alternation of :func:`hessian_norm`; returns max ‖D²h[u, u]‖ met (not / √N)."""
+    """One start of the alternation of :func:`hessian_norm`: the largest ‖D²h[u, u]‖ met (not / √N), and u."""
     u = u / u.norm()
     second = second_derivative(u)
     check_finite(second, "the second derivative of the model on the probe")
-    best = second.norm()
+    best, best_u = second.norm(), u
     for _ in range(max_rounds):
         if float(best) == 0.0:
             break
@@ -272,10 +276,12 @@ def _alternate(
         _, u = extreme_eigenpair(hessian_vector, u, max_iter=max_iter, tol=tol)
         second = second_derivative(u)
         value = second.norm()
-        if float(value) <= float(best) * (1 + tol):
-            return torch.maximum(best, value)
-        best = value
-    return best
+        gained = float(value) > float(best) * (1 + tol)
+        if float(value) > float(best):
+            best, best_u = value, u
+        if not gained:
+            break
+    return best, best_u
 
 
 class Kappa(NamedTuple):
@@ -295,8 +301,12 @@ def kappa(
     *,
     jacobian_kwargs: dict | None = None,
     hessian_kwargs: dict | None = None,
+    hessian: Tensor | None = None,
 ) -> Kappa:
     """κ_h(w) = ‖h(w) − y*‖ · ‖D²h(w)‖ / ‖Dh(w)‖², the laziness ratio of the model actually trained.
+
+    ``hessian_kwargs`` go to :func:`hessian_norm`; ``hessian`` is a ‖D²h(w)‖ already computed (for
+    instance warm-started along training), used instead.
 
     ``target`` is ``[N, K]`` like the output, or class indices ``[N]`` (one-hot encoded). Small κ means
     the model reaches the target before its Jacobian changes: training is lazy (Theorem 2.3 of the
@@ -312,7 +322,7 @@ def kappa(
     jac = jacobian_norm(model, x, params, **(jacobian_kwargs or {}))
     if float(jac) == 0.0:
         raise ValueError("the Jacobian vanishes on the probe: the output does not depend on the parameters there")
-    hess = hessian_norm(model, x, params, **(hessian_kwargs or {}))
+    hess = hessian if hessian is not None else hessian_norm(model, x, params, **(hessian_kwargs or {}))
     return Kappa(residual * hess / jac**2, residual, jac, hess)
 
 
