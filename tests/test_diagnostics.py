@@ -221,8 +221,13 @@ def test_functional_model_and_mode_restored(probe):
     assert D.jacobian_norm(fn, probe, params).item() == pytest.approx(D.jacobian_norm(net, probe).item())
 
 
-def test_jacobian_norm_dense_and_lanczos_paths_agree(probe):
+def test_hessian_norm_warm_start_returns_and_reuses_its_direction(probe):
     net = mlp()
-    dense = D.jacobian_norm(net, probe)  # 27 outputs: the Gram matrix is formed
-    lanczos = D.jacobian_norm(net, probe, dense_below=0)
-    assert dense.item() == pytest.approx(lanczos.item(), rel=1e-8)
+    value, direction = D.hessian_norm(net, probe, return_direction=True)
+    assert direction.shape == (sum(p.numel() for p in net.parameters()),)
+    assert direction.norm().item() == pytest.approx(1.0)
+    # From its own direction one short round already gets the same value.
+    again = D.hessian_norm(net, probe, start=direction, max_iter=2, max_rounds=1, restarts=1)
+    assert again.item() >= value.item() * (1 - 1e-6)
+    with pytest.raises(ValueError, match="flat direction"):
+        D.hessian_norm(net, probe, start=direction[:3])
