@@ -189,7 +189,8 @@ class LazyTrainingMonitor(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.twin is None:
             return
-        x, y = self.batch_to_xy(batch)
+        # The trainer converts inputs inside training_step (e.g. to float64 under precision="64-true").
+        x, y = self.batch_to_xy(trainer.precision_plugin.convert_input(batch))
         self.twin.train(pl_module.training)
         output = self.twin(x)
         loss = self._objective(output, y)
@@ -218,7 +219,7 @@ class LazyTrainingMonitor(Callback):
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         if not trainer.sanity_checking:
-            self._evaluate_twin(batch)
+            self._evaluate_twin(trainer, batch)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
@@ -226,7 +227,7 @@ class LazyTrainingMonitor(Callback):
 
     def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                           batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate_twin(batch)
+        self._evaluate_twin(trainer, batch)
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._log_twin_evaluation(trainer, pl_module, "test")
@@ -427,11 +428,11 @@ class LazyTrainingMonitor(Callback):
                 return None
             raise
 
-    def _evaluate_twin(self, batch: Any) -> None:
+    def _evaluate_twin(self, trainer: pl.Trainer, batch: Any) -> None:
         """Accumulates the tangent model's loss R and accuracy on an evaluation batch."""
         if self.twin is None:
             return
-        x, y = self.batch_to_xy(batch)
+        x, y = self.batch_to_xy(trainer.precision_plugin.convert_input(batch))
         self.twin.eval()
         with torch.no_grad():
             output = self.twin(x)

@@ -217,3 +217,13 @@ def test_bad_arguments():
         LazyTrainingMonitor(log_steps="linear")
     with pytest.raises(ValueError, match="alpha must be"):
         LazyTrainingMonitor(alpha=-1)
+
+
+def test_float32_batches_under_64_true_precision(tmp_path):
+    # The trainer converts inputs to float64 inside training_step; the twin must see them converted too.
+    train, val = loaders()  # float32 tensors
+    monitor = LazyTrainingMonitor()
+    run = trainer(tmp_path, [monitor], max_epochs=1, precision="64-true")
+    run.fit(Regressor(alpha=10.0), train, val)
+    assert next(monitor.twin.parameters()).dtype == torch.float64
+    assert math.isfinite(float(run.callback_metrics["lazy/tangent/val_loss"]))
