@@ -139,7 +139,9 @@ class Teacher(nn.Module):
         else:
             a = torch.as_tensor(directions, dtype=torch.float64)
             if a.shape != (n_neurons, d):
-                raise ValueError(f"directions must have shape [n_neurons, d] = [{n_neurons}, {d}], got {list(a.shape)}.")
+                raise ValueError(
+                    f"directions must have shape [n_neurons, d] = [{n_neurons}, {d}], got {list(a.shape)}."
+                )
             norms = a.norm(dim=1, keepdim=True)
             if bool((norms == 0).any()):
                 raise ValueError("directions contains a zero row; every teacher neuron needs a nonzero direction.")
@@ -317,7 +319,9 @@ class TeacherStudentDataModule(pl.LightningDataModule):
             if steps_per_epoch is None
             else _check_positive_int(steps_per_epoch, "steps_per_epoch")
         )
-        self.eval_batch_size = None if eval_batch_size is None else _check_positive_int(eval_batch_size, "eval_batch_size")
+        self.eval_batch_size = (
+            None if eval_batch_size is None else _check_positive_int(eval_batch_size, "eval_batch_size")
+        )
         self.dtype = resolve_dtype(dtype)
         # Teacher built eagerly (cheap, deterministic) so that users can read it before fit().
         self.teacher = Teacher(d, n_neurons=n_neurons, seed=seed, dtype=self.dtype)

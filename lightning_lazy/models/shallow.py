@@ -129,7 +129,9 @@ class TwoLayerReLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.d:
-            raise ValueError(f"TwoLayerReLU(d={self.d}) got inputs with last dimension {x.shape[-1]}; expected [N, {self.d}].")
+            raise ValueError(
+                f"TwoLayerReLU(d={self.d}) got inputs with last dimension {x.shape[-1]}; expected [N, {self.d}]."
+            )
         return self.scale * self.output(self.act(self.hidden(x)))
 
     @torch.no_grad()
