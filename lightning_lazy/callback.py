@@ -409,9 +409,9 @@ class LazyTrainingMonitor(Callback):
         n = min(self.kappa_probe_size, len(x))
         params = params or self._params(pl_module)
         if self._hessian_direction is None:  # at w0: a careful search
-            options = {"max_iter": 20, "max_rounds": 3, "restarts": 2}
+            options = {"max_iter": 12, "max_rounds": 3, "restarts": 2}
         else:  # then warm-started from the last direction: a few Lanczos steps follow it along training
-            options = {"max_iter": 6, "max_rounds": 1, "restarts": 1, "start": self._hessian_direction}
+            options = {"max_iter": 4, "max_rounds": 1, "restarts": 1, "start": self._hessian_direction}
         hessian, self._hessian_direction = diagnostics.hessian_norm(
             pl_module, x[:n], params, return_direction=True, **options
         )

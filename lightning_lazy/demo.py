@@ -140,7 +140,7 @@ def format_table(rows: list[dict[str, float]]) -> str:
     for r in rows:
         lines.append(
             f"{r['alpha']:>8g} | {r['divergence']:>10.3g} | {r['kappa']:>9.3g} | {r['displacement']:>12.3g} | "
-            f"{r['test_loss']:>9.4f} | {r['tangent_test_loss']:>17.4f} | {r['seconds']:>5.1f}s"
+            f"{r['test_loss']:>9.3g} | {r['tangent_test_loss']:>17.3g} | {r['seconds']:>5.1f}s"
         )
     return "\n".join(lines)
 
