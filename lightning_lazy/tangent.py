@@ -87,14 +87,16 @@ class LinearizedModel(nn.Module):
         return self.initial.as_dict()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if torch.is_inference_mode_enabled():
+        if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
             # Forward-mode AD is off under inference mode (Lightning's validate/test run there): without this,
             # the tangent would silently vanish and the output be f(x; w0).
             with torch.inference_mode(False), torch.no_grad():
                 return self.forward(*args, **kwargs)
         initial = self.initial.as_dict()
         params = dict(self.module.named_parameters())
-        if torch._C._functorch.peek_interpreter_stack() is not None:
+        # maybe_current_level, not peek_interpreter_stack: the latter always answers "inside" while
+        # torch.compile traces, which would send compiled code down the slower branch.
+        if torch._C._functorch.maybe_current_level() is not None:
             # Inside a torch.func transform (the monitor's jvp/vjp): dual levels cannot nest there, so use
             # torch.func.jvp, which composes with the enclosing transform.
             return self._forward_in_transform(initial, params, args, kwargs)

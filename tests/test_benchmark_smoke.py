@@ -1,0 +1,80 @@
+"""Smoke test of benchmarks/twin_step.py: it runs at toy size and writes the JSON it promises.
+
+Not a timing test: no number here is compared with a target, only the shape and sanity of the record.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "twin_step.py"
+HAS_JAX = importlib.util.find_spec("jax") is not None
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("twin_step_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "twin.json"
+    # (e) is left out: every JAX variant costs an XLA compilation, the bulk of this test's time.
+    command = [
+        sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--models", "mlp,vgg11", "--variants", "abcd",
+        "--json", str(out),
+    ]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(c) LinearizedModel twin" in done.stdout  # the table is printed
+
+    results = json.loads(out.read_text())
+    assert results["benchmark"] == "twin_step"
+    assert results["settings"]["quick"] is True
+    assert results["environment"]["device"] == "cpu"
+    assert [(r["model"], r["width"]) for r in results["runs"]] == [("mlp", None), ("vgg11", 1)]
+    for record in results["runs"]:
+        variants = record["variants"]
+        assert {"a", "b", "c"} <= set(variants)
+        for name, entry in variants.items():
+            assert entry["median_ms"] > 0 and math.isfinite(entry["median_ms"]), name
+            assert entry["q1_ms"] <= entry["median_ms"] <= entry["q3_ms"] + 1e-9, name
+            assert entry["timed_steps"] >= 1
+            assert entry["cpu_ms"] >= 0
+            assert math.isfinite(entry["final_loss"]) and not entry["diverged"], name
+            # Linux + glibc: the host memory method works; the step needs *some* memory.
+            if sys.platform.startswith("linux"):
+                assert entry["step_mib"] is not None and entry["step_mib"] >= 0, name
+        assert variants["a"]["ratio_to_a"] == pytest.approx(1.0)
+        assert variants["c"]["ratio_to_a"] == pytest.approx(variants["c"]["median_ms"] / variants["a"]["median_ms"])
+        # (b) trains the same tangent model as (c): after the same warm-up their parameters agree.
+        assert record["agreement_with_c"]["b"] < 1e-4
+        if HAS_JAX:
+            assert "d" in variants, record["skipped"]
+            assert variants["d"]["ratio_to_d"] == pytest.approx(1.0)
+            assert record["agreement_with_c"]["d"] < 1e-3  # JAX's own float32 rounding, same maths
+        else:
+            assert record["skipped"]["d"].startswith("skipped")
+
+
+def test_without_jax_the_jax_variants_are_skipped(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    bench = _load_benchmark()
+    monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name, *a, **k: None)
+    args = bench.parse_args(["--quick", "--models", "mlp", "--variants", "acde", "--no-memory"])
+    worker = bench.JaxWorker(args)
+    assert worker.error and "not installed" in worker.error
+    record = bench.run_model("mlp", 1, args, bench.torch.device("cpu"), worker)
+    assert set(record["variants"]) == {"a", "c"}
+    assert set(record["skipped"]) == {"d", "e"}
+    assert all(reason.startswith("skipped: JAX is not installed") for reason in record["skipped"].values())
+    assert record["variants"]["c"]["ratio_to_d"] is None
