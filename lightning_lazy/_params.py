@@ -32,21 +32,9 @@ class FrozenParams(nn.Module):
     def as_dict(self) -> dict[str, Tensor]:
         return {name: getattr(self, _mangle(name)) for name in self._names}
 
-    def names(self) -> list[str]:
-        return list(self._names)
-
 
 def _mangle(name: str) -> str:
     return name.replace(".", "__")
-
-
-def named_params(module: nn.Module) -> dict[str, Tensor]:
-    """``dict(module.named_parameters())`` (shared parameters appear once, as PyTorch lists them)."""
-    return dict(module.named_parameters())
-
-
-def named_buffers(module: nn.Module) -> dict[str, Tensor]:
-    return dict(module.named_buffers())
 
 
 @contextlib.contextmanager
@@ -73,10 +61,6 @@ def batchnorm_eval(module: nn.Module) -> Iterator[None]:
     finally:
         for m, training in zip(layers, modes):
             m.training = training
-
-
-def has_batchnorm(module: nn.Module) -> bool:
-    return any(isinstance(m, _BATCHNORM_TYPES) for m in module.modules())
 
 
 def check_finite(tensor: Tensor, what: str) -> None:

@@ -22,6 +22,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
 from lightning_lazy import diagnostics
+from lightning_lazy._params import eval_mode
 from lightning_lazy.scaling import AlphaScaled, LossLike, as_regression_target, check_alpha, resolve_loss
 from lightning_lazy.tangent import LinearizedModel
 
@@ -389,12 +390,8 @@ class LazyTrainingMonitor(Callback):
             self._initial_kernel = self._kernel(pl_module, self._initial)
 
     def _output(self, pl_module: pl.LightningModule, x: Tensor) -> Tensor:
-        training = pl_module.training
-        pl_module.eval()
-        try:
+        with eval_mode(pl_module):  # restores each submodule's own mode afterwards
             output = pl_module(x)
-        finally:
-            pl_module.train(training)
         if not isinstance(output, Tensor) or output.dim() == 0 or output.shape[0] != len(x):
             raise MisconfigurationException(
                 "LazyTrainingMonitor needs the LightningModule's forward(x) to return the model output [N, K]; got "

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_lazy._params import FrozenParams, named_buffers, named_params
+from lightning_lazy._params import FrozenParams
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 LossLike = Union[str, LossFn]
@@ -126,8 +126,8 @@ class AlphaScaled(nn.Module):
         self.center = bool(center)
         self.loss = None if loss is None else resolve_loss(loss)
         # Only the centred model needs w0; the uncentred one would carry a useless copy.
-        self.initial = FrozenParams(named_params(module)) if self.center else None
-        self.initial_buffers = FrozenParams(named_buffers(module)) if self.center else None
+        self.initial = FrozenParams(dict(module.named_parameters())) if self.center else None
+        self.initial_buffers = FrozenParams(dict(module.named_buffers())) if self.center else None
 
     @property
     def alpha(self) -> float:
