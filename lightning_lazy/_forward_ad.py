@@ -1,0 +1,124 @@
+"""Forward-mode AD on stock layers: kernels that have a forward-AD rule, and errors that name the module.
+
+Several fast kernels PyTorch picks by default have no forward-mode AD rule: the fused Transformer encoder
+fast path (``aten::_transformer_encoder_layer_fwd``, taken by ``nn.TransformerEncoder`` /
+``nn.MultiheadAttention`` in eval mode), the flash / memory-efficient kernels of
+``F.scaled_dot_product_attention``, and the oneDNN / cuDNN RNN kernels of ``nn.LSTM`` / ``nn.GRU`` /
+``nn.RNN``. Each has a plain composite implementation that does have one and computes the same function.
+:func:`forward_ad_safe` selects those while the package differentiates forward-mode (the tangent model,
+every measure); the user's own forwards are never affected.
+
+Lightning-free; imported by ``tangent`` and ``diagnostics``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# Phrases of PyTorch's messages for a missing forward-AD rule, and for an autograd.Function that torch.func
+# transforms cannot run (no setup_context).
+_FORWARD_AD_MARKERS = (
+    "forward AD", "forward-mode AD", "forward mode AD", "jvp function", "forward grad", "functorch transforms",
+)
+
+
+class ForwardADError(RuntimeError):
+    """An operation on the path from the parameters to the output has no forward-mode AD rule."""
+
+
+def is_forward_ad_error(error: BaseException) -> bool:
+    """Whether ``error`` is PyTorch saying that an op has no forward-mode AD rule."""
+    text = str(error)
+    return isinstance(error, (NotImplementedError, RuntimeError)) and any(m in text for m in _FORWARD_AD_MARKERS)
+
+
+def _has_rnn(module: nn.Module | None) -> bool:
+    return module is not None and any(isinstance(m, nn.RNNBase) for m in module.modules())
+
+
+@contextlib.contextmanager
+def _mha_fastpath_off() -> Iterator[None]:
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+@contextlib.contextmanager
+def _rnn_kernels_off() -> Iterator[None]:
+    # The private switches, not torch.backends.*.flags(): those also reset TF32/determinism settings and
+    # warn about oneDNN TF32 on every entry.
+    mkldnn, cudnn = torch._C._get_mkldnn_enabled(), torch._C._get_cudnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    torch._C._set_cudnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(mkldnn)
+        torch._C._set_cudnn_enabled(cudnn)
+
+
+class _ModuleStack:
+    """Which modules are executing: global forward hooks push and pop; a failing forward never pops."""
+
+    def __init__(self) -> None:
+        self.stack: list[nn.Module] = []
+
+    def push(self, module: nn.Module, _inputs: object) -> None:
+        self.stack.append(module)
+
+    def pop(self, module: nn.Module, _inputs: object, _output: object) -> None:
+        if self.stack and self.stack[-1] is module:
+            self.stack.pop()
+
+
+def _describe(module: nn.Module | None, failing: nn.Module | None) -> str:
+    if failing is None:
+        return "the model"
+    names = {m: name for name, m in module.named_modules()} if module is not None else {}
+    name = names.get(failing)
+    return f"{name or '<root>'} ({type(failing).__name__})" if name is not None else type(failing).__name__
+
+
+@contextlib.contextmanager
+def forward_ad_safe(module: nn.Module | None = None, what: str = "lightning_lazy") -> Iterator[None]:
+    """Run forward-mode AD on ``module`` with kernels that have a forward-AD rule, and locate failures.
+
+    Inside: the MHA / Transformer fast path is off, ``scaled_dot_product_attention`` uses its math kernel,
+    and, when ``module`` holds an RNN, the oneDNN and cuDNN kernels are off (RNNs then run their composite
+    implementation; other layers are unaffected otherwise). The same functions are computed, a little
+    slower. An op that still has no forward-AD rule raises :class:`ForwardADError`, one line naming the
+    innermost module that was running (``what`` says which computation needed it), chained to nothing.
+    """
+    tracker = _ModuleStack()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_mha_fastpath_off())
+        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        if _has_rnn(module):
+            stack.enter_context(_rnn_kernels_off())
+        handles = [
+            nn.modules.module.register_module_forward_pre_hook(tracker.push),
+            nn.modules.module.register_module_forward_hook(tracker.pop),
+        ]
+        stack.callback(lambda: [h.remove() for h in handles])
+        try:
+            yield
+        except ForwardADError:
+            raise
+        except (NotImplementedError, RuntimeError) as error:
+            if not is_forward_ad_error(error):
+                raise
+            failing = tracker.stack[-1] if tracker.stack else None
+            said = " ".join(str(error).split("\n")[0].split())
+            raise ForwardADError(
+                f"{what}: an operation in module {_describe(module, failing)} has no forward-mode AD rule, so its "
+                f"tangent (Jacobian-vector product) cannot be computed. PyTorch said: {said} Replace that operation "
+                "with one that supports forward-mode AD, or give your custom autograd.Function setup_context() and jvp() staticmethods."
+            ) from None
