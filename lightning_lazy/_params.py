@@ -63,6 +63,31 @@ def batchnorm_eval(module: nn.Module) -> Iterator[None]:
             m.training = training
 
 
+@contextlib.contextmanager
+def probe_mode(module: nn.Module) -> Iterator[None]:
+    """Temporarily make ``module`` one deterministic function of its weights, as the measures see it.
+
+    Every sub-module goes to eval mode (dropout off), except BatchNorm layers that are in train mode: those
+    keep normalizing with the statistics of the batch they see (here the probe, at the current weights) and
+    update no running statistics. BatchNorm layers the user keeps in eval keep their running statistics,
+    which then do not move. So while the weights do not move, nothing measured moves, although running
+    statistics drift during training even at learning rate 0.
+    """
+    modes = {m: m.training for m in module.modules()}
+    batch_stats = [m for m in module.modules() if isinstance(m, _BATCHNORM_TYPES) and m.training]
+    tracking = [m.track_running_stats for m in batch_stats]
+    module.eval()
+    for m in batch_stats:
+        m.training, m.track_running_stats = True, False
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+        for m, track in zip(batch_stats, tracking):
+            m.track_running_stats = track
+
+
 def check_finite(tensor: Tensor, what: str) -> None:
     """Raise ``ValueError`` when ``tensor`` holds NaN or inf: a measure of it would be meaningless."""
     if not torch.isfinite(tensor).all():

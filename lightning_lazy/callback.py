@@ -1,32 +1,36 @@
 """LazyTrainingMonitor: watch, in any Lightning Trainer, how far training is from its linearization.
 
-A linearized twin (``LinearizedModel`` of the LightningModule, from the same w0) is trained in lock-step
-with the real model — same batches, a copy of the optimizer with its own state, learning rates mirrored
-from the real optimizer (so any scheduler is followed), the same gradient accumulation and clipping —
-and every ``every_n_epochs`` epochs the paper's measures are computed on a fixed probe set and logged
-under ``lazy/`` through ``pl_module.log`` (so every Lightning logger receives them).
+The Lightning glue around two Lightning-free pieces: :class:`~lightning_lazy.twin.TangentTwin` (the
+linearized twin trained in lock-step with the real network) and :mod:`~lightning_lazy.diagnostics` (the
+measures). This file wires Lightning's hooks to them, in lifecycle order, and owns logging.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
-from torch import Tensor
+from torch import Tensor, nn
+from torch.func import functional_call
 
 from lightning_lazy import diagnostics
-from lightning_lazy._params import eval_mode
+from lightning_lazy._forward_ad import forward_ad_safe
+from lightning_lazy._params import probe_mode
 from lightning_lazy.scaling import AlphaScaled, LossLike, as_regression_target, check_alpha, resolve_loss
-from lightning_lazy.tangent import LinearizedModel
+from lightning_lazy.twin import OutputSelector, TangentTwin, Watched
 
-BatchToXY = Callable[[Any], tuple[Tensor, Tensor]]
+BatchToXY = Callable[[Any], tuple]
+WatchLike = str | Callable[[nn.Module, Tensor], Any] | None
+
+_PREFIX = "inner."  # parameter names of the watched network inside its ``Watched`` wrapper
 
 
 def default_batch_to_xy(batch: Any) -> tuple[Tensor, Tensor]:
@@ -38,38 +42,57 @@ def default_batch_to_xy(batch: Any) -> tuple[Tensor, Tensor]:
     described = type(batch).__name__ + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
     raise MisconfigurationException(
         f"LazyTrainingMonitor reads batches as (x, y), but got a {described}. Pass "
-        "batch_to_xy=lambda batch: (inputs, targets) to LazyTrainingMonitor to say how to read yours."
+        "batch_to_xy=lambda batch: (inputs, targets) (or (inputs, targets, loss_kwargs)) to LazyTrainingMonitor."
     )
+
+
+def _tensorboard(trainer: pl.Trainer) -> Any | None:
+    """The SummaryWriter of the trainer's TensorBoard logger, from ``lightning`` or ``pytorch_lightning``."""
+    for logger in trainer.loggers:
+        if any(cls.__name__ == "TensorBoardLogger" for cls in type(logger).__mro__):
+            return logger.experiment
+    return None
 
 
 class LazyTrainingMonitor(Callback):
     r"""Trains a linearized twin in lock-step and logs the laziness measures of Chizat et al. (2019).
 
     Args:
-        loss: the loss R(output, target) of the model's output: ``"mse"`` (½‖·‖², class targets one-hot),
-            ``"cross_entropy"`` or a callable. Default: the loss of the ``AlphaScaled`` inside the module.
+        loss: the loss R the model is trained on, of the watched output: ``"mse"`` (½‖·‖² per example,
+            class targets one-hot), ``"cross_entropy"`` (classes on the last dimension, or torch's dim 1) or a
+            callable ``loss(output, y, **extra)`` (``extra``: the third item ``batch_to_xy`` returns).
+            Default: the loss of the ``AlphaScaled`` inside the module. At the first step the monitor checks it
+            against the loss ``training_step`` returned and warns if they differ.
         alpha: scale of the model when it contains no ``AlphaScaled`` (the twin's objective is then
             R(output)/α², as for an ``AlphaScaled``); needed when the module holds several of them.
+        model: what to watch: ``None`` (the LightningModule's ``forward``), an attribute path of a
+            sub-module (``"model"``, ``"net.backbone"``), or ``callable(pl_module, x) -> output``.
+        output: which part of the output is the model output, when it is not a tensor: a key, an attribute
+            (``"logits"``) or ``callable(output) -> Tensor``.
         probe: fixed probe inputs ``x`` or ``(x, y)``; default ``probe_size`` examples drawn once, with a
             private generator, from the train set.
-        probe_size: examples in the default probe (divergence, activation stability, displacement).
+        probe_size: examples in the default probe (divergence, activation stability).
         kappa_probe_size: the first examples of the probe used for κ, ‖Dh‖, ‖D²h‖.
         ntk_probe_size: the first examples of the probe used for the empirical NTK.
         every_n_epochs: measure at the end of every n-th training epoch.
         log_steps: also measure after these global steps: a list, or ``"log"`` for 1, 2, 4, 8, ...
         track_tangent: keep the linearized twin (divergence, tangent gap, tangent losses); ``False`` keeps
             the other measures and costs no training time.
-        batch_to_xy: ``batch -> (x, y)`` for batches that are not ``(x, y)``.
-        batchnorm: the twin's BatchNorm policy (see ``LinearizedModel``).
+        batch_to_xy: ``batch -> (x, y)`` or ``(x, y, extra)`` for batches that are not ``(x, y)``.
         measure_kappa / measure_ntk: switch the two costliest measures off.
+        figure: draw the laziness figure (a TensorBoard image ``lazy/figure`` and ``laziness.png`` in the log
+            folder) at each epoch-end measurement and at the end of fit, and log the summary text.
 
-    The model output is ``pl_module(x)`` (the LightningModule's forward); it must be ``[N, K]``. Logged:
-    ``lazy/divergence``, ``lazy/bound`` (= t̃²·κ(w0)), ``lazy/kappa``, ``lazy/jacobian_norm``,
-    ``lazy/hessian_norm``, ``lazy/displacement``, ``lazy/tangent_gap``, ``lazy/ntk_distance``,
-    ``lazy/kernel_alignment``, ``lazy/activation_stability``, ``lazy/normalized_time``,
-    ``lazy/tangent/train_loss``, ``lazy/tangent/val_loss`` (``test_loss`` under ``trainer.test``) and, for
-    integer targets, ``lazy/tangent/val_acc`` / ``test_acc``.
+    Logged under ``lazy/``: ``divergence`` Δ, ``bound`` (= t̃²·κ(w0)), ``kappa``, ``jacobian_norm``,
+    ``hessian_norm``, ``displacement``, ``tangent_gap``, ``ntk_distance``, ``kernel_alignment``,
+    ``activation_stability``, ``normalized_time``, ``tangent/train_loss``, ``tangent/val_loss``
+    (``test_loss`` under ``trainer.test``) and, for integer targets, ``tangent/val_acc`` / ``test_acc``.
     The losses logged are R (without the 1/α² factor), comparable across α.
+
+    What the measures compare: the network and its twin as functions of the weights alone, on the probe,
+    with dropout off and each BatchNorm that trains normalizing by the probe's own batch statistics (as in
+    training; running statistics, which drift even when the weights do not, do not enter). BatchNorm layers
+    kept in eval mode use their running statistics.
     """
 
     def __init__(
@@ -77,6 +100,8 @@ class LazyTrainingMonitor(Callback):
         loss: LossLike | None = None,
         *,
         alpha: float | None = None,
+        model: WatchLike = None,
+        output: str | OutputSelector | None = None,
         probe: Tensor | tuple[Tensor, Tensor] | None = None,
         probe_size: int = 256,
         kappa_probe_size: int = 32,
@@ -85,9 +110,9 @@ class LazyTrainingMonitor(Callback):
         log_steps: str | Sequence[int] | None = None,
         track_tangent: bool = True,
         batch_to_xy: BatchToXY | None = None,
-        batchnorm: str = "frozen",
         measure_kappa: bool = True,
         measure_ntk: bool = True,
+        figure: bool = True,
     ) -> None:
         super().__init__()
         for name, value in (("probe_size", probe_size), ("kappa_probe_size", kappa_probe_size),
@@ -96,8 +121,12 @@ class LazyTrainingMonitor(Callback):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if isinstance(log_steps, str) and log_steps != "log":
             raise ValueError(f"log_steps must be 'log', a list of steps or None, got {log_steps!r}")
+        if model is not None and not isinstance(model, str) and not callable(model):
+            raise ValueError(f"model must be None, an attribute path or a callable(pl_module, x), got {model!r}")
         self.loss = None if loss is None else resolve_loss(loss)
         self.alpha = None if alpha is None else check_alpha(alpha)
+        self.model = model
+        self.output = output
         self.probe = probe
         self.probe_size = probe_size
         self.kappa_probe_size = kappa_probe_size
@@ -106,34 +135,51 @@ class LazyTrainingMonitor(Callback):
         self.log_steps = log_steps
         self.track_tangent = track_tangent
         self.batch_to_xy = batch_to_xy or default_batch_to_xy
-        self.batchnorm = batchnorm
         self.measure_kappa = measure_kappa
         self.measure_ntk = measure_ntk
+        self.figure = figure
         self._loaded: dict[str, Any] | None = None
         self._reset_state()
 
     def _reset_state(self) -> None:
-        self.twin: LinearizedModel | None = None
-        self.twin_optimizer: torch.optim.Optimizer | None = None
-        self._objective: Callable[[Tensor, Tensor], Tensor] | None = None
+        self.twin: TangentTwin | None = None
+        self._watched: Watched | None = None
+        self._objective: Callable[..., Tensor] | None = None
         self._loss_scale = 1.0
+        self._handles: list[Any] = []
+        self._names: dict[int, str] = {}
+        # What was measured at w0, and the counters: everything state_dict saves.
         self._initial: dict[str, Tensor] = {}
+        self._trained: set[str] = set()  # parameters trainable at some point of the run
         self._probe_x: Tensor | None = None
         self._probe_y: Tensor | None = None
         self._initial_output: Tensor | None = None
         self._initial_kernel: Tensor | None = None
-        self._initial_kappa: float | None = None
-        self._initial_jacobian_norm: float | None = None
-        self._has_relu = True
+        self._kernel_names: tuple[str, ...] = ()
+        self.initial_kappa: float | None = None
+        self.initial_jacobian_norm: float | None = None
+        self._initial_kappa_parts: dict[str, float] | None = None
+        self._initial_relu: list[Tensor] | None = None
         self._hessian_direction: Tensor | None = None
-        self._time = 0.0  # Σ learning rates of the steps taken
+        self._hessian_names: tuple[str, ...] = ()
+        self._time = 0.0  # Σ learning rates of the real optimizer steps taken
         self._steps = 0
+        self.history: list[dict[str, float]] = []
+        self._drawn = 0  # measurements in the figure last drawn
+        self._last_per_tensor: dict[str, float] = {}
         self._twin_loss_sum = 0.0
+        self._real_loss_sum = 0.0
         self._twin_loss_count = 0
+        self._last_train_loss: float | None = None  # R of the network and of the twin, last epoch's mean
+        self._last_twin_train_loss: float | None = None
         self._eval_loss_sum = 0.0
         self._eval_correct = 0
         self._eval_count = 0
         self._eval_is_classification = False
+        self._batch: tuple | None = None
+        self._objective_checked = False
+        self._warned_no_twin = False
+        self.timings: dict[str, dict[str, float]] = {}
 
     # ---------------------------------------------------------------------------------------- lifecycle
 
@@ -144,78 +190,110 @@ class LazyTrainingMonitor(Callback):
                 f"LazyTrainingMonitor does not support sharded strategies ({strategy}): its twin and its measures "
                 "need the whole parameter vector on every device. Use a single device or DDP."
             )
+        if stage == "fit":
+            # A monitor reused for another fit starts afresh; a checkpoint's state (load_state_dict comes after
+            # setup) replaces this.
+            self._release()
+            self._reset_state()
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not pl_module.automatic_optimization:
             raise MisconfigurationException(
-                "LazyTrainingMonitor follows Lightning's automatic optimization (it steps its twin when the "
-                "trainer steps the optimizer); this module uses manual optimization, which it cannot follow."
+                "LazyTrainingMonitor follows Lightning's automatic optimization (its twin steps when the trainer "
+                "steps the optimizer); this module uses manual optimization, which it cannot follow."
             )
         if len(trainer.optimizers) != 1:
             raise MisconfigurationException(
                 f"LazyTrainingMonitor needs exactly one optimizer to copy for its twin, found {len(trainer.optimizers)}."
             )
+        optimizer = trainer.optimizers[0]
+        if isinstance(optimizer, torch.optim.LBFGS) and self.track_tangent:
+            raise MisconfigurationException(
+                "LazyTrainingMonitor cannot follow LBFGS: it re-evaluates its closure several times per step. Use a "
+                "first-order optimizer, or LazyTrainingMonitor(track_tangent=False) to keep the other measures."
+            )
         self._objective, self._loss_scale = self._resolve_objective(pl_module)
-        loaded, self._loaded = self._loaded, None
+        self._watched = self._resolve_watched(pl_module)
         if self.track_tangent:
-            self.twin = LinearizedModel(pl_module, batchnorm=self.batchnorm)
-            self.twin_optimizer = self._copy_optimizer(trainer.optimizers[0], pl_module)
+            self.twin = TangentTwin(self._watched, optimizer, self._objective, clip=self._clipper(trainer),
+                                    reduce_gradients=self._reducer(trainer))
+        loaded, self._loaded = self._loaded, None
         if loaded is not None:
             self._restore(loaded, pl_module)
         else:
-            self._initial = {
-                name: p.detach().clone() for name, p in pl_module.named_parameters() if p.requires_grad
-            }
+            self._initial = {name: p.detach().clone() for name, p in self._watched.named_parameters()}
+        self._names = {id(p): name for name, p in self._watched.named_parameters()}
+        self._trained |= {self._names[id(p)] for g in optimizer.param_groups for p in g["params"]
+                          if p.requires_grad and id(p) in self._names}
+        self._hook(optimizer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._probe_x is None:
             self._probe_x, self._probe_y = self._draw_probe(trainer, pl_module)
-            self._measure_initial(trainer, pl_module)
-        if trainer.logger is not None and trainer.is_global_zero:
-            self._write_layout(trainer)
-        if self._initial_kappa is not None:
+            started = time.perf_counter()
+            self._measure_initial()
+            self.timings["initial"]["total"] = time.perf_counter() - started
+        writer = _tensorboard(trainer)
+        if writer is not None and trainer.is_global_zero:
+            from lightning_lazy.report import custom_scalars_layout
+
+            writer.add_custom_scalars(custom_scalars_layout())
+        if self.initial_kappa is not None:
             rank_zero_info(
                 f"LazyTrainingMonitor: alpha = {self._loss_scale ** -0.5:g}, ||Dh(w0)|| = "
-                f"{self._initial_jacobian_norm:.4g}, kappa(w0) = {self._initial_kappa:.4g}; the bound t~^2 kappa(w0) "
+                f"{self.initial_jacobian_norm:.4g}, kappa(w0) = {self.initial_kappa:.4g}; the bound t~^2 kappa(w0) "
                 f"reaches 1 at normalized time t~ = {self.laziness_horizon:.4g}: the predicted laziness horizon."
             )
 
     @property
     def laziness_horizon(self) -> float:
         """Normalized time at which the bound t̃²·κ(w0) reaches 1 (``inf`` when κ(w0) = 0)."""
-        if self._initial_kappa is None:
+        if self.initial_kappa is None:
             raise RuntimeError("the laziness horizon needs kappa(w0): fitting has not started or measure_kappa=False")
-        return 1.0 / math.sqrt(self._initial_kappa) if self._initial_kappa > 0 else math.inf
+        return 1.0 / math.sqrt(self.initial_kappa) if self.initial_kappa > 0 else math.inf
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.twin is None:
             return
         # The trainer converts inputs inside training_step (e.g. to float64 under precision="64-true").
-        x, y = self.batch_to_xy(trainer.precision_plugin.convert_input(batch))
-        self.twin.train(pl_module.training)
-        output = self.twin(x)
-        loss = self._objective(output, y)
-        (loss / trainer.accumulate_grad_batches).backward()
-        self._twin_loss_sum += float(loss.detach()) / self._loss_scale
-        self._twin_loss_count += 1
+        self._batch = self._read_batch(trainer.precision_plugin.convert_input(batch))
+        self.twin.arm()
 
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
-        lr = float(optimizer.param_groups[0]["lr"])
-        self._time += lr
-        self._steps += 1
-        if self.twin is None:
+    def on_before_zero_grad(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        if self.twin is not None:
+            self.twin.zero_grad()
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        # The real loss of this batch is about to be back-propagated: so is the twin's, and only then (a batch
+        # that training_step skips, or that another callback runs forward only, contributes nothing).
+        if self.twin is None or self._batch is None:
             return
-        for real_group, twin_group in zip(optimizer.param_groups, self.twin_optimizer.param_groups):
-            # Mirror every hyper-parameter, so whatever scheduler drives the real optimizer drives the twin.
-            twin_group.update({k: v for k, v in real_group.items() if k != "params"})
-        self._all_reduce_twin_gradients(trainer)
-        self._clip_twin_gradients(trainer)
-        self.twin_optimizer.step()
-        self.twin_optimizer.zero_grad(set_to_none=True)
+        x, y, extra = self._batch
+        twin_loss = float(self.twin.accumulate(x, y, extra, weight=1.0 / trainer.accumulate_grad_batches))
+        real_loss = self._real_loss(trainer, loss)
+        self._twin_loss_sum += twin_loss / self._loss_scale
+        self._real_loss_sum += real_loss / self._loss_scale
+        self._twin_loss_count += 1
+        if not self._objective_checked and self._steps == 0:
+            self._objective_checked = True
+            self._check_objective(trainer, real_loss, twin_loss)
+        self._batch = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._is_log_step(trainer.global_step):
             self._measure_and_log(trainer, pl_module, on_step=True)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._twin_loss_count:
+            self._last_twin_train_loss = self._twin_loss_sum / self._twin_loss_count
+            self._last_train_loss = self._real_loss_sum / self._twin_loss_count
+            pl_module.log("lazy/tangent/train_loss", self._last_twin_train_loss, sync_dist=True)
+            self._twin_loss_sum, self._real_loss_sum, self._twin_loss_count = 0.0, 0.0, 0
+        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._measure_and_log(trainer, pl_module, on_step=False)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._prepare_evaluation(trainer, pl_module)
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -226,6 +304,9 @@ class LazyTrainingMonitor(Callback):
         if not trainer.sanity_checking:
             self._log_twin_evaluation(trainer, pl_module, "val")
 
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._prepare_evaluation(trainer, pl_module)
+
     def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                           batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate_twin(trainer, batch)
@@ -233,42 +314,58 @@ class LazyTrainingMonitor(Callback):
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._log_twin_evaluation(trainer, pl_module, "test")
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._twin_loss_count:
-            pl_module.log("lazy/tangent/train_loss", self._twin_loss_sum / self._twin_loss_count, sync_dist=True)
-            self._twin_loss_sum, self._twin_loss_count = 0.0, 0
-        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self._measure_and_log(trainer, pl_module, on_step=False)
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.history:
+            return
+        text = self.summary()
+        if trainer.is_global_zero:
+            rank_zero_info(text)
+            writer = _tensorboard(trainer)
+            if writer is not None and self.figure:
+                writer.add_text("lazy/summary", "\n".join("    " + line for line in text.splitlines()),
+                                trainer.global_step)
+            self._draw(trainer)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._release()
 
     # ------------------------------------------------------------------------------------ checkpointing
 
     def state_dict(self) -> dict[str, Any]:
         if self._probe_x is None:
             return {}
+        cpu = _to_cpu
         return {
-            "initial": {k: v.cpu() for k, v in self._initial.items()},
+            "initial": cpu(self._initial),
+            "trained": sorted(self._trained),
             "twin": None if self.twin is None else self.twin.state_dict(),
-            "twin_optimizer": None if self.twin_optimizer is None else self.twin_optimizer.state_dict(),
-            "probe_x": self._probe_x.cpu(),
-            "probe_y": self._probe_y.cpu(),
-            "initial_output": self._initial_output.cpu(),
-            "initial_kernel": None if self._initial_kernel is None else self._initial_kernel.cpu(),
-            "initial_kappa": self._initial_kappa,
-            "initial_jacobian_norm": self._initial_jacobian_norm,
-            "has_relu": self._has_relu,
-            "hessian_direction": None if self._hessian_direction is None else self._hessian_direction.cpu(),
+            "probe_x": cpu(self._probe_x),
+            "probe_y": cpu(self._probe_y),
+            "initial_output": cpu(self._initial_output),
+            "initial_kernel": cpu(self._initial_kernel),
+            "kernel_names": list(self._kernel_names),
+            "initial_kappa": self.initial_kappa,
+            "initial_jacobian_norm": self.initial_jacobian_norm,
+            "initial_kappa_parts": self._initial_kappa_parts,
+            "initial_relu": cpu(self._initial_relu),
+            "hessian_direction": cpu(self._hessian_direction),
+            "hessian_names": list(self._hessian_names),
             "time": self._time,
             "steps": self._steps,
+            "history": list(self.history),
             "twin_loss": (self._twin_loss_sum, self._twin_loss_count),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Applied in on_fit_start, once the module, its device and the optimizer exist.
+        # Applied once the module, its device and the optimizer exist: in on_fit_start, or on_validation_start /
+        # on_test_start for an evaluation from a checkpoint.
         self._loaded = dict(state_dict) if state_dict else None
 
     def _restore(self, state: dict[str, Any], pl_module: pl.LightningModule) -> None:
         device = pl_module.device
-        self._initial = {k: v.to(device) for k, v in state["initial"].items()}
+        to = lambda value: _to_device(value, device)  # noqa: E731
+        self._initial = to(state["initial"])
+        self._trained = set(state["trained"])
         if self.twin is not None:
             if state["twin"] is None:
                 raise MisconfigurationException(
@@ -276,29 +373,30 @@ class LazyTrainingMonitor(Callback):
                     "resume with LazyTrainingMonitor(track_tangent=False) or start a new run"
                 )
             self.twin.load_state_dict(state["twin"])
-            self.twin_optimizer.load_state_dict(state["twin_optimizer"])
-        self._probe_x = state["probe_x"].to(device)
-        self._probe_y = state["probe_y"].to(device)
-        self._initial_output = state["initial_output"].to(device)
-        kernel = state["initial_kernel"]
-        self._initial_kernel = None if kernel is None else kernel.to(device)
-        self._initial_kappa = state["initial_kappa"]
-        self._initial_jacobian_norm = state["initial_jacobian_norm"]
-        self._has_relu = state["has_relu"]
-        direction = state["hessian_direction"]
-        self._hessian_direction = None if direction is None else direction.to(device)
+        self._probe_x, self._probe_y = to(state["probe_x"]), to(state["probe_y"])
+        self._initial_output = to(state["initial_output"])
+        self._initial_kernel = to(state["initial_kernel"])
+        self._kernel_names = tuple(state["kernel_names"])
+        self.initial_kappa = state["initial_kappa"]
+        self.initial_jacobian_norm = state["initial_jacobian_norm"]
+        self._initial_kappa_parts = state["initial_kappa_parts"]
+        self._initial_relu = to(state["initial_relu"])
+        self._hessian_direction = to(state["hessian_direction"])
+        self._hessian_names = tuple(state["hessian_names"])
         self._time = state["time"]
         self._steps = state["steps"]
+        self.history = list(state["history"])
         self._twin_loss_sum, self._twin_loss_count = state["twin_loss"]
+        self._objective_checked = True
 
-    # ------------------------------------------------------------------------------------------ helpers
+    # --------------------------------------------------------------------------------- resolution
 
-    def _resolve_objective(self, pl_module: pl.LightningModule) -> tuple[Callable[[Tensor, Tensor], Tensor], float]:
+    def _resolve_objective(self, pl_module: pl.LightningModule) -> tuple[Callable[..., Tensor], float]:
         scaled = [m for m in pl_module.modules() if isinstance(m, AlphaScaled)]
         if len(scaled) > 1 and self.alpha is None:
             raise MisconfigurationException(
                 f"the module holds {len(scaled)} AlphaScaled models, so the monitor cannot tell which alpha "
-                "scales the output of forward(); pass LazyTrainingMonitor(alpha=...)"
+                "scales the watched output; pass LazyTrainingMonitor(alpha=...)"
             )
         if scaled and self.alpha is not None and not math.isclose(scaled[0].alpha, self.alpha) and len(scaled) == 1:
             raise MisconfigurationException(
@@ -313,49 +411,133 @@ class LazyTrainingMonitor(Callback):
             )
         scale = 1.0 / alpha**2
 
-        def objective(output: Tensor, target: Tensor) -> Tensor:
-            return loss(output, target) * scale
+        def objective(output: Tensor, target: Any, **extra: Any) -> Tensor:
+            return loss(output, target, **extra) * scale
 
         return objective, scale
 
-    def _copy_optimizer(self, optimizer: torch.optim.Optimizer, pl_module: pl.LightningModule) -> torch.optim.Optimizer:
-        names = {id(p): name for name, p in pl_module.named_parameters()}
-        twin_params = dict(self.twin.module.named_parameters())
-        groups = []
-        for group in optimizer.param_groups:
-            try:
-                params = [twin_params[names[id(p)]] for p in group["params"]]
-            except KeyError:
+    def _resolve_watched(self, pl_module: pl.LightningModule) -> Watched:
+        if callable(self.model):
+            return Watched(pl_module, call=self.model, output=self.output)
+        module: Any = pl_module
+        for part in (self.model.split(".") if self.model else []):
+            if not hasattr(module, part):
                 raise MisconfigurationException(
-                    "the optimizer trains a tensor that is not a parameter of the LightningModule; the twin can only "
-                    "copy optimizers over the module's own parameters"
-                ) from None
-            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": params})
-        try:
-            return type(optimizer)(groups, **optimizer.defaults)
-        except TypeError:
-            return type(optimizer)(groups)
+                    f"LazyTrainingMonitor(model={self.model!r}): {type(module).__name__} has no attribute {part!r}"
+                )
+            module = getattr(module, part)
+        if not isinstance(module, nn.Module):
+            raise MisconfigurationException(
+                f"LazyTrainingMonitor(model={self.model!r}) names a {type(module).__name__}, not an nn.Module"
+            )
+        if self.model is None and type(pl_module).forward is pl.LightningModule.forward:
+            # LightningModule.forward is nn.Module's: it raises a bare "missing forward" error.
+            raise MisconfigurationException(
+                f"{type(pl_module).__name__} has no forward(), so LazyTrainingMonitor cannot call it: say what to "
+                "watch, LazyTrainingMonitor(model='model') for the sub-module training_step calls, or "
+                "model=lambda module, x: module.model(x)"
+            )
+        return Watched(module, output=self.output)
+
+
+    def _read_batch(self, batch: Any) -> tuple[Tensor, Any, dict]:
+        read = self.batch_to_xy(batch)
+        if not isinstance(read, (tuple, list)) or len(read) not in (2, 3):
+            raise MisconfigurationException(
+                f"batch_to_xy must return (x, y) or (x, y, loss_kwargs), got a {type(read).__name__}"
+            )
+        x, y, *rest = read
+        return x, y, (rest[0] if rest else {})
+
+    @staticmethod
+    def _real_loss(trainer: pl.Trainer, loss: Tensor) -> float:
+        """The loss training_step returned, from the one Lightning back-propagates."""
+        real = float(loss.detach()) * trainer.accumulate_grad_batches  # Lightning divides it
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        return real / float(scaler.get_scale()) if scaler is not None else real  # and AMP scales it
+
+    def _check_objective(self, trainer: pl.Trainer, real: float, twin: float) -> None:
+        """At w0 the twin is the network: its loss on the first batch must be the one training_step returned."""
+        if "16" in str(trainer.precision):
+            return  # half precision or autocast changes the real loss beyond round-off: nothing to compare
+        dtype = self._probe_dtype()
+        tolerance = 1e4 * torch.finfo(dtype).eps
+        if not math.isclose(real, twin, rel_tol=tolerance, abs_tol=tolerance * 1e-3):
+            rank_zero_warn(
+                f"LazyTrainingMonitor: at w0 the twin's loss on the first batch is {twin:.6g}, but training_step "
+                f"returned {real:.6g}: the monitor trains its twin on another objective than yours, so its divergence "
+                "is not meaningful. Pass the loss you train with: LazyTrainingMonitor(loss=callable(output, y)) "
+                "(including any 1/alpha^2 factor through alpha=), or the model/output/batch_to_xy your training_step uses."
+            )
+
+    def _probe_dtype(self) -> torch.dtype:
+        params = list(self._watched.parameters())
+        return params[0].dtype if params and params[0].is_floating_point() else torch.float32
+
+    def _clipper(self, trainer: pl.Trainer) -> Callable[[list[Tensor]], Any] | None:
+        clip, algorithm = trainer.gradient_clip_val, trainer.gradient_clip_algorithm
+        if not clip:
+            return None
+        if str(algorithm).lower().endswith("value"):
+            return lambda params: torch.nn.utils.clip_grad_value_(params, clip)
+        return lambda params: torch.nn.utils.clip_grad_norm_(params, clip)
+
+    def _reducer(self, trainer: pl.Trainer) -> Callable[[Tensor], Tensor] | None:
+        if trainer.world_size <= 1:
+            return None
+        return lambda flat: trainer.strategy.reduce(flat, reduce_op="mean")
+
+    def _hook(self, optimizer: torch.optim.Optimizer) -> None:
+        """Count the real optimizer's steps (normalized time), and let the twin follow them."""
+        self._release()
+        self._handles = [optimizer.register_step_post_hook(self._on_real_step)]
+        if self.twin is not None:
+            self.twin.follow()
+
+    def _on_real_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._time += float(optimizer.param_groups[0]["lr"])
+        self._steps += 1
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and id(p) in self._names:
+                    self._trained.add(self._names[id(p)])
+
+    def _release(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if self.twin is not None:
+            self.twin.release()
+
+    # ------------------------------------------------------------------------------------------ probe
 
     def _draw_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Tensor, Tensor]:
         if self.probe is not None:
             x, y = self.probe if isinstance(self.probe, (tuple, list)) else (self.probe, None)
         else:
-            x, y = self._probe_from_train_set(trainer)
+            x, y, _ = self._probe_from_train_set(trainer)
         x = x.to(pl_module.device)
         if x.is_floating_point():
-            x = x.to(pl_module.dtype)
+            x = x.to(self._probe_dtype())
         if len(x) == 0:
             raise ValueError("the probe set is empty: give probe tensors with at least one example")
         with torch.no_grad():
-            output = self._output(pl_module, x)
+            output = self._forward(x, flatten=False)
         if y is None:
             # Without targets (a user probe of inputs only), y* is taken as 0: Δ is then relative to ‖α h(w0)‖.
             y = torch.zeros_like(output)
         y = y.to(pl_module.device)
-        as_regression_target(output, y.reshape(len(y), -1) if y.is_floating_point() else y)  # validates shapes
-        return trainer.strategy.broadcast((x, y))
+        try:
+            # Targets in the output's shape (class indices one-hot over the last dimension), then flat [N, K].
+            y = as_regression_target(output, y if not y.is_floating_point() else y.reshape(output.shape))
+        except (ValueError, RuntimeError) as error:
+            raise MisconfigurationException(
+                f"LazyTrainingMonitor: the probe targets {tuple(y.shape)} do not fit the watched output "
+                f"{tuple(output.shape)}: {error}"
+            ) from None
+        return trainer.strategy.broadcast((x, y.reshape(len(x), -1)))
 
-    def _probe_from_train_set(self, trainer: pl.Trainer) -> tuple[Tensor, Tensor]:
+    def _probe_from_train_set(self, trainer: pl.Trainer) -> tuple[Tensor, Any, dict]:
         loader = trainer.train_dataloader
         dataset = getattr(loader, "dataset", None)
         if dataset is None or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
@@ -370,73 +552,233 @@ class LazyTrainingMonitor(Callback):
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
         with torch.random.fork_rng(devices=devices):
             batch = loader.collate_fn([dataset[i] for i in indices])
-        return self.batch_to_xy(batch)
+        return self._read_batch(batch)
 
-    def _measure_initial(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    # -------------------------------------------------------------------------------------- measures
+
+    def _forward(self, x: Tensor, flatten: bool = True) -> Tensor:
+        """The watched network on ``x`` as the measures see it (:func:`probe_mode`), no gradient."""
+        with torch.no_grad(), probe_mode(self._watched):
+            output = self._watched(x)
+        if output.dim() == 0 or output.shape[0] != len(x):
+            raise MisconfigurationException(
+                f"LazyTrainingMonitor needs one output row per example; the watched model returned {tuple(output.shape)} "
+                f"for {len(x)} inputs"
+            )
+        return output.reshape(len(x), -1) if flatten else output
+
+    def _function(self) -> Callable[[dict[str, Tensor], Tensor], Tensor]:
+        """The watched network as a functional model ``fn(params, x) -> [N, K]`` for :mod:`diagnostics`."""
+        watched = self._watched
+
+        def fn(params: dict[str, Tensor], x: Tensor) -> Tensor:
+            with probe_mode(watched), forward_ad_safe(watched, "LazyTrainingMonitor"):
+                output = functional_call(watched, params, (x,))
+            return output.reshape(len(x), -1)
+
+        return fn
+
+    def _measured_names(self) -> tuple[str, ...]:
+        """Parameters the measures differentiate: those trainable now or at any point of the run."""
+        trainable = {name for name, p in self._watched.named_parameters() if p.requires_grad}
+        return tuple(name for name in self._initial if name in trainable | self._trained)
+
+    def _params(self, names: Sequence[str]) -> dict[str, Tensor]:
+        current = dict(self._watched.named_parameters())
+        return {name: current[name].detach() for name in names}
+
+    def _timed(self, bucket: str, name: str, compute: Callable[[], Any]) -> Any:
+        started = time.perf_counter()
+        result = compute()
+        self.timings.setdefault(bucket, {})[name] = time.perf_counter() - started
+        return result
+
+    def _measure_initial(self) -> None:
         x, y = self._probe_x, self._probe_y
-        with torch.no_grad():
-            self._initial_output = self._output(pl_module, x)
-        self._has_relu = self._probe_activation_stability(pl_module, self._initial) is not None
-        if not self._has_relu:
+        self.timings["initial"] = {}
+        self._initial_output = self._timed("initial", "output", lambda: self._forward(x))
+        self._initial_relu = self._timed("initial", "activation_states", lambda: self._relu_states(self._initial))
+        if self._initial_relu is None:
             rank_zero_warn("LazyTrainingMonitor: the model applies no ReLU, so lazy/activation_stability is not logged.")
+        names = self._measured_names()
+        if not names:
+            raise MisconfigurationException("LazyTrainingMonitor: the watched model has no trainable parameter")
+        initial = {name: self._initial[name] for name in names}
         if self.measure_kappa:
-            initial = self._kappa(pl_module, x, y)
-            self._initial_kappa = initial.value.item()
-            self._initial_jacobian_norm = initial.jacobian_norm.item()
+            result = self._timed("initial", "kappa", lambda: self._kappa(x, y, initial, careful=True))
+            self.initial_kappa = result.value.item()
+            self.initial_jacobian_norm = result.jacobian_norm.item()
+            self._initial_kappa_parts = {"kappa": self.initial_kappa, "jacobian_norm": self.initial_jacobian_norm,
+                                         "hessian_norm": result.hessian_norm.item()}
         else:
             n = min(self.kappa_probe_size, len(x))
-            self._initial_jacobian_norm = diagnostics.jacobian_norm(pl_module, x[:n], self._initial, tol=1e-4).item()
+            self.initial_jacobian_norm = self._timed("initial", "jacobian_norm", lambda: diagnostics.jacobian_norm(
+                self._function(), x[:n], initial, tol=1e-4).item())
         if self.measure_ntk:
-            self._initial_kernel = self._kernel(pl_module, self._initial)
+            self._initial_kernel = self._timed("initial", "ntk", lambda: self._kernel(initial))
+            self._kernel_names = names
 
-    def _output(self, pl_module: pl.LightningModule, x: Tensor) -> Tensor:
-        with eval_mode(pl_module):  # restores each submodule's own mode afterwards
-            output = pl_module(x)
-        if not isinstance(output, Tensor) or output.dim() == 0 or output.shape[0] != len(x):
-            raise MisconfigurationException(
-                "LazyTrainingMonitor needs the LightningModule's forward(x) to return the model output [N, K]; got "
-                f"{type(output).__name__}{'' if not isinstance(output, Tensor) else tuple(output.shape)}"
-            )
-        return output.reshape(len(x), -1)
+    def _relu_states(self, params: dict[str, Tensor]) -> list[Tensor] | None:
+        recorder = diagnostics._ReluRecorder()
+        with torch.no_grad(), recorder:
+            self._function()(params, self._probe_x)
+        return recorder.states or None
 
-    def _params(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
-        return {name: p.detach() for name, p in pl_module.named_parameters() if name in self._initial}
-
-    def _kappa(self, pl_module: pl.LightningModule, x: Tensor, y: Tensor, params: dict | None = None) -> diagnostics.Kappa:
+    def _kappa(self, x: Tensor, y: Tensor, params: dict[str, Tensor], careful: bool = False) -> diagnostics.Kappa:
         n = min(self.kappa_probe_size, len(x))
-        params = params or self._params(pl_module)
-        if self._hessian_direction is None:  # at w0: a careful search
-            options = {"max_iter": 12, "max_rounds": 3, "restarts": 2}
-        else:  # then warm-started from the last direction: a few Lanczos steps follow it along training
+        names = tuple(params)
+        if careful or self._hessian_direction is None or names != self._hessian_names:
+            options = {"max_iter": 12, "max_rounds": 3, "restarts": 2}  # a careful search
+        else:  # warm-started from the last direction: a few Lanczos steps follow it along training
             options = {"max_iter": 4, "max_rounds": 1, "restarts": 1, "start": self._hessian_direction}
         hessian, self._hessian_direction = diagnostics.hessian_norm(
-            pl_module, x[:n], params, return_direction=True, **options
+            self._function(), x[:n], params, return_direction=True, **options
         )
-        return diagnostics.kappa(pl_module, x[:n], y[:n], params, jacobian_kwargs={"tol": 1e-3}, hessian=hessian)
+        self._hessian_names = names
+        return diagnostics.kappa(self._function(), x[:n], y[:n], params, jacobian_kwargs={"tol": 1e-3}, hessian=hessian)
 
-    def _kernel(self, pl_module: pl.LightningModule, params: dict[str, Tensor]) -> Tensor:
-        return diagnostics.empirical_ntk(pl_module, self._probe_x[: self.ntk_probe_size], params=params)
+    def _kernel(self, params: dict[str, Tensor]) -> Tensor:
+        return diagnostics.empirical_ntk(self._function(), self._probe_x[: self.ntk_probe_size], params=params)
 
-    def _probe_activation_stability(self, pl_module: pl.LightningModule, params: dict[str, Tensor]) -> Tensor | None:
-        try:
-            return diagnostics.activation_stability(pl_module, self._probe_x, params, self._initial)
-        except ValueError as error:
-            if "applies no ReLU" in str(error):
-                return None
-            raise
+    def measure(self, pl_module: pl.LightningModule | None = None) -> dict[str, Any]:
+        """The measures now, as floats (``displacement_per_tensor``: a dict of floats by tensor name)."""
+        x, y = self._probe_x, self._probe_y
+        if x is None:
+            raise RuntimeError("LazyTrainingMonitor.measure needs the probe: fitting has not started")
+        names = self._measured_names()
+        params = self._params(names)
+        initial = {name: self._initial[name] for name in names}
+        timed = lambda name, compute: self._timed("last", name, compute)  # noqa: E731
+        self.timings["last"] = {}
+        values: dict[str, Any] = {}
+        normalized_time = self._time * self._loss_scale * self.initial_jacobian_norm**2
+        values["normalized_time"] = normalized_time
+        if self.initial_kappa is not None:
+            values["bound"] = normalized_time**2 * self.initial_kappa
+        moved = diagnostics.displacement(params, initial)
+        if not math.isfinite(moved.total.item()):
+            raise ValueError(
+                "training has diverged: the weights hold NaN or inf, so no laziness measure is meaningful. Lower the "
+                "learning rate (for AlphaScaled models the step that is stable is about 1/||Dh(w0)||^2 whatever alpha)"
+            )
+        values["displacement"] = moved.total.item()
+        values["displacement_per_tensor"] = {_display(k): float(v) for k, v in moved.per_tensor.items()}
+        if self.twin is not None:
+            output = timed("output", lambda: self._forward(x))
+            tangent_output = timed("tangent_output", lambda: self.twin.probe_output(x).reshape(len(x), -1))
+            values["divergence"] = diagnostics.path_divergence(output, tangent_output, y, self._initial_output).item()
+            twin_params = self.twin.parameters()
+            gap = torch.sqrt(sum(((params[k] - twin_params[k]) ** 2).sum() for k in params))
+            moved_norm = torch.sqrt(sum(v**2 for v in moved.absolute.values()))
+            values["tangent_gap"] = (gap / moved_norm).item() if float(moved_norm) > 0 else 0.0
+        if self.measure_kappa:
+            if moved.total.item() == 0.0 and self._initial_kappa_parts is not None:
+                # At w0 itself: the numbers measured there (a warm-started ‖D²h‖ search could refine its lower
+                # bound, and κ would seem to move while the weights do not).
+                values.update(self._initial_kappa_parts)
+            else:
+                result = timed("kappa", lambda: self._kappa(x, y, params))
+                values.update(kappa=result.value.item(), jacobian_norm=result.jacobian_norm.item(),
+                              hessian_norm=result.hessian_norm.item())
+        if self.measure_ntk and self._initial_kernel is not None:
+            if names != self._kernel_names:
+                # Parameters were unfrozen: compare kernels over the same parameters, the new set at w0.
+                self._initial_kernel, self._kernel_names = self._kernel(initial), names
+            kernel = timed("ntk", lambda: self._kernel(params))
+            values["ntk_distance"] = diagnostics.ntk_distance(kernel, self._initial_kernel).item()
+            values["kernel_alignment"] = diagnostics.kernel_alignment(kernel, self._initial_kernel).item()
+        if self._initial_relu is not None:
+            now = timed("activation_stability", lambda: self._relu_states(params))
+            values["activation_stability"] = _stability(now, self._initial_relu)
+        return values
+
+    def _measure_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, on_step: bool) -> None:
+        values = self.measure(pl_module)
+        per_tensor = values.pop("displacement_per_tensor")
+        self._last_per_tensor = per_tensor
+        self.history.append({"step": float(trainer.global_step), "epoch": float(trainer.current_epoch), **values})
+        scalars = {f"lazy/{name}": value for name, value in values.items()}
+        if on_step:
+            # Straight to the loggers: pl_module.log from a batch hook would repeat the value at every step.
+            # Lightning writes what is logged after k optimizer steps at step k - 1; so do we.
+            if trainer.is_global_zero:
+                for logger in trainer.loggers:
+                    logger.log_metrics(scalars, step=trainer.global_step - 1)
+        else:
+            for name, value in scalars.items():
+                pl_module.log(name, value)
+        if trainer.is_global_zero and not on_step:
+            self._draw(trainer)  # rendering costs about a second: at epoch ends (and fit end), not at log steps
+
+    def _draw(self, trainer: pl.Trainer) -> None:
+        """The laziness figure, rendered once: a TensorBoard image and ``laziness.png`` in the log folder."""
+        if not self.figure or not self.history or self._drawn == len(self.history):
+            return
+        self._drawn = len(self.history)
+        from matplotlib.image import imsave
+
+        from lightning_lazy.report import figure_to_array, laziness_figure
+
+        horizon = self.laziness_horizon if self.initial_kappa is not None else None
+        pixels = figure_to_array(laziness_figure(self.history, horizon=horizon, per_tensor=self._last_per_tensor))
+        folder = trainer.log_dir or trainer.default_root_dir
+        os.makedirs(folder, exist_ok=True)
+        imsave(os.path.join(folder, "laziness.png"), pixels)
+        writer = _tensorboard(trainer)
+        if writer is not None:
+            writer.add_image("lazy/figure", pixels, trainer.global_step, dataformats="HWC")
+
+    def summary_values(self) -> dict[str, float | None]:
+        """The numbers of the fit-end summary (:func:`lightning_lazy.report.laziness_summary`)."""
+        last = self.history[-1] if self.history else {}
+        return {
+            "alpha": self._loss_scale ** -0.5,
+            "kappa0": self.initial_kappa,
+            "horizon": self.laziness_horizon if self.initial_kappa is not None else None,
+            "normalized_time": last.get("normalized_time"),
+            "divergence": last.get("divergence"),
+            "activation_stability": last.get("activation_stability"),
+            "kernel_alignment": last.get("kernel_alignment"),
+            "displacement": last.get("displacement"),
+            "loss": self._last_train_loss,
+            "tangent_loss": self._last_twin_train_loss,
+        }
+
+    def summary(self) -> str:
+        """The laziness summary printed and logged at the end of fit."""
+        from lightning_lazy.report import laziness_summary
+
+        return laziness_summary(self.summary_values())
+
+    # ------------------------------------------------------------------------------------ evaluation
+
+    def _prepare_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Before validate/test: restore the twin from a checkpoint if one was loaded, or say why there is none."""
+        if self._loaded is not None and self.track_tangent and trainer.state.fn != "fit":
+            self._objective, self._loss_scale = self._resolve_objective(pl_module)
+            self._watched = self._resolve_watched(pl_module)
+            optimizer = torch.optim.SGD(self._watched.parameters(), lr=0.0)  # replaced by the saved groups
+            self.twin = TangentTwin(self._watched, optimizer, self._objective)
+            loaded, self._loaded = self._loaded, None
+            self._restore(loaded, pl_module)
+        if self.twin is None and self.track_tangent and not self._warned_no_twin and trainer.state.fn != "fit":
+            self._warned_no_twin = True
+            rank_zero_warn(
+                "LazyTrainingMonitor has no tangent twin to evaluate, so no lazy/tangent/* is logged: run validate/test "
+                "after fit with the same monitor, or from a checkpoint written by a fit with the monitor (ckpt_path=...)."
+            )
 
     def _evaluate_twin(self, trainer: pl.Trainer, batch: Any) -> None:
         """Accumulates the tangent model's loss R and accuracy on an evaluation batch."""
         if self.twin is None:
             return
-        x, y = self.batch_to_xy(trainer.precision_plugin.convert_input(batch))
-        self.twin.eval()
+        x, y, extra = self._read_batch(trainer.precision_plugin.convert_input(batch))
+        output = self.twin.eval_output(x)
         with torch.no_grad():
-            output = self.twin(x)
-            self._eval_loss_sum += float(self._objective(output, y)) / self._loss_scale * len(x)
+            self._eval_loss_sum += float(self._objective(output, y, **extra)) / self._loss_scale * len(x)
         self._eval_count += len(x)
-        if not y.is_floating_point() and output.dim() == 2:
-            self._eval_correct += int((output.argmax(1) == y).sum())
+        if isinstance(y, Tensor) and not y.is_floating_point() and y.shape == output.shape[:-1]:
+            self._eval_correct += float((output.argmax(-1) == y).float().mean()) * len(x)
             self._eval_is_classification = True
 
     def _log_twin_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -457,96 +799,30 @@ class LazyTrainingMonitor(Callback):
             return step & (step - 1) == 0
         return step in self.log_steps
 
-    def _measure_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, on_step: bool) -> None:
-        values = self.measure(pl_module)
-        per_tensor = values.pop("displacement_per_tensor")
-        scalars = {f"lazy/{name}": value for name, value in values.items()}
-        if on_step:
-            # Straight to the loggers: pl_module.log from a batch hook would repeat the value at every step.
-            # Lightning writes what is logged after k optimizer steps at step k - 1; so do we.
-            if trainer.is_global_zero:
-                for logger in trainer.loggers:
-                    logger.log_metrics(scalars, step=trainer.global_step - 1)
-        else:
-            for name, value in scalars.items():
-                pl_module.log(name, value)
-        logger = trainer.logger
-        if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero and per_tensor:
-            histogram = torch.stack([v.float().cpu() for v in per_tensor.values()])
-            logger.experiment.add_histogram("lazy/displacement_per_tensor", histogram, trainer.global_step)
 
-    @torch.no_grad()
-    def _twin_probe_output(self) -> Tensor:
-        self.twin.eval()
-        return self.twin(self._probe_x).reshape(len(self._probe_x), -1)
+def _stability(now: list[Tensor] | None, then: list[Tensor]) -> float:
+    if now is None or len(now) != len(then) or any(a.shape != b.shape for a, b in zip(now, then)):
+        raise ValueError("the model applied a different sequence of ReLUs now and at w0")
+    same = sum(int((a == b).sum()) for a, b in zip(now, then))
+    return same / sum(a.numel() for a in then)
 
-    def measure(self, pl_module: pl.LightningModule) -> dict[str, Any]:
-        """The measures now, as floats (``displacement_per_tensor``: a dict of 0-dim tensors)."""
-        x, y = self._probe_x, self._probe_y
-        params = self._params(pl_module)
-        values: dict[str, Any] = {}
-        normalized_time = self._time * self._loss_scale * self._initial_jacobian_norm**2
-        values["normalized_time"] = normalized_time
-        if self._initial_kappa is not None:
-            values["bound"] = normalized_time**2 * self._initial_kappa
-        moved = diagnostics.displacement(params, self._initial)
-        if not math.isfinite(moved.total.item()):
-            raise ValueError(
-                "training has diverged: the weights hold NaN or inf, so no laziness measure is meaningful. Lower the "
-                "learning rate (for AlphaScaled models the step that is stable is about 1/||Dh(w0)||^2 whatever alpha)"
-            )
-        values["displacement"] = moved.total.item()
-        values["displacement_per_tensor"] = moved.per_tensor
-        if self.twin is not None:
-            with torch.no_grad():
-                output = self._output(pl_module, x)
-            tangent_output = self._twin_probe_output()
-            values["divergence"] = diagnostics.path_divergence(output, tangent_output, y, self._initial_output).item()
-            twin_params = {k: v.detach() for k, v in self.twin.module.named_parameters() if k in self._initial}
-            gap = torch.sqrt(sum(((params[k] - twin_params[k]) ** 2).sum() for k in params))
-            moved_norm = torch.sqrt(sum(v**2 for v in moved.absolute.values()))
-            values["tangent_gap"] = (gap / moved_norm).item() if float(moved_norm) > 0 else 0.0
-        if self.measure_kappa:
-            result = self._kappa(pl_module, x, y, params)
-            values.update(kappa=result.value.item(), jacobian_norm=result.jacobian_norm.item(),
-                          hessian_norm=result.hessian_norm.item())
-        if self.measure_ntk and self._initial_kernel is not None:
-            kernel = self._kernel(pl_module, params)
-            values["ntk_distance"] = diagnostics.ntk_distance(kernel, self._initial_kernel).item()
-            values["kernel_alignment"] = diagnostics.kernel_alignment(kernel, self._initial_kernel).item()
-        if self._has_relu:
-            values["activation_stability"] = self._probe_activation_stability(pl_module, params).item()
-        return values
 
-    def _all_reduce_twin_gradients(self, trainer: pl.Trainer) -> None:
-        if trainer.world_size <= 1:
-            return
-        grads = [p.grad for p in self.twin.parameters() if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        flat = trainer.strategy.reduce(flat, reduce_op="mean")
-        for g, reduced in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(reduced.view_as(g))
+def _display(name: str) -> str:
+    return name[len(_PREFIX):] if name.startswith(_PREFIX) else name
 
-    def _clip_twin_gradients(self, trainer: pl.Trainer) -> None:
-        clip = trainer.gradient_clip_val
-        if not clip:
-            return
-        params = [p for p in self.twin.parameters() if p.grad is not None]
-        if trainer.gradient_clip_algorithm == "value":
-            torch.nn.utils.clip_grad_value_(params, clip)
-        else:
-            torch.nn.utils.clip_grad_norm_(params, clip)
 
-    def _write_layout(self, trainer: pl.Trainer) -> None:
-        if not isinstance(trainer.logger, TensorBoardLogger):
-            return
-        trainer.logger.experiment.add_custom_scalars({
-            "lazy training": {
-                "divergence and its bound t~^2 kappa(w0)": ["Multiline", ["lazy/divergence", "lazy/bound"]],
-                "kappa": ["Multiline", ["lazy/kappa"]],
-                "weights and kernel": ["Multiline", ["lazy/displacement", "lazy/tangent_gap", "lazy/ntk_distance"]],
-                "tangent model losses": ["Multiline", ["lazy/tangent/train_loss", "lazy/tangent/val_loss"]],
-            }
-        })
+def _to_cpu(value: Any) -> Any:
+    return _to_device(value, "cpu")
+
+
+def _to_device(value: Any, device: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: v.to(device) for k, v in value.items()}
+    return [v.to(device) for v in value]
+
+
+__all__ = ["LazyTrainingMonitor", "default_batch_to_xy"]

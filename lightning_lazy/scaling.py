@@ -24,27 +24,33 @@ LossLike = Union[str, LossFn]
 
 
 def half_squared_error(output: Tensor, target: Tensor) -> Tensor:
-    """R(y) = (1/N) Σᵢ ½‖yᵢ − yᵢ*‖², output ``[N, K]``; integer class targets ``[N]`` become one-hot.
+    """R(y) = (1/N) Σᵢ ½‖yᵢ − yᵢ*‖², output ``[N, ...]``; integer class targets ``output.shape[:-1]`` become one-hot.
 
-    Half the squared Euclidean error per example, averaged over examples: the loss whose gradient flow
-    has time scale 1/‖Dh‖² when ‖·‖ is the empirical L² norm on the batch (see ``diagnostics``).
+    Half the squared Euclidean error per example (summed over every other dimension), averaged over
+    examples: the loss whose gradient flow has time scale 1/‖Dh‖² when ‖·‖ is the empirical L² norm on the
+    batch (see ``diagnostics``).
     """
     target = as_regression_target(output, target)
     return 0.5 * (output - target).pow(2).flatten(1).sum(1).mean()
 
 
 def as_regression_target(output: Tensor, target: Tensor) -> Tensor:
-    """``target`` in the output's shape and dtype: class indices ``[N]`` are one-hot encoded for ``[N, K]``."""
+    """``target`` in the output's shape and dtype: class indices are one-hot encoded over the last dimension.
+
+    Class indices have the output's shape without its last dimension: ``[N]`` for outputs ``[N, K]``,
+    ``[N, T]`` for token logits ``[N, T, V]``. Raises ``ValueError`` for any other shape or an index out of range.
+    """
     if not target.is_floating_point() and not target.is_complex():
-        if output.dim() != 2 or target.dim() != 1 or target.shape[0] != output.shape[0]:
+        if output.dim() < 2 or target.shape != output.shape[:-1]:
             raise ValueError(
                 f"integer targets of shape {tuple(target.shape)} cannot be matched to outputs of shape "
-                f"{tuple(output.shape)}: class-index targets must be [N] for outputs [N, num_classes]"
+                f"{tuple(output.shape)}: class-index targets have the output's shape without its last (class) "
+                "dimension, e.g. [N] for outputs [N, num_classes]"
             )
-        num_classes = output.shape[1]
+        num_classes = output.shape[-1]
         if target.numel() and (target.min() < 0 or target.max() >= num_classes):
             raise ValueError(
-                f"class-index targets must lie in [0, {num_classes}) for outputs with {num_classes} columns, "
+                f"class-index targets must lie in [0, {num_classes}) for outputs with {num_classes} classes, "
                 f"got values in [{int(target.min())}, {int(target.max())}]"
             )
         return F.one_hot(target.long(), num_classes).to(output.dtype)
@@ -56,9 +62,20 @@ def as_regression_target(output: Tensor, target: Tensor) -> Tensor:
     return target.to(output.dtype)
 
 
+def cross_entropy(output: Tensor, target: Tensor) -> Tensor:
+    """Mean cross-entropy of logits ``output`` against class indices or probabilities ``target``.
+
+    :func:`torch.nn.functional.cross_entropy`, which takes classes on dimension 1 (``[N, C, d1, ...]``), also
+    for token logits with classes last: ``[N, T, V]`` against indices ``[N, T]``, the language-model layout.
+    """
+    if output.dim() > 2 and not target.is_floating_point() and target.shape == output.shape[:-1]:
+        return F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1))
+    return F.cross_entropy(output, target)
+
+
 _NAMED_LOSSES: dict[str, LossFn] = {
     "mse": half_squared_error,
-    "cross_entropy": F.cross_entropy,
+    "cross_entropy": cross_entropy,
 }
 
 
@@ -66,7 +83,7 @@ def resolve_loss(loss: LossLike) -> LossFn:
     """Turn ``"mse"``, ``"cross_entropy"`` or a callable ``(output, target) -> scalar`` into a loss function.
 
     ``"mse"`` is :func:`half_squared_error` (½‖y − y*‖² averaged over examples, one-hot for class targets);
-    ``"cross_entropy"`` is :func:`torch.nn.functional.cross_entropy`.
+    ``"cross_entropy"`` is :func:`cross_entropy` (torch's, also with classes on the last dimension).
     """
     if isinstance(loss, str):
         try:
@@ -105,14 +122,20 @@ def scaled_loss(loss: LossLike, alpha: float) -> LossFn:
     return objective
 
 
+def _drop_initial_buffers(state_dict: dict, prefix: str, *args: Any) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + "initial_buffers.")]:
+        del state_dict[key]
+
+
 class AlphaScaled(nn.Module):
     """``α · (f(x; w) − f(x; w0))`` (``center=True``) or ``α · f(x; w)``, trained on ``R(α h)/α²``.
 
     ``module`` is the network f whose parameters w are trained (it is kept, not copied). ``w0`` is a
-    frozen snapshot of its parameters and buffers taken here, at construction: stored as buffers, so it is
-    never trained, follows ``.to()``, and is saved in ``state_dict``. The initial output f(x; w0) is
-    computed without gradient, in the same train/eval mode and with the same random numbers (dropout
-    masks) as the live forward, so the centred model is exactly zero at w0.
+    frozen snapshot of its parameters taken here, at construction: stored as buffers, so it is never
+    trained, follows ``.to()``, and is saved in ``state_dict``. The initial output f(x; w0) is computed
+    without gradient, in the same train/eval mode, with the network's current buffers (BatchNorm running
+    statistics) and the same random numbers (dropout masks) as the live forward, so the centred model is
+    exactly zero at w = w0 in train and in eval mode.
 
     Attributes: ``alpha``, ``center``, ``loss_scale`` (= 1/α²), ``loss`` (resolved, or ``None``).
     """
@@ -127,7 +150,8 @@ class AlphaScaled(nn.Module):
         self.loss = None if loss is None else resolve_loss(loss)
         # Only the centred model needs w0; the uncentred one would carry a useless copy.
         self.initial = FrozenParams(dict(module.named_parameters())) if self.center else None
-        self.initial_buffers = FrozenParams(dict(module.named_buffers())) if self.center else None
+        # Checkpoints written before f(x; w0) used the live buffers hold a snapshot of them: drop it.
+        self._register_load_state_dict_pre_hook(_drop_initial_buffers)
 
     @property
     def alpha(self) -> float:
@@ -152,11 +176,15 @@ class AlphaScaled(nn.Module):
 
     @torch.no_grad()
     def initial_output(self, *args: Any, **kwargs: Any) -> Tensor:
-        """f(x; w0), the frozen initial network's output (no gradient)."""
+        """f(x; w0): the network with its initial weights and its *current* buffers (no gradient).
+
+        The current buffers (BatchNorm running statistics), because the centred model is α(f(w) − f(w0)) as a
+        function of the weights: with the buffers of w0 it would not be 0 at w = w0 in eval mode once the
+        running statistics have moved. They are cloned, so this pass does not update them a second time.
+        """
         if self.initial is None:
             raise RuntimeError("initial_output needs center=True: the uncentred model keeps no copy of w0")
-        # Buffers are cloned so that train-mode BatchNorm does not move the snapshot's running statistics.
-        state = {**self.initial.as_dict(), **{k: v.clone() for k, v in self.initial_buffers.as_dict().items()}}
+        state = {**self.initial.as_dict(), **{k: v.clone() for k, v in self.module.named_buffers()}}
         return functional_call(self.module, state, args, kwargs)
 
     def objective(self, output: Tensor, target: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ EPOCH_TAGS = [
 
 def _events(tmp_path) -> EventAccumulator:
     (path,) = glob.glob(str(tmp_path / "runs" / "version_0" / "events.out.tfevents.*"))
-    accumulator = EventAccumulator(path, size_guidance={"scalars": 0, "histograms": 0})
+    accumulator = EventAccumulator(path, size_guidance={"scalars": 0, "images": 0, "tensors": 0})
     accumulator.Reload()
     return accumulator
 
@@ -35,14 +35,20 @@ def test_tensorboard_holds_every_tag_with_finite_values(tmp_path):
         assert tag in scalars, tag
         values = [e.value for e in events.Scalars(tag)]
         assert len(values) == 3 and all(math.isfinite(v) for v in values), (tag, values)
-    assert "lazy/displacement_per_tensor" in events.Tags()["histograms"]
+    # The laziness figure (an image at each measurement and at fit end, and a PNG) and the summary text.
+    assert "lazy/figure" in events.Tags()["images"]
+    assert len(events.Images("lazy/figure")) == 3  # one per epoch; the fit-end figure is the last one
+    assert any("lazy/summary" in tag for tag in events.Tags()["tensors"])
+    png = tmp_path / "runs" / "version_0" / "laziness.png"
+    assert png.stat().st_size > 10_000
+    assert "Regime:" in monitor.summary()
     # Divergence grows from 0 as training leaves the tangent path; the bound is t̃²κ(w0).
     divergence = [e.value for e in events.Scalars("lazy/divergence")]
     assert 0 < divergence[0] <= divergence[-1] < 0.5
     time = [e.value for e in events.Scalars("lazy/normalized_time")]
     bound = [e.value for e in events.Scalars("lazy/bound")]
-    assert bound[-1] == pytest.approx(time[-1] ** 2 * monitor._initial_kappa, rel=1e-5)
-    assert monitor.laziness_horizon == pytest.approx(monitor._initial_kappa ** -0.5)
+    assert bound[-1] == pytest.approx(time[-1] ** 2 * monitor.initial_kappa, rel=1e-5)
+    assert monitor.laziness_horizon == pytest.approx(monitor.initial_kappa ** -0.5)
 
 
 def test_model_linear_in_parameters_has_zero_divergence_through_the_trainer(tmp_path):
@@ -90,9 +96,10 @@ def test_gradient_accumulation_steps_the_twin_with_the_optimizer(tmp_path):
         results.append((monitor, model))
     (mono, model_a), (acc, model_b) = results
     assert mono._steps == acc._steps == 8
-    for (name, a), b in zip(mono.twin.named_parameters(), acc.twin.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
-    assert not torch.equal(mono.twin.module.model.module[0].weight, mono.twin.initial_params["model.module.0.weight"])
+    twin_a, twin_b = mono.twin.parameters(), acc.twin.parameters()
+    for name, a in twin_a.items():
+        torch.testing.assert_close(a, twin_b[name], rtol=1e-9, atol=1e-12, msg=name)
+    assert not torch.equal(twin_a["inner.model.module.0.weight"], mono._initial["inner.model.module.0.weight"])
 
 
 def test_float64_measures_and_track_tangent_off(tmp_path):
@@ -129,7 +136,7 @@ def test_user_probe_and_batch_to_xy(tmp_path):
 
     trainer(tmp_path, [monitor], max_epochs=1).fit(DictRegressor(alpha=10.0), dict_loader)
     assert monitor._probe_x.shape == (20, 6)
-    assert torch.isfinite(torch.tensor(monitor.measure(monitor.twin.module)["divergence"]))
+    assert torch.isfinite(torch.tensor(monitor.measure()["divergence"]))
 
 
 # ------------------------------------------------------------------------------------------------- errors
@@ -225,5 +232,5 @@ def test_float32_batches_under_64_true_precision(tmp_path):
     monitor = LazyTrainingMonitor()
     run = trainer(tmp_path, [monitor], max_epochs=1, precision="64-true")
     run.fit(Regressor(alpha=10.0), train, val)
-    assert next(monitor.twin.parameters()).dtype == torch.float64
+    assert all(p.dtype == torch.float64 for p in monitor.twin.parameters().values())
     assert math.isfinite(float(run.callback_metrics["lazy/tangent/val_loss"]))

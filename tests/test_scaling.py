@@ -51,9 +51,12 @@ def test_dropout_and_batchnorm_centred_exactly_in_train_mode():
     running = net[1].running_mean.clone()
     out = model(torch.randn(16, 5))
     assert torch.equal(out, torch.zeros_like(out))
-    # The live network updated its statistics once; the frozen copy's statistics never move.
+    # The live network updated its statistics once (the pass at w0 works on a copy of them) ...
     assert not torch.equal(net[1].running_mean, running)
-    assert torch.equal(model.initial_buffers.as_dict()["1.running_mean"], running)
+    assert net[1].num_batches_tracked.item() == 1
+    # ... and in eval mode, on the moved statistics, the centred model is still exactly 0 at w = w0.
+    out = model.eval()(torch.randn(16, 5))
+    assert torch.equal(out, torch.zeros_like(out))
 
 
 def test_objective_and_scaled_loss():
@@ -64,7 +67,14 @@ def test_objective_and_scaled_loss():
     model = AlphaScaled(mlp(d_out=2), alpha=4.0, loss="mse")
     assert model.objective(out, target).item() == pytest.approx(expected / 16)
     assert scaled_loss("mse", 4.0)(out, target).item() == pytest.approx(expected / 16)
-    assert resolve_loss("cross_entropy") is torch.nn.functional.cross_entropy
+    logits, classes = torch.randn(4, 3), torch.tensor([0, 2, 1, 1])
+    assert torch.equal(resolve_loss("cross_entropy")(logits, classes), torch.nn.functional.cross_entropy(logits, classes))
+    # Token logits [N, T, V] with class indices [N, T]: classes on the last dimension.
+    tokens, labels = torch.randn(2, 5, 7, dtype=torch.float64), torch.randint(0, 7, (2, 5))
+    expected_tokens = torch.nn.functional.cross_entropy(tokens.reshape(10, 7), labels.reshape(10))
+    assert torch.equal(resolve_loss("cross_entropy")(tokens, labels), expected_tokens)
+    assert half_squared_error(tokens, labels).item() == pytest.approx(
+        0.5 * (tokens - torch.nn.functional.one_hot(labels, 7)).pow(2).sum((1, 2)).mean().item())
 
 
 @pytest.mark.parametrize("alpha", [0, -1.0, math.nan, math.inf, "big", None])

@@ -1,0 +1,445 @@
+"""What a person reads of a monitored run: the laziness figure, a plain-text summary, and the TensorBoard
+Custom Scalars layout.
+
+- :func:`laziness_figure` draws the monitor's measurements against the normalized time t̃: Δ and the
+  bound t̃²·κ(w0) on log-log axes with the line 1 and the predicted horizon t̃*, activation stability,
+  kernel alignment and NTK distance, displacement and tangent gap, and the relative displacement of each
+  parameter tensor by name. :func:`save_figure` writes it as PNG, :func:`figure_to_array` gives the pixels
+  for ``SummaryWriter.add_image``.
+- :func:`laziness_summary` and :func:`regime`: a few lines of text, ending with one sentence on the regime
+  the run was in, judged from the measures (Δ, activation stability, kernel alignment), not from α.
+- :func:`custom_scalars_layout`: charts that never mix quantities of different kinds.
+
+Only torch-free plotting (matplotlib's ``Figure`` with the Agg canvas, no pyplot state) and numpy.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.axis import Axis
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, NullLocator
+
+# ------------------------------------------------------------------------------------------ thresholds
+#
+# The regime sentence compares the last measures with these. Δ is relative to the initial residual
+# ‖y* − αh(w0)‖ and the probe is usually drawn from the training set, where the network and its tangent
+# model both end up fitting the targets; so Δ stays moderate even when the features change a lot
+# (0.13 at α = 0.1 in the demo, weights moved 12.7×), and the ReLU pattern and the kernel are the clearer
+# signals. The values separate the demo's runs as their weights and kernels show: α = 10 and 100 lazy
+# (Δ ≤ 0.05, ≥ 99 % of units unchanged), α = 0.1 feature learning (75 % unchanged), α = 1 in between.
+
+# Lazy: the network stays within 10 % of the initial residual of its tangent model ...
+LAZY_MAX_DIVERGENCE = 0.1
+# ... at most 2 % of the ReLU units on the probe switched their on/off state from w0 ...
+LAZY_MIN_ACTIVATION_STABILITY = 0.98
+# ... and the tangent kernel kept its direction: cos(K_t, K_0) ≥ 0.98 (a rescaled kernel has 1).
+LAZY_MIN_KERNEL_ALIGNMENT = 0.98
+# Feature learning, any one of: the network is 30 % of the initial residual away from its tangent model,
+FEATURE_MIN_DIVERGENCE = 0.3
+# more than 10 % of the ReLU units switched,
+FEATURE_MAX_ACTIVATION_STABILITY = 0.9
+# or the kernel turned by more than cos⁻¹(0.9) ≈ 26°: the model now learns with another kernel.
+FEATURE_MAX_KERNEL_ALIGNMENT = 0.9
+
+LAZY = "lazy (kernel regime)"
+FEATURE_LEARNING = "feature learning"
+IN_BETWEEN = "in between"
+UNKNOWN = "unknown"
+
+# Colours kept for one quantity in every panel and run.
+_COLOURS = {
+    "divergence": "tab:blue", "bound": "tab:red", "activation_stability": "tab:green",
+    "kernel_alignment": "tab:purple", "ntk_distance": "tab:orange", "displacement": "tab:brown",
+    "tangent_gap": "tab:cyan",
+}
+
+
+# ------------------------------------------------------------------------------------------------ figure
+
+
+def _value(entry: Mapping[str, float | None], key: str) -> float:
+    """``entry[key]`` as a float; NaN when missing, None or not a number."""
+    value = entry.get(key)
+    try:
+        return float(value) if value is not None else math.nan
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _series(history: Sequence[Mapping[str, float | None]], key: str, log_y: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(t̃, value)`` of the entries with a finite t̃ > 0 and a finite value (> 0 when ``log_y``).
+
+    t̃ = 0 (initialization) has no place on a log time axis; those entries are skipped, as are NaN values.
+    """
+    t = np.array([_value(e, "normalized_time") for e in history], dtype=float)
+    v = np.array([_value(e, key) for e in history], dtype=float)
+    keep = np.isfinite(t) & (t > 0) & np.isfinite(v)
+    if log_y:
+        keep &= v > 0
+    order = np.argsort(t[keep], kind="stable")
+    return t[keep][order], v[keep][order]
+
+
+def _plot(ax: Axes, history: Sequence[Mapping[str, float | None]], key: str, label: str, log_y: bool) -> bool:
+    t, v = _series(history, key, log_y)
+    if len(t) == 0:
+        return False
+    ax.plot(t, v, "o-", ms=3.5, lw=1.4, color=_COLOURS[key], label=label)
+    return True
+
+
+def _no_data(ax: Axes, what: str) -> None:
+    ax.text(0.5, 0.5, f"{what}: not measured\n(or only at t̃ = 0)", transform=ax.transAxes, ha="center",
+            va="center", fontsize=9, color="gray")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _plain_log_ticks(axis: Axis) -> None:
+    # Plain numbers on the decades and no minor ticks: matplotlib's mathtext labels and its 8 minor ticks
+    # per decade made a draw of this figure several times slower, and the monitor draws it often.
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_locator(NullLocator())
+
+
+def _time_axis(ax: Axes) -> None:
+    ax.set_xscale("log")
+    _plain_log_ticks(ax.xaxis)
+    ax.set_xlabel("normalized time t̃")
+    ax.grid(True, which="major", alpha=0.3)
+
+
+def _log_y(ax: Axes) -> None:
+    ax.set_yscale("log")
+    _plain_log_ticks(ax.yaxis)
+
+
+def laziness_figure(history: list[dict[str, float]], *, horizon: float | None = None,
+                    per_tensor: dict[str, float] | None = None, title: str = "") -> Figure:
+    """The laziness figure of one run, from the monitor's measurements.
+
+    Args:
+        history: one dict per measurement, in any order, with any of the keys ``"normalized_time"`` (t̃,
+            required for a point to be drawn), ``"divergence"``, ``"bound"`` (t̃²·κ(w0)),
+            ``"activation_stability"``, ``"kernel_alignment"``, ``"ntk_distance"``, ``"displacement"``,
+            ``"tangent_gap"`` (others are ignored). Missing keys, None and NaN leave gaps.
+        horizon: the predicted laziness horizon t̃* = 1/√κ(w0), drawn as a vertical line when finite.
+        per_tensor: relative displacement ‖w_p − w0_p‖/‖w0_p‖ of each parameter tensor, by name; drawn as
+            a horizontal bar chart with the names on the axis (log scale when the values span more than
+            two decades).
+        title: the figure's title (e.g. the run's name and α).
+
+    Panels, each on its own axes against t̃ on a log axis: (a) Δ and the bound, log y, with the line 1 and
+    t̃*; (b) activation stability; (c) kernel alignment (left axis) and NTK distance (right axis);
+    (d) displacement and tangent gap, log y; (e) the per-tensor displacement. Measurements at t̃ = 0 (at
+    initialization) cannot sit on a log axis and are skipped, as are values ≤ 0 on a log y axis.
+
+    Returns a ``matplotlib.figure.Figure`` with an Agg canvas (no pyplot state; nothing to close).
+    """
+    names = list(per_tensor or {})
+    # Fixed margins rather than constrained layout, which doubles the cost of a draw; the right column is
+    # sized for the longest tensor name (about 0.55 em per character at 7-8 pt).
+    height = max(7.5, 0.17 * len(names) + 1.5)  # about 0.17 in per name on the bar chart
+    width = 16.0
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    top = 1 - 0.75 / height if title else 1 - 0.45 / height
+    bottom = 0.6 / height
+    grid_right = 0.6 if names else 0.97
+    grid = fig.add_gridspec(2, 2, left=0.05, right=grid_right, bottom=bottom, top=top, wspace=0.4, hspace=0.32,
+                            width_ratios=[1.2, 1])
+    axes = {"a": fig.add_subplot(grid[0, 0]), "b": fig.add_subplot(grid[0, 1]), "c": fig.add_subplot(grid[1, 0]),
+            "d": fig.add_subplot(grid[1, 1])}
+    if names:
+        label_width = (max(len(n) for n in names) * 0.55 * 8 / 72 + 0.3) / width
+        axes["e"] = fig.add_axes((grid_right + 0.01 + label_width, bottom, 0.985 - grid_right - 0.01 - label_width,
+                                  top - bottom))
+
+    # (a) Δ and the bound against t̃, log-log: the bound grows like t̃², Δ stays orders of magnitude below.
+    ax = axes["a"]
+    drawn = _plot(ax, history, "divergence", "divergence Δ from the tangent model", log_y=True)
+    drawn |= _plot(ax, history, "bound", "bound t̃²·κ(w0)", log_y=True)
+    if drawn:
+        _time_axis(ax)
+        _log_y(ax)
+        ax.axhline(1.0, color="black", lw=1, ls="--", label="1")
+        if horizon is not None and math.isfinite(horizon) and horizon > 0:
+            ax.axvline(horizon, color="gray", lw=1.2, ls=":", label=f"horizon t̃* = {horizon:.3g}")
+        ax.legend(fontsize=8, loc="best")
+    else:
+        _no_data(ax, "divergence and bound")
+    ax.set_title("(a) divergence Δ and the bound t̃²·κ(w0): lazy guaranteed while the "
+                 "bound < 1", fontsize=10)
+
+    # (b) Share of ReLU units whose on/off state is still that of w0.
+    ax = axes["b"]
+    if _plot(ax, history, "activation_stability", "activation stability", log_y=False):
+        _time_axis(ax)
+        ax.axhline(1.0, color="black", lw=0.8, ls="--")
+        ax.ticklabel_format(axis="y", useOffset=False)
+        ax.set_ylabel("share of ReLU units unchanged")
+    else:
+        _no_data(ax, "activation stability")
+    ax.set_title("(b) activation stability", fontsize=10)
+
+    # (c) Kernel alignment (≈ 1 when lazy) and NTK distance (≈ 0 when lazy): one axis each.
+    ax = axes["c"]
+    has_alignment = _plot(ax, history, "kernel_alignment", "kernel alignment (left axis)", log_y=False)
+    t_dist, v_dist = _series(history, "ntk_distance", log_y=False)
+    if has_alignment or len(t_dist):
+        _time_axis(ax)
+        ax.ticklabel_format(axis="y", useOffset=False)
+        ax.set_ylabel("alignment cos(K, K0)", color=_COLOURS["kernel_alignment"])
+        lines, labels = ax.get_legend_handles_labels()
+        if len(t_dist):
+            right = ax.twinx()
+            right.plot(t_dist, v_dist, "s-", ms=3.5, lw=1.4, color=_COLOURS["ntk_distance"],
+                       label="NTK distance (right axis)")
+            right.ticklabel_format(axis="y", useOffset=False)
+            right.set_ylabel("NTK distance |K - K0| / |K0|", color=_COLOURS["ntk_distance"])
+            more_lines, more_labels = right.get_legend_handles_labels()
+            lines, labels = lines + more_lines, labels + more_labels
+        if not has_alignment:
+            ax.set_yticks([])
+        ax.legend(lines, labels, fontsize=8, loc="center left")  # "best" would not see the right axis' line
+    else:
+        _no_data(ax, "kernel alignment and NTK distance")
+    ax.set_title("(c) tangent kernel K against its value K0 at w0", fontsize=10)
+
+    # (d) Relative weight displacement and the twin's gap, log y: both span decades across α.
+    ax = axes["d"]
+    drawn = _plot(ax, history, "displacement", "displacement |w - w0| / |w0|", log_y=True)
+    drawn |= _plot(ax, history, "tangent_gap", "tangent gap |w - w_twin| / |w - w0|", log_y=True)
+    if drawn:
+        _time_axis(ax)
+        _log_y(ax)
+        ax.legend(fontsize=8, loc="best")
+    else:
+        _no_data(ax, "displacement and tangent gap")
+    ax.set_title("(d) weights: displacement from w0, gap to the twin's", fontsize=10)
+
+    if names:
+        _per_tensor_panel(axes["e"], per_tensor)
+    if title:
+        fig.suptitle(title, fontsize=12)
+    return fig
+
+
+def _per_tensor_panel(ax: Axes, per_tensor: Mapping[str, float]) -> None:
+    """(e): a horizontal bar per parameter tensor, in the model's order from top to bottom, names on the axis."""
+    names = list(per_tensor)
+    values = np.array([_value(per_tensor, name) for name in names], dtype=float)
+    finite = values[np.isfinite(values)]
+    positive = finite[finite > 0]
+    # A log axis when the values span more than two decades (e.g. biases against weights), linear otherwise.
+    log = len(positive) == len(finite) and len(positive) > 1 and positive.max() > 100 * positive.min()
+    position = np.arange(len(names))[::-1]
+    ax.barh(position, np.where(np.isfinite(values), values, 0.0), color=_COLOURS["displacement"], height=0.7)
+    ax.set_yticks(position, labels=names, fontsize=7 if len(names) > 20 else 8)
+    ax.set_ylim(-0.6, len(names) - 0.4)
+    if log:
+        ax.set_xscale("log")
+        _plain_log_ticks(ax.xaxis)
+        ax.set_xlim(positive.min() / 2, positive.max() * 2)
+    ax.set_xlabel("relative displacement |w_p - w0_p| / |w0_p|")
+    ax.grid(True, axis="x", alpha=0.3)
+    for y, value in zip(position, values):
+        if not np.isfinite(value):
+            ax.text(0, y, " n/a", va="center", fontsize=7, color="gray")
+    ax.set_title("(e) displacement per parameter tensor (last measurement)", fontsize=10)
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (parent folders made); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=dpi)
+    return path
+
+
+def figure_to_array(fig: Figure, dpi: int = 100) -> np.ndarray:
+    """The figure's pixels, ``uint8 [H, W, 3]``: ``SummaryWriter.add_image(tag, img, step, dataformats="HWC")``."""
+    fig.set_dpi(dpi)
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+# ----------------------------------------------------------------------------------------------- summary
+
+
+def _finite(values: Mapping[str, float | None], key: str) -> float | None:
+    value = _value(values, key)
+    return value if math.isfinite(value) else None
+
+
+def classify_regime(values: Mapping[str, float | None]) -> str:
+    """``LAZY``, ``FEATURE_LEARNING``, ``IN_BETWEEN`` or ``UNKNOWN`` from the last Δ, activation stability
+    and kernel alignment in ``values`` (any may be missing; see the module's thresholds).
+
+    Feature learning as soon as one measure crosses its feature-learning threshold; lazy when every
+    measure present is on the lazy side; in between otherwise; unknown when none is present.
+    """
+    divergence = _finite(values, "divergence")
+    stability = _finite(values, "activation_stability")
+    alignment = _finite(values, "kernel_alignment")
+    if divergence is None and stability is None and alignment is None:
+        return UNKNOWN
+    if ((divergence is not None and divergence >= FEATURE_MIN_DIVERGENCE)
+            or (stability is not None and stability < FEATURE_MAX_ACTIVATION_STABILITY)
+            or (alignment is not None and alignment < FEATURE_MAX_KERNEL_ALIGNMENT)):
+        return FEATURE_LEARNING
+    if ((divergence is None or divergence <= LAZY_MAX_DIVERGENCE)
+            and (stability is None or stability >= LAZY_MIN_ACTIVATION_STABILITY)
+            and (alignment is None or alignment >= LAZY_MIN_KERNEL_ALIGNMENT)):
+        return LAZY
+    return IN_BETWEEN
+
+
+def _evidence(values: Mapping[str, float | None]) -> str:
+    parts = []
+    divergence = _finite(values, "divergence")
+    if divergence is not None:
+        parts.append(f"Δ = {divergence:.3g}")
+    stability = _finite(values, "activation_stability")
+    if stability is not None:
+        parts.append(f"{100 * stability:.1f} % of ReLU units unchanged")
+    alignment = _finite(values, "kernel_alignment")
+    if alignment is not None:
+        parts.append(f"kernel alignment {alignment:.3f}")
+    return ", ".join(parts)
+
+
+def regime(values: Mapping[str, float | None]) -> str:
+    """One plain sentence on the regime the run was in, from its measures (see :func:`classify_regime`).
+
+    ``values``: the keys of :func:`laziness_summary`; ``divergence``, ``activation_stability`` and
+    ``kernel_alignment`` decide, ``normalized_time`` and ``horizon`` say whether the paper's bound still
+    guaranteed laziness at the end. The bound is a sufficient condition only: a run can stay lazy long
+    past t̃* (the demo's α = 100 run is, at 30 times its horizon), so the horizon qualifies the sentence
+    and does not decide it.
+    """
+    kind = classify_regime(values)
+    if kind == UNKNOWN:
+        return "Regime: unknown: neither the divergence, the activation stability nor the kernel alignment was measured."
+    evidence = _evidence(values)
+    if kind == FEATURE_LEARNING:
+        return f"Regime: {kind}: the network left its linearization around w0 ({evidence})."
+    if kind == IN_BETWEEN:
+        return f"Regime: {kind}: the network moved away from its linearization without leaving it ({evidence})."
+    t, horizon = _finite(values, "normalized_time"), _finite(values, "horizon")
+    if t is not None and horizon is not None and horizon > 0:
+        where = (f", within the horizon t~* = {horizon:.3g} where the bound guarantees it" if t <= horizon else
+                 f", {t / horizon:.3g} times past the horizon t~* = {horizon:.3g}, so by the measures and no "
+                 "longer by the bound's guarantee")
+    else:
+        where = ""
+    return f"Regime: {kind}: the network stayed close to its linearization around w0 ({evidence}){where}."
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def laziness_summary(values: dict[str, float | None]) -> str:
+    """A short plain-text summary of a run, for the terminal and TensorBoard's text tab.
+
+    ``values``: any of ``"alpha"``, ``"kappa0"`` (κ(w0)), ``"horizon"`` (t̃*), ``"normalized_time"`` (t̃
+    at the end), ``"divergence"``, ``"activation_stability"``, ``"kernel_alignment"``, ``"displacement"``,
+    ``"loss"`` (the model's last training loss), ``"tangent_loss"`` (the twin's); missing, None or NaN
+    values are left out. The last line is :func:`regime`'s sentence.
+    """
+    rows: list[tuple[str, str]] = []
+    alpha = _finite(values, "alpha")
+    if alpha is not None:
+        rows.append(("alpha", f"{alpha:g}"))
+    kappa0 = _finite(values, "kappa0")
+    if kappa0 is not None:
+        rows.append(("kappa(w0)", _fmt(kappa0)))
+    horizon = _finite(values, "horizon")
+    if horizon is not None:
+        rows.append(("horizon t~* (t~^2 kappa(w0) = 1)", _fmt(horizon)))
+    t = _finite(values, "normalized_time")
+    if t is not None:
+        past = f"  ({t / horizon:.3g} x the horizon)" if horizon is not None and horizon > 0 else ""
+        rows.append(("normalized time t~", _fmt(t) + past))
+    divergence = _finite(values, "divergence")
+    if divergence is not None:
+        rows.append(("divergence Δ from the tangent model", _fmt(divergence)))
+    stability = _finite(values, "activation_stability")
+    if stability is not None:
+        rows.append(("activation stability", f"{100 * stability:.2f} % of ReLU units unchanged"))
+    alignment = _finite(values, "kernel_alignment")
+    if alignment is not None:
+        rows.append(("kernel alignment with K(w0)", f"{alignment:.4f}"))
+    displacement = _finite(values, "displacement")
+    if displacement is not None:
+        rows.append(("displacement |w - w0| / |w0|", _fmt(displacement)))
+    loss, tangent_loss = _finite(values, "loss"), _finite(values, "tangent_loss")
+    if loss is not None or tangent_loss is not None:
+        rows.append(("train loss: model / tangent model",
+                     f"{_fmt(loss) if loss is not None else 'n/a'} / "
+                     f"{_fmt(tangent_loss) if tangent_loss is not None else 'n/a'}"))
+    width = max((len(name) for name, _ in rows), default=0)
+    lines = ["Laziness summary"] + [f"  {name:<{width}}  {text}" for name, text in rows]
+    lines.append(regime(values))
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------- custom scalars
+
+# The kind of each tag: a chart of the layout holds tags of one kind only, so one y-axis fits them all.
+TAG_KINDS: dict[str, str] = {
+    # Δ and the bound are both compared with 1 (the bound is the paper's sufficient condition for Δ small).
+    "lazy/divergence": "compared with 1",
+    "lazy/bound": "compared with 1",
+    "lazy/kappa": "kappa",
+    "lazy/jacobian_norm": "jacobian norm",
+    "lazy/hessian_norm": "hessian norm",
+    "lazy/kernel_alignment": "cosine",
+    "lazy/ntk_distance": "relative kernel distance",
+    "lazy/activation_stability": "share of units",
+    "lazy/displacement": "relative weight distance",
+    "lazy/tangent_gap": "ratio of weight distances",
+    "lazy/tangent/train_loss": "loss",
+    "lazy/tangent/val_loss": "loss",
+    "lazy/tangent/val_acc": "accuracy",
+    "lazy/normalized_time": "normalized time",
+}
+
+
+def custom_scalars_layout() -> dict[str, dict[str, list]]:
+    """The layout for ``SummaryWriter.add_custom_scalars``: the monitor's ``lazy/...`` tags, one kind per chart.
+
+    A layout cannot choose a log y-axis: each Custom Scalars chart has its own "Toggle y-axis log scale"
+    button (TensorBoard 2.x), which "divergence and bound" needs, since the bound grows like t̃² past 1e3
+    while Δ stays below 1; the chart's title says so. The charts' x-axis is the step, not t̃: the laziness
+    figure (Images tab) draws against t̃. Set TensorBoard's smoothing to 0: the log-spaced early
+    measurements are few, and smoothing shifts them.
+    """
+    charts = {
+        "divergence and bound t~^2 kappa(w0) (use the log-scale button)": ["lazy/divergence", "lazy/bound"],
+        "kappa": ["lazy/kappa"],
+        "||D(alpha h)|| (jacobian norm)": ["lazy/jacobian_norm"],
+        "||D^2(alpha h)|| (hessian norm)": ["lazy/hessian_norm"],
+        "kernel alignment with K(w0)": ["lazy/kernel_alignment"],
+        "NTK distance ||K - K(w0)|| / ||K(w0)||": ["lazy/ntk_distance"],
+        "activation stability": ["lazy/activation_stability"],
+        "displacement ||w - w0|| / ||w0||": ["lazy/displacement"],
+        "tangent gap ||w - w_twin|| / ||w - w0||": ["lazy/tangent_gap"],
+        "tangent model losses": ["lazy/tangent/train_loss", "lazy/tangent/val_loss"],
+        "tangent model accuracy": ["lazy/tangent/val_acc"],
+        "normalized time t~": ["lazy/normalized_time"],
+    }
+    # Multiline entries are regular expressions matched at the tag's start: "$" keeps e.g. lazy/displacement
+    # from also drawing a lazy/displacement_... tag.
+    return {"lazy training": {title: ["Multiline", [f"{re.escape(tag)}$" for tag in tags]]
+                              for title, tags in charts.items()}}
