@@ -557,8 +557,9 @@ class LazyTrainingMonitor(Callback):
     # -------------------------------------------------------------------------------------- measures
 
     def _forward(self, x: Tensor, flatten: bool = True) -> Tensor:
-        """The watched network on ``x`` as the measures see it (:func:`probe_mode`), no gradient."""
-        with torch.no_grad(), probe_mode(self._watched):
+        """The watched network on ``x`` as the measures see it (:func:`probe_mode`), no gradient, with the kernels
+        the twin and the measures use (a fused fast path would differ from them at round-off)."""
+        with torch.no_grad(), probe_mode(self._watched), forward_ad_safe(self._watched, "LazyTrainingMonitor"):
             output = self._watched(x)
         if output.dim() == 0 or output.shape[0] != len(x):
             raise MisconfigurationException(
@@ -758,9 +759,10 @@ class LazyTrainingMonitor(Callback):
             self._objective, self._loss_scale = self._resolve_objective(pl_module)
             self._watched = self._resolve_watched(pl_module)
             optimizer = torch.optim.SGD(self._watched.parameters(), lr=0.0)  # replaced by the saved groups
-            self.twin = TangentTwin(self._watched, optimizer, self._objective)
             loaded, self._loaded = self._loaded, None
-            self._restore(loaded, pl_module)
+            with torch.inference_mode(False):  # validate/test hooks run in inference mode: the twin must not
+                self.twin = TangentTwin(self._watched, optimizer, self._objective)
+                self._restore(loaded, pl_module)
         if self.twin is None and self.track_tangent and not self._warned_no_twin and trainer.state.fn != "fit":
             self._warned_no_twin = True
             rank_zero_warn(

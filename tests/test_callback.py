@@ -234,3 +234,83 @@ def test_float32_batches_under_64_true_precision(tmp_path):
     run.fit(Regressor(alpha=10.0), train, val)
     assert all(p.dtype == torch.float64 for p in monitor.twin.parameters().values())
     assert math.isfinite(float(run.callback_metrics["lazy/tangent/val_loss"]))
+
+
+# ----------------------------------------------------------------------------------------------- lifecycle
+
+
+def test_one_monitor_reused_for_fits_of_different_models_starts_afresh(tmp_path):
+    train, val = loaders()
+    monitor = LazyTrainingMonitor()
+    trainer(tmp_path / "a", [monitor], max_epochs=2).fit(Regressor(alpha=10.0, width=32), train, val)
+    first_probe = monitor._probe_x
+    fresh = LazyTrainingMonitor()
+    trainer(tmp_path / "b", [fresh], max_epochs=1).fit(Regressor(alpha=10.0, width=16, seed=3), train, val)
+    trainer(tmp_path / "c", [monitor], max_epochs=1).fit(Regressor(alpha=10.0, width=16, seed=3), train, val)
+    # The reused monitor measured the second model from its own w0, exactly as a new monitor did.
+    assert monitor.initial_kappa == fresh.initial_kappa
+    assert len(monitor.history) == 1
+    for key, value in fresh.history[-1].items():
+        assert monitor.history[-1][key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
+    assert torch.equal(monitor._probe_x, first_probe)  # same train set, same private generator
+
+
+def test_validate_from_a_checkpoint_in_a_fresh_trainer_evaluates_the_saved_twin(tmp_path):
+    train, val = loaders()
+    fitted = trainer(tmp_path / "fit", [LazyTrainingMonitor()], max_epochs=2)
+    model = Regressor(alpha=10.0)
+    fitted.fit(model, train, val)
+    expected = fitted.validate(model, val, verbose=False)[0]["lazy/tangent/val_loss"]
+    checkpoint = fitted.checkpoint_callback.best_model_path
+    fresh = trainer(tmp_path / "test", [LazyTrainingMonitor()], max_epochs=1)
+    result = fresh.validate(Regressor(alpha=10.0), val, ckpt_path=checkpoint, verbose=False)[0]
+    assert result["lazy/tangent/val_loss"] == pytest.approx(expected, rel=1e-6)
+    # Without a checkpoint there is no twin to evaluate: one warning says why.
+    with pytest.warns(UserWarning, match="no tangent twin to evaluate"):
+        trainer(tmp_path / "none", [LazyTrainingMonitor()]).validate(Regressor(alpha=10.0), val, verbose=False)
+
+
+class _MSEModule(Regressor):
+    def __init__(self, loss):
+        super().__init__(alpha=None)
+        self.training_loss = loss
+
+    def _loss(self, batch):
+        x, y = batch
+        return self.training_loss(self(x), y)
+
+
+def test_a_monitor_told_another_loss_than_training_step_uses_warns_once(tmp_path):
+    train, val = loaders()
+    with pytest.warns(UserWarning, match=r"twin's loss on the first batch is .* but training_step returned"):
+        # torch's summed squared error is not this package's "mse" (half of it, averaged over examples)
+        trainer(tmp_path / "a", [LazyTrainingMonitor("mse")], max_epochs=1).fit(
+            _MSEModule(lambda out, y: torch.nn.functional.mse_loss(out, y, reduction="sum")), train, val)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*twin's loss.*")
+        trainer(tmp_path / "b", [LazyTrainingMonitor(torch.nn.functional.mse_loss)], max_epochs=1).fit(
+            _MSEModule(torch.nn.functional.mse_loss), train, val)
+
+
+def test_a_loss_with_sample_weights_from_the_batch(tmp_path):
+    x, y = loaders()[0].dataset.tensors
+    weights = torch.rand(len(x), generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(TensorDataset(x, y, weights), batch_size=16)
+
+    def weighted(output, target, weight):
+        return (weight * 0.5 * (output - target).pow(2).sum(1)).mean()
+
+    class Weighted(Regressor):
+        def _loss(self, batch):
+            x, y, w = batch
+            return weighted(self(x), y, w)
+
+    monitor = LazyTrainingMonitor(weighted, batch_to_xy=lambda b: (b[0], b[1], {"weight": b[2]}))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*twin's loss.*")
+        trainer(tmp_path, [monitor], max_epochs=1).fit(Weighted(alpha=None), loader)
+    assert math.isfinite(monitor.history[-1]["divergence"])
