@@ -166,6 +166,7 @@ class LazyTrainingMonitor(Callback):
         self._steps = 0
         self.history: list[dict[str, float]] = []
         self._drawn = 0  # measurements in the figure last drawn
+        self._log_folder: str | None = None
         self._last_per_tensor: dict[str, float] = {}
         self._twin_loss_sum = 0.0
         self._real_loss_sum = 0.0
@@ -233,6 +234,7 @@ class LazyTrainingMonitor(Callback):
             started = time.perf_counter()
             self._measure_initial()
             self.timings["initial"]["total"] = time.perf_counter() - started
+        self._log_folder = trainer.log_dir  # on every rank: under DDP trainer.log_dir is a collective call
         writer = _tensorboard(trainer)
         if writer is not None and trainer.is_global_zero:
             from lightning_lazy.report import custom_scalars_layout
@@ -707,7 +709,7 @@ class LazyTrainingMonitor(Callback):
                     logger.log_metrics(scalars, step=trainer.global_step - 1)
         else:
             for name, value in scalars.items():
-                pl_module.log(name, value)
+                pl_module.log(name, value, sync_dist=True)  # equal on every rank: quiets Lightning's advice
         if trainer.is_global_zero and not on_step:
             self._draw(trainer)  # rendering costs about a second: at epoch ends (and fit end), not at log steps
 
@@ -722,7 +724,7 @@ class LazyTrainingMonitor(Callback):
 
         horizon = self.laziness_horizon if self.initial_kappa is not None else None
         pixels = figure_to_array(laziness_figure(self.history, horizon=horizon, per_tensor=self._last_per_tensor))
-        folder = trainer.log_dir or trainer.default_root_dir
+        folder = self._log_folder or trainer.default_root_dir
         os.makedirs(folder, exist_ok=True)
         imsave(os.path.join(folder, "laziness.png"), pixels)
         writer = _tensorboard(trainer)
@@ -789,9 +791,10 @@ class LazyTrainingMonitor(Callback):
         totals = torch.tensor([self._eval_loss_sum, self._eval_correct, self._eval_count], dtype=torch.float64,
                               device=pl_module.device)
         totals = trainer.strategy.reduce(totals, reduce_op="sum")
-        pl_module.log(f"lazy/tangent/{stage}_loss", float(totals[0] / totals[2]))
+        # Already summed over ranks; sync_dist=True only quiets Lightning's advice to sync epoch-level values.
+        pl_module.log(f"lazy/tangent/{stage}_loss", float(totals[0] / totals[2]), sync_dist=True)
         if self._eval_is_classification:
-            pl_module.log(f"lazy/tangent/{stage}_acc", float(totals[1] / totals[2]))
+            pl_module.log(f"lazy/tangent/{stage}_acc", float(totals[1] / totals[2]), sync_dist=True)
         self._eval_loss_sum, self._eval_correct, self._eval_count = 0.0, 0, 0
 
     def _is_log_step(self, step: int) -> bool:
