@@ -234,7 +234,8 @@ class LazyTrainingMonitor(Callback):
             started = time.perf_counter()
             self._measure_initial()
             self.timings["initial"]["total"] = time.perf_counter() - started
-        self._log_folder = trainer.log_dir  # on every rank: under DDP trainer.log_dir is a collective call
+        # On every rank: under DDP trainer.log_dir is a collective call. Without a logger there is no run folder.
+        self._log_folder = trainer.log_dir if trainer.loggers else None
         writer = _tensorboard(trainer)
         if writer is not None and trainer.is_global_zero:
             from lightning_lazy.report import custom_scalars_layout
@@ -715,8 +716,11 @@ class LazyTrainingMonitor(Callback):
 
     def _draw(self, trainer: pl.Trainer) -> None:
         """The laziness figure, rendered once: a TensorBoard image and ``laziness.png`` in the log folder."""
+        writer = _tensorboard(trainer)
         if not self.figure or not self.history or self._drawn == len(self.history):
             return
+        if self._log_folder is None and writer is None:
+            return  # no logger: no run folder to save it in
         self._drawn = len(self.history)
         from matplotlib.image import imsave
 
@@ -724,10 +728,9 @@ class LazyTrainingMonitor(Callback):
 
         horizon = self.laziness_horizon if self.initial_kappa is not None else None
         pixels = figure_to_array(laziness_figure(self.history, horizon=horizon, per_tensor=self._last_per_tensor))
-        folder = self._log_folder or trainer.default_root_dir
-        os.makedirs(folder, exist_ok=True)
-        imsave(os.path.join(folder, "laziness.png"), pixels)
-        writer = _tensorboard(trainer)
+        if self._log_folder is not None:
+            os.makedirs(self._log_folder, exist_ok=True)
+            imsave(os.path.join(self._log_folder, "laziness.png"), pixels)
         if writer is not None:
             writer.add_image("lazy/figure", pixels, trainer.global_step, dataformats="HWC")
 
