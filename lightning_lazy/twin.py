@@ -190,7 +190,9 @@ class TangentTwin:
         self.release()
         self._handles = [
             self._real_optimizer.register_step_post_hook(lambda optimizer, args, kwargs: self.step(optimizer)),
-            self.real.register_forward_pre_hook(self._capture_rng),
+            # On the network itself, not its Watched wrapper: training_step calls the network.
+            (self.real.inner if isinstance(self.real, Watched) else self.real).register_forward_pre_hook(
+                self._capture_rng),
         ]
 
     def release(self) -> None:

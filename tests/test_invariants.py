@@ -110,7 +110,7 @@ def _zoo() -> dict[str, tuple]:
     }
 
 
-MECHANISMS = ["plain", "skip_none", "skip_rest_of_epoch", "accumulate", "clip_value", "clip_norm", "step_scheduler",
+MECHANISMS = ["plain", "rng_in_step", "skip_none", "skip_rest_of_epoch", "accumulate", "clip_value", "clip_norm", "step_scheduler",
               "epoch_scheduler", "adamw", "param_groups", "scaler_skips"]
 
 
@@ -144,6 +144,8 @@ class Zoo(pl.LightningModule):
         x, y = batch
         if self.mechanism == "skip_none" and batch_idx == 1:
             return None  # Lightning's documented way to skip a batch
+        if self.mechanism == "rng_in_step" and torch.rand(()) < 0.0:
+            pass  # random numbers drawn before the forward: the twin's dropout masks must still be the forward's
         return 0.5 * (self(x) - y).pow(2).sum(1).mean()
 
     def on_train_batch_start(self, batch, batch_idx):
