@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +32,39 @@ class FrozenParams(nn.Module):
 
     def as_dict(self) -> dict[str, Tensor]:
         return {name: getattr(self, _mangle(name)) for name in self._names}
+
+
+def functional_call(module: nn.Module, tensors: dict[str, Tensor], args: Any = (), kwargs: dict | None = None) -> Any:
+    """``module(*args, **kwargs)`` with the parameters / buffers named in ``tensors`` replaced by those tensors.
+
+    What ``torch.func.functional_call`` does, for modules that reach a sub-module under two names (the
+    common ``self.backbone = self.net.backbone``) too: there torch's version restores a plain tensor in
+    place of the user's ``Parameter`` (torch 2.14), so the optimizer trains an object the module no longer
+    holds. Here every slot holding the named tensor (aliases, tied weights) is swapped and then restored
+    exactly. Works inside ``torch.func`` transforms. Raises ``KeyError`` for a name the module does not have.
+    """
+    args = args if isinstance(args, tuple) else (args,)
+    by_name: dict[str, Tensor] = {}
+    slots: dict[int, dict[tuple[int, str], tuple[dict, str]]] = {}
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        for store in (sub._parameters, sub._buffers):
+            for attr, value in store.items():
+                if value is None:
+                    continue
+                by_name.setdefault(f"{prefix}.{attr}" if prefix else attr, value)
+                slots.setdefault(id(value), {})[(id(store), attr)] = (store, attr)
+    saved = []
+    try:
+        for name, tensor in tensors.items():
+            if name not in by_name:
+                raise KeyError(f"{type(module).__name__} has no parameter or buffer named {name!r}")
+            for store, attr in slots[id(by_name[name])].values():
+                saved.append((store, attr, store[attr]))
+                store[attr] = tensor
+        return module(*args, **(kwargs or {}))
+    finally:
+        for store, attr, value in reversed(saved):
+            store[attr] = value
 
 
 def _mangle(name: str) -> str:

@@ -19,11 +19,10 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from lightning_lazy import diagnostics
 from lightning_lazy._forward_ad import forward_ad_safe
-from lightning_lazy._params import probe_mode
+from lightning_lazy._params import functional_call, probe_mode
 from lightning_lazy.scaling import AlphaScaled, LossLike, as_regression_target, check_alpha, resolve_loss
 from lightning_lazy.twin import OutputSelector, TangentTwin, Watched
 

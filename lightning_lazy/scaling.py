@@ -15,9 +15,8 @@ from typing import Any, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from lightning_lazy._params import FrozenParams
+from lightning_lazy._params import FrozenParams, functional_call
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 LossLike = Union[str, LossFn]

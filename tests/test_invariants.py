@@ -162,7 +162,8 @@ class Zoo(pl.LightningModule):
             return torch.optim.SGD([{"params": first, "lr": self.lr * 0.5}, {"params": rest}], lr=self.lr, momentum=0.9)
         optimizer = torch.optim.SGD(params, lr=self.lr, momentum=0.9)
         if self.mechanism == "step_scheduler":
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+            # StepLR, not LambdaLR: a LambdaLR cannot follow the param group BackboneFinetuning adds (torch raises).
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.7)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         if self.mechanism == "epoch_scheduler":
             return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.3)]
