@@ -497,12 +497,12 @@ class LazyTrainingMonitor(Callback):
             self.twin.follow()
 
     def _on_real_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        stepped = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not stepped:
+            return  # Lightning still calls step() when training_step returned None: no gradient, nothing moved
         self._time += float(optimizer.param_groups[0]["lr"])
         self._steps += 1
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and id(p) in self._names:
-                    self._trained.add(self._names[id(p)])
+        self._trained.update(self._names[id(p)] for p in stepped if id(p) in self._names)
 
     def _release(self) -> None:
         for handle in self._handles:
