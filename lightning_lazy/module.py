@@ -76,7 +76,15 @@ class LazyClassifier(pl.LightningModule):
             and ``init_args`` of any ``torch.optim`` class).
         lr_scheduler: replaces the default schedule: a callable ``optimizer -> scheduler`` stepped per epoch.
         num_classes: number of classes; read from ``backbone.num_classes`` when not given.
-        batchnorm: ``LinearizedModel``'s BatchNorm policy in ``linearized`` mode (``"frozen"`` or ``"batch"``).
+        batchnorm: ``LinearizedModel``'s BatchNorm policy in ``linearized`` mode: ``"frozen"`` (BatchNorm always
+            on the running statistics of the backbone at w0, never updated: one fixed function of x) or
+            ``"batch"`` (in training mode, the statistics of each batch as the network at w0 computes them, the
+            linearization differentiating through them; running statistics updated from them and used in eval
+            mode). See :class:`~lightning_lazy.tangent.LinearizedModel`.
+
+    In ``linearized`` mode the model is linear in its parameters, so it is its own tangent model: a
+    :class:`~lightning_lazy.callback.LazyTrainingMonitor` on it trains a twin that follows the same path
+    (Δ = 0, ‖D²h‖ = 0), which checks the pipeline rather than measuring anything.
     """
 
     def __init__(

@@ -268,3 +268,22 @@ def test_linearized_model_under_torch_func_transforms() -> None:
     moved = [diagnostics.jacobian_norm(m, x, tol=1e-10).item() for m in (linear, lazy)]
     assert moved[0] == pytest.approx(norms[0], rel=1e-6)
     assert abs(moved[1] / norms[1] - 1) > 0.1
+
+
+def test_linearized_mode_fits_with_the_monitor() -> None:
+    """The monitor's twin is the tangent model of a module that is already linear in its parameters (issue 9:
+    it used to fail with "Nested forward mode AD is not supported"): the twin is that module, so it follows
+    the same path, Δ = 0, and ‖D²h‖ = 0."""
+    from lightning_lazy import LazyTrainingMonitor
+
+    pl.seed_everything(0)
+    dm = SyntheticCIFAR10DataModule(num_train=32, num_test=16, batch_size=16, augment=False)
+    model = LazyClassifier(tiny_vgg(), mode="linearized", lr=0.1)
+    monitor = LazyTrainingMonitor(probe_size=16, kappa_probe_size=4, ntk_probe_size=4)
+    trainer = quiet_trainer(max_epochs=2, callbacks=[monitor])
+    trainer.fit(model, dm)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    assert metrics["lazy/displacement"] > 1e-3, "it trained"
+    assert metrics["lazy/divergence"] < 1e-5
+    assert metrics["lazy/hessian_norm"] < 1e-5 * metrics["lazy/jacobian_norm"]
+    assert metrics["lazy/tangent/train_loss"] == pytest.approx(metrics["train/loss_epoch"], rel=1e-4)
