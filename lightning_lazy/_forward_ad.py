@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 # Phrases of PyTorch's messages for a missing forward-AD rule, and for an autograd.Function that torch.func
 # transforms cannot run (no setup_context).
@@ -39,6 +40,25 @@ def is_forward_ad_error(error: BaseException) -> bool:
 
 def _has_rnn(module: nn.Module | None) -> bool:
     return module is not None and any(isinstance(m, nn.RNNBase) for m in module.modules())
+
+
+def _has_weight_norm(module: nn.Module | None) -> bool:
+    # parametrizations.weight_norm registers a _WeightNorm module; the old-style hook leaves weight_g / weight_v.
+    return module is not None and any(type(m).__name__ == "_WeightNorm" or hasattr(m, "weight_g")
+                                      for m in module.modules())
+
+
+class _CompositeWeightNorm(TorchFunctionMode):
+    """``torch._weight_norm`` by its composite formula v · g / ‖v‖ (norm over every dimension but ``dim``): the
+    fused kernel ``_weight_norm_interface`` has no forward-AD rule; this is the same function, and has one."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch protocol
+        kwargs = kwargs or {}
+        if func is torch._weight_norm:
+            v, g = args[0], args[1]
+            dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+            return v * (g / torch.norm_except_dim(v, 2, dim))
+        return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -92,8 +112,9 @@ def forward_ad_safe(module: nn.Module | None = None, what: str = "lightning_lazy
     """Run forward-mode AD on ``module`` with kernels that have a forward-AD rule, and locate failures.
 
     Inside: the MHA / Transformer fast path is off, ``scaled_dot_product_attention`` uses its math kernel,
-    and, when ``module`` holds an RNN, the oneDNN and cuDNN kernels are off (RNNs then run their composite
-    implementation; other layers are unaffected otherwise). The same functions are computed, a little
+    when ``module`` holds an RNN the oneDNN and cuDNN kernels are off (RNNs then run their composite
+    implementation; other layers are unaffected otherwise), and weight norm is computed by its composite
+    formula. The same functions are computed, a little
     slower. An op that still has no forward-AD rule raises :class:`ForwardADError`, one line naming the
     innermost module that was running (``what`` says which computation needed it), chained to nothing.
     """
@@ -103,6 +124,8 @@ def forward_ad_safe(module: nn.Module | None = None, what: str = "lightning_lazy
         stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
         if _has_rnn(module):
             stack.enter_context(_rnn_kernels_off())
+        if _has_weight_norm(module):
+            stack.enter_context(_CompositeWeightNorm())
         handles = [
             nn.modules.module.register_module_forward_pre_hook(tracker.push),
             nn.modules.module.register_module_forward_hook(tracker.pop),
