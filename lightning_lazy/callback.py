@@ -1,15 +1,15 @@
 """LazyTrainingMonitor: watch, in any Lightning Trainer, how far training is from its linearization.
 
 The Lightning glue around two Lightning-free pieces: :class:`~lightning_lazy.twin.TangentTwin` (the
-linearized twin trained in lock-step with the real network) and :mod:`~lightning_lazy.diagnostics` (the
-measures). This file wires Lightning's hooks to them, in lifecycle order, and owns logging.
+linearized twin trained in lock-step with the real network) and :class:`~lightning_lazy.probe.LazinessProbe`
+(the measures on a fixed probe, against w0). This file wires Lightning's hooks to them, in lifecycle order,
+and owns logging.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,10 +20,8 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
-from lightning_lazy import diagnostics
-from lightning_lazy._forward_ad import forward_ad_safe
-from lightning_lazy._params import functional_call, probe_mode
-from lightning_lazy.scaling import AlphaScaled, LossLike, as_regression_target, check_alpha, resolve_loss
+from lightning_lazy.probe import LazinessProbe
+from lightning_lazy.scaling import AlphaScaled, LossLike, check_alpha, resolve_loss
 from lightning_lazy.twin import OutputSelector, TangentTwin, Watched
 
 BatchToXY = Callable[[Any], tuple]
@@ -147,20 +145,9 @@ class LazyTrainingMonitor(Callback):
         self._loss_scale = 1.0
         self._handles: list[Any] = []
         self._names: dict[int, str] = {}
-        # What was measured at w0, and the counters: everything state_dict saves.
-        self._initial: dict[str, Tensor] = {}
+        # What was measured at w0 (the probe object), and the counters: everything state_dict saves.
+        self.measures: LazinessProbe | None = None
         self._trained: set[str] = set()  # parameters trainable at some point of the run
-        self._probe_x: Tensor | None = None
-        self._probe_y: Tensor | None = None
-        self._initial_output: Tensor | None = None
-        self._initial_kernel: Tensor | None = None
-        self._kernel_names: tuple[str, ...] = ()
-        self.initial_kappa: float | None = None
-        self.initial_jacobian_norm: float | None = None
-        self._initial_kappa_parts: dict[str, float] | None = None
-        self._initial_relu: list[Tensor] | None = None
-        self._hessian_direction: Tensor | None = None
-        self._hessian_names: tuple[str, ...] = ()
         self._time = 0.0  # Σ learning rates of the real optimizer steps taken
         self._steps = 0
         self.history: list[dict[str, float]] = []
@@ -179,7 +166,6 @@ class LazyTrainingMonitor(Callback):
         self._batch: tuple | None = None
         self._objective_checked = False
         self._warned_no_twin = False
-        self.timings: dict[str, dict[str, float]] = {}
 
     # ---------------------------------------------------------------------------------------- lifecycle
 
@@ -220,19 +206,20 @@ class LazyTrainingMonitor(Callback):
         loaded, self._loaded = self._loaded, None
         if loaded is not None:
             self._restore(loaded, pl_module)
-        else:
-            self._initial = {name: p.detach().clone() for name, p in self._watched.named_parameters()}
         self._names = {id(p): name for name, p in self._watched.named_parameters()}
         self._trained |= {self._names[id(p)] for g in optimizer.param_groups for p in g["params"]
                           if p.requires_grad and id(p) in self._names}
         self._hook(optimizer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._probe_x is None:
-            self._probe_x, self._probe_y = self._draw_probe(trainer, pl_module)
-            started = time.perf_counter()
-            self._measure_initial()
-            self.timings["initial"]["total"] = time.perf_counter() - started
+        if self.measures is None:
+            self.measures = self._make_probe(trainer, pl_module)
+            try:
+                self.measures.measure_initial(self._measured_names())
+            except ValueError as error:
+                raise MisconfigurationException(f"LazyTrainingMonitor: {error}") from None
+            if self.measures.initial_relu is None:
+                rank_zero_warn("LazyTrainingMonitor: the model applies no ReLU, so lazy/activation_stability is not logged.")
         # On every rank: under DDP trainer.log_dir is a collective call. Without a logger there is no run folder.
         self._log_folder = trainer.log_dir if trainer.loggers else None
         writer = _tensorboard(trainer)
@@ -248,11 +235,26 @@ class LazyTrainingMonitor(Callback):
             )
 
     @property
+    def initial_kappa(self) -> float | None:
+        """κ(w0), measured at the start of fit (``None`` before, or with ``measure_kappa=False``)."""
+        return None if self.measures is None else self.measures.initial_kappa
+
+    @property
+    def initial_jacobian_norm(self) -> float | None:
+        """‖Dh(w0)‖ in the empirical L² norm of the probe (sets the unit of normalized time)."""
+        return None if self.measures is None else self.measures.initial_jacobian_norm
+
+    @property
     def laziness_horizon(self) -> float:
         """Normalized time at which the bound t̃²·κ(w0) reaches 1 (``inf`` when κ(w0) = 0)."""
-        if self.initial_kappa is None:
-            raise RuntimeError("the laziness horizon needs kappa(w0): fitting has not started or measure_kappa=False")
-        return 1.0 / math.sqrt(self.initial_kappa) if self.initial_kappa > 0 else math.inf
+        if self.measures is None:
+            raise RuntimeError("the laziness horizon needs kappa(w0): fitting has not started")
+        return self.measures.laziness_horizon
+
+    @property
+    def timings(self) -> dict[str, dict[str, float]]:
+        """Seconds each measure took: ``{"initial": {...}, "last": {...}}`` (fit start, last measurement)."""
+        return {} if self.measures is None else self.measures.timings
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.twin is None:
@@ -334,24 +336,12 @@ class LazyTrainingMonitor(Callback):
     # ------------------------------------------------------------------------------------ checkpointing
 
     def state_dict(self) -> dict[str, Any]:
-        if self._probe_x is None:
+        if self.measures is None:
             return {}
-        cpu = _to_cpu
         return {
-            "initial": cpu(self._initial),
+            "measures": self.measures.state_dict(),
             "trained": sorted(self._trained),
             "twin": None if self.twin is None else self.twin.state_dict(),
-            "probe_x": cpu(self._probe_x),
-            "probe_y": cpu(self._probe_y),
-            "initial_output": cpu(self._initial_output),
-            "initial_kernel": cpu(self._initial_kernel),
-            "kernel_names": list(self._kernel_names),
-            "initial_kappa": self.initial_kappa,
-            "initial_jacobian_norm": self.initial_jacobian_norm,
-            "initial_kappa_parts": self._initial_kappa_parts,
-            "initial_relu": cpu(self._initial_relu),
-            "hessian_direction": cpu(self._hessian_direction),
-            "hessian_names": list(self._hessian_names),
             "time": self._time,
             "steps": self._steps,
             "history": list(self.history),
@@ -364,9 +354,6 @@ class LazyTrainingMonitor(Callback):
         self._loaded = dict(state_dict) if state_dict else None
 
     def _restore(self, state: dict[str, Any], pl_module: pl.LightningModule) -> None:
-        device = pl_module.device
-        to = lambda value: _to_device(value, device)  # noqa: E731
-        self._initial = to(state["initial"])
         self._trained = set(state["trained"])
         if self.twin is not None:
             if state["twin"] is None:
@@ -375,16 +362,11 @@ class LazyTrainingMonitor(Callback):
                     "resume with LazyTrainingMonitor(track_tangent=False) or start a new run"
                 )
             self.twin.load_state_dict(state["twin"])
-        self._probe_x, self._probe_y = to(state["probe_x"]), to(state["probe_y"])
-        self._initial_output = to(state["initial_output"])
-        self._initial_kernel = to(state["initial_kernel"])
-        self._kernel_names = tuple(state["kernel_names"])
-        self.initial_kappa = state["initial_kappa"]
-        self.initial_jacobian_norm = state["initial_jacobian_norm"]
-        self._initial_kappa_parts = state["initial_kappa_parts"]
-        self._initial_relu = to(state["initial_relu"])
-        self._hessian_direction = to(state["hessian_direction"])
-        self._hessian_names = tuple(state["hessian_names"])
+        saved = state["measures"]
+        self.measures = LazinessProbe(self._watched, saved["x"].to(pl_module.device), saved["y"].to(pl_module.device),
+                                      kappa_probe_size=self.kappa_probe_size, ntk_probe_size=self.ntk_probe_size,
+                                      measure_kappa=self.measure_kappa, measure_ntk=self.measure_ntk)
+        self.measures.load_state_dict(saved)  # w0 and what was measured there, not the resumed weights
         self._time = state["time"]
         self._steps = state["steps"]
         self.history = list(state["history"])
@@ -513,31 +495,24 @@ class LazyTrainingMonitor(Callback):
 
     # ------------------------------------------------------------------------------------------ probe
 
-    def _draw_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Tensor, Tensor]:
+    def _make_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> LazinessProbe:
+        """The probe, drawn once (the same on every rank), with the watched network's w0."""
         if self.probe is not None:
             x, y = self.probe if isinstance(self.probe, (tuple, list)) else (self.probe, None)
         else:
             x, y, _ = self._probe_from_train_set(trainer)
+        if len(x) == 0:
+            raise ValueError("the probe set is empty: give probe tensors with at least one example")
+        x, y = trainer.strategy.broadcast((x, y))
         x = x.to(pl_module.device)
         if x.is_floating_point():
             x = x.to(self._probe_dtype())
-        if len(x) == 0:
-            raise ValueError("the probe set is empty: give probe tensors with at least one example")
-        with torch.no_grad():
-            output = self._forward(x, flatten=False)
-        if y is None:
-            # Without targets (a user probe of inputs only), y* is taken as 0: Δ is then relative to ‖α h(w0)‖.
-            y = torch.zeros_like(output)
-        y = y.to(pl_module.device)
         try:
-            # Targets in the output's shape (class indices one-hot over the last dimension), then flat [N, K].
-            y = as_regression_target(output, y if not y.is_floating_point() else y.reshape(output.shape))
-        except (ValueError, RuntimeError) as error:
-            raise MisconfigurationException(
-                f"LazyTrainingMonitor: the probe targets {tuple(y.shape)} do not fit the watched output "
-                f"{tuple(output.shape)}: {error}"
-            ) from None
-        return trainer.strategy.broadcast((x, y.reshape(len(x), -1)))
+            return LazinessProbe(self._watched, x, None if y is None else y.to(pl_module.device),
+                                 kappa_probe_size=self.kappa_probe_size, ntk_probe_size=self.ntk_probe_size,
+                                 measure_kappa=self.measure_kappa, measure_ntk=self.measure_ntk)
+        except ValueError as error:
+            raise MisconfigurationException(f"LazyTrainingMonitor: {error}") from None
 
     def _probe_from_train_set(self, trainer: pl.Trainer) -> tuple[Tensor, Any, dict]:
         loader = trainer.train_dataloader
@@ -558,141 +533,17 @@ class LazyTrainingMonitor(Callback):
 
     # -------------------------------------------------------------------------------------- measures
 
-    def _forward(self, x: Tensor, flatten: bool = True) -> Tensor:
-        """The watched network on ``x`` as the measures see it (:func:`probe_mode`), no gradient, with the kernels
-        the twin and the measures use (a fused fast path would differ from them at round-off)."""
-        with torch.no_grad(), probe_mode(self._watched), forward_ad_safe(self._watched, "LazyTrainingMonitor"):
-            output = self._watched(x)
-        if output.dim() == 0 or output.shape[0] != len(x):
-            raise MisconfigurationException(
-                f"LazyTrainingMonitor needs one output row per example; the watched model returned {tuple(output.shape)} "
-                f"for {len(x)} inputs"
-            )
-        return output.reshape(len(x), -1) if flatten else output
-
-    def _function(self) -> Callable[[dict[str, Tensor], Tensor], Tensor]:
-        """The watched network as a functional model ``fn(params, x) -> [N, K]`` for :mod:`diagnostics`."""
-        watched = self._watched
-
-        def fn(params: dict[str, Tensor], x: Tensor) -> Tensor:
-            with probe_mode(watched), forward_ad_safe(watched, "LazyTrainingMonitor"):
-                output = functional_call(watched, params, (x,))
-            return output.reshape(len(x), -1)
-
-        return fn
-
     def _measured_names(self) -> tuple[str, ...]:
         """Parameters the measures differentiate: those trainable now or at any point of the run."""
         trainable = {name for name, p in self._watched.named_parameters() if p.requires_grad}
-        return tuple(name for name in self._initial if name in trainable | self._trained)
-
-    def _params(self, names: Sequence[str]) -> dict[str, Tensor]:
-        current = dict(self._watched.named_parameters())
-        return {name: current[name].detach() for name in names}
-
-    def _timed(self, bucket: str, name: str, compute: Callable[[], Any]) -> Any:
-        started = time.perf_counter()
-        result = compute()
-        self.timings.setdefault(bucket, {})[name] = time.perf_counter() - started
-        return result
-
-    def _measure_initial(self) -> None:
-        x, y = self._probe_x, self._probe_y
-        self.timings["initial"] = {}
-        self._initial_output = self._timed("initial", "output", lambda: self._forward(x))
-        self._initial_relu = self._timed("initial", "activation_states", lambda: self._relu_states(self._initial))
-        if self._initial_relu is None:
-            rank_zero_warn("LazyTrainingMonitor: the model applies no ReLU, so lazy/activation_stability is not logged.")
-        names = self._measured_names()
-        if not names:
-            raise MisconfigurationException("LazyTrainingMonitor: the watched model has no trainable parameter")
-        initial = {name: self._initial[name] for name in names}
-        if self.measure_kappa:
-            result = self._timed("initial", "kappa", lambda: self._kappa(x, y, initial, careful=True))
-            self.initial_kappa = result.value.item()
-            self.initial_jacobian_norm = result.jacobian_norm.item()
-            self._initial_kappa_parts = {"kappa": self.initial_kappa, "jacobian_norm": self.initial_jacobian_norm,
-                                         "hessian_norm": result.hessian_norm.item()}
-        else:
-            n = min(self.kappa_probe_size, len(x))
-            self.initial_jacobian_norm = self._timed("initial", "jacobian_norm", lambda: diagnostics.jacobian_norm(
-                self._function(), x[:n], initial, tol=1e-4).item())
-        if self.measure_ntk:
-            self._initial_kernel = self._timed("initial", "ntk", lambda: self._kernel(initial))
-            self._kernel_names = names
-
-    def _relu_states(self, params: dict[str, Tensor]) -> list[Tensor] | None:
-        recorder = diagnostics._ReluRecorder()
-        with torch.no_grad(), recorder:
-            self._function()(params, self._probe_x)
-        return recorder.states or None
-
-    def _kappa(self, x: Tensor, y: Tensor, params: dict[str, Tensor], careful: bool = False) -> diagnostics.Kappa:
-        n = min(self.kappa_probe_size, len(x))
-        names = tuple(params)
-        if careful or self._hessian_direction is None or names != self._hessian_names:
-            options = {"max_iter": 12, "max_rounds": 3, "restarts": 2}  # a careful search
-        else:  # warm-started from the last direction: a few Lanczos steps follow it along training
-            options = {"max_iter": 4, "max_rounds": 1, "restarts": 1, "start": self._hessian_direction}
-        hessian, self._hessian_direction = diagnostics.hessian_norm(
-            self._function(), x[:n], params, return_direction=True, **options
-        )
-        self._hessian_names = names
-        return diagnostics.kappa(self._function(), x[:n], y[:n], params, jacobian_kwargs={"tol": 1e-3}, hessian=hessian)
-
-    def _kernel(self, params: dict[str, Tensor]) -> Tensor:
-        return diagnostics.empirical_ntk(self._function(), self._probe_x[: self.ntk_probe_size], params=params)
+        return tuple(name for name in self.measures.initial if name in trainable | self._trained)
 
     def measure(self, pl_module: pl.LightningModule | None = None) -> dict[str, Any]:
         """The measures now, as floats (``displacement_per_tensor``: a dict of floats by tensor name)."""
-        x, y = self._probe_x, self._probe_y
-        if x is None:
+        if self.measures is None:
             raise RuntimeError("LazyTrainingMonitor.measure needs the probe: fitting has not started")
-        names = self._measured_names()
-        params = self._params(names)
-        initial = {name: self._initial[name] for name in names}
-        timed = lambda name, compute: self._timed("last", name, compute)  # noqa: E731
-        self.timings["last"] = {}
-        values: dict[str, Any] = {}
-        normalized_time = self._time * self._loss_scale * self.initial_jacobian_norm**2
-        values["normalized_time"] = normalized_time
-        if self.initial_kappa is not None:
-            values["bound"] = normalized_time**2 * self.initial_kappa
-        moved = diagnostics.displacement(params, initial)
-        if not math.isfinite(moved.total.item()):
-            raise ValueError(
-                "training has diverged: the weights hold NaN or inf, so no laziness measure is meaningful. Lower the "
-                "learning rate (for AlphaScaled models the step that is stable is about 1/||Dh(w0)||^2 whatever alpha)"
-            )
-        values["displacement"] = moved.total.item()
-        values["displacement_per_tensor"] = {_display(k): float(v) for k, v in moved.per_tensor.items()}
-        if self.twin is not None:
-            output = timed("output", lambda: self._forward(x))
-            tangent_output = timed("tangent_output", lambda: self.twin.probe_output(x).reshape(len(x), -1))
-            values["divergence"] = diagnostics.path_divergence(output, tangent_output, y, self._initial_output).item()
-            twin_params = self.twin.parameters()
-            gap = torch.sqrt(sum(((params[k] - twin_params[k]) ** 2).sum() for k in params))
-            moved_norm = torch.sqrt(sum(v**2 for v in moved.absolute.values()))
-            values["tangent_gap"] = (gap / moved_norm).item() if float(moved_norm) > 0 else 0.0
-        if self.measure_kappa:
-            if moved.total.item() == 0.0 and self._initial_kappa_parts is not None:
-                # At w0 itself: the numbers measured there (a warm-started ‖D²h‖ search could refine its lower
-                # bound, and κ would seem to move while the weights do not).
-                values.update(self._initial_kappa_parts)
-            else:
-                result = timed("kappa", lambda: self._kappa(x, y, params))
-                values.update(kappa=result.value.item(), jacobian_norm=result.jacobian_norm.item(),
-                              hessian_norm=result.hessian_norm.item())
-        if self.measure_ntk and self._initial_kernel is not None:
-            if names != self._kernel_names:
-                # Parameters were unfrozen: compare kernels over the same parameters, the new set at w0.
-                self._initial_kernel, self._kernel_names = self._kernel(initial), names
-            kernel = timed("ntk", lambda: self._kernel(params))
-            values["ntk_distance"] = diagnostics.ntk_distance(kernel, self._initial_kernel).item()
-            values["kernel_alignment"] = diagnostics.kernel_alignment(kernel, self._initial_kernel).item()
-        if self._initial_relu is not None:
-            now = timed("activation_stability", lambda: self._relu_states(params))
-            values["activation_stability"] = _stability(now, self._initial_relu)
+        values = self.measures.measure(self._measured_names(), time=self._time * self._loss_scale, twin=self.twin)
+        values["displacement_per_tensor"] = {_display(k): v for k, v in values["displacement_per_tensor"].items()}
         return values
 
     def _measure_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, on_step: bool) -> None:
@@ -807,29 +658,8 @@ class LazyTrainingMonitor(Callback):
         return step in self.log_steps
 
 
-def _stability(now: list[Tensor] | None, then: list[Tensor]) -> float:
-    if now is None or len(now) != len(then) or any(a.shape != b.shape for a, b in zip(now, then)):
-        raise ValueError("the model applied a different sequence of ReLUs now and at w0")
-    same = sum(int((a == b).sum()) for a, b in zip(now, then))
-    return same / sum(a.numel() for a in then)
-
-
 def _display(name: str) -> str:
     return name[len(_PREFIX):] if name.startswith(_PREFIX) else name
-
-
-def _to_cpu(value: Any) -> Any:
-    return _to_device(value, "cpu")
-
-
-def _to_device(value: Any, device: Any) -> Any:
-    if value is None:
-        return None
-    if isinstance(value, Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: v.to(device) for k, v in value.items()}
-    return [v.to(device) for v in value]
 
 
 __all__ = ["LazyTrainingMonitor", "default_batch_to_xy"]

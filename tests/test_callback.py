@@ -81,8 +81,8 @@ def test_resume_from_checkpoint_logs_the_same_values(tmp_path):
         if key.startswith("lazy/"):
             assert float(resumed.callback_metrics[key]) == pytest.approx(float(value), rel=1e-5, abs=1e-7), key
     # w0 came from the checkpoint, not from the resumed weights.
-    for name, w0 in straight_monitor._initial.items():
-        torch.testing.assert_close(resumed_monitor._initial[name], w0)
+    for name, w0 in straight_monitor.measures.initial.items():
+        torch.testing.assert_close(resumed_monitor.measures.initial[name], w0)
 
 
 def test_gradient_accumulation_steps_the_twin_with_the_optimizer(tmp_path):
@@ -99,7 +99,7 @@ def test_gradient_accumulation_steps_the_twin_with_the_optimizer(tmp_path):
     twin_a, twin_b = mono.twin.parameters(), acc.twin.parameters()
     for name, a in twin_a.items():
         torch.testing.assert_close(a, twin_b[name], rtol=1e-9, atol=1e-12, msg=name)
-    assert not torch.equal(twin_a["inner.model.module.0.weight"], mono._initial["inner.model.module.0.weight"])
+    assert not torch.equal(twin_a["inner.model.module.0.weight"], mono.measures.initial["inner.model.module.0.weight"])
 
 
 def test_float64_measures_and_track_tangent_off(tmp_path):
@@ -109,7 +109,7 @@ def test_float64_measures_and_track_tangent_off(tmp_path):
     model = Regressor(alpha=100.0)
     run.fit(model, train, val)
     assert monitor.twin is None
-    assert monitor._probe_x.dtype == torch.float64
+    assert monitor.measures.x.dtype == torch.float64
     logged = run.callback_metrics
     assert "lazy/divergence" not in logged and "lazy/tangent/val_loss" not in logged
     for key in ("lazy/kappa", "lazy/displacement", "lazy/ntk_distance", "lazy/activation_stability"):
@@ -135,7 +135,7 @@ def test_user_probe_and_batch_to_xy(tmp_path):
             return super()._loss((batch["inputs"], batch["targets"]))
 
     trainer(tmp_path, [monitor], max_epochs=1).fit(DictRegressor(alpha=10.0), dict_loader)
-    assert monitor._probe_x.shape == (20, 6)
+    assert monitor.measures.x.shape == (20, 6)
     assert torch.isfinite(torch.tensor(monitor.measure()["divergence"]))
 
 
@@ -243,7 +243,7 @@ def test_one_monitor_reused_for_fits_of_different_models_starts_afresh(tmp_path)
     train, val = loaders()
     monitor = LazyTrainingMonitor()
     trainer(tmp_path / "a", [monitor], max_epochs=2).fit(Regressor(alpha=10.0, width=32), train, val)
-    first_probe = monitor._probe_x
+    first_probe = monitor.measures.x
     fresh = LazyTrainingMonitor()
     trainer(tmp_path / "b", [fresh], max_epochs=1).fit(Regressor(alpha=10.0, width=16, seed=3), train, val)
     trainer(tmp_path / "c", [monitor], max_epochs=1).fit(Regressor(alpha=10.0, width=16, seed=3), train, val)
@@ -252,7 +252,7 @@ def test_one_monitor_reused_for_fits_of_different_models_starts_afresh(tmp_path)
     assert len(monitor.history) == 1
     for key, value in fresh.history[-1].items():
         assert monitor.history[-1][key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
-    assert torch.equal(monitor._probe_x, first_probe)  # same train set, same private generator
+    assert torch.equal(monitor.measures.x, first_probe)  # same train set, same private generator
 
 
 def test_validate_from_a_checkpoint_in_a_fresh_trainer_evaluates_the_saved_twin(tmp_path):
