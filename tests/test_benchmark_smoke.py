@@ -78,3 +78,44 @@ def test_without_jax_the_jax_variants_are_skipped(monkeypatch: pytest.MonkeyPatc
     assert set(record["skipped"]) == {"d", "e"}
     assert all(reason.startswith("skipped: JAX is not installed") for reason in record["skipped"].values())
     assert record["variants"]["c"]["ratio_to_d"] is None
+
+
+MONITOR_COST = ROOT / "benchmarks" / "monitor_cost.py"
+
+
+def test_monitor_cost_quick_run_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "cost.json"
+    # neural-tangents is pointed at a missing interpreter: its XLA compilations would dominate the test.
+    command = [
+        sys.executable, str(MONITOR_COST), "--quick", "--threads", "1", "--models", "mlp", "--ntk-models", "mlp",
+        "--nt-python", str(tmp_path / "missing-python"), "--device", "cpu", "--output", str(out),
+    ]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "fit_start: TOTAL" in done.stdout and "empirical NTK" in done.stdout  # the tables are printed
+
+    results = json.loads(out.read_text())
+    assert results["benchmark"] == "monitor_cost" and results["environment"]["device"] == "cpu"
+    record = results["monitor"]["mlp"]
+    assert record["plain_step_seconds"] > 0
+    expected = {
+        "fit_start": {"output", "activation_states", "hessian_norm", "kappa_rest", "ntk"},
+        "epoch_end": {"divergence_real_forward", "divergence_twin_forward", "hessian_norm", "kappa_rest", "ntk",
+                      "activation_stability"},
+    }
+    for bucket, names in expected.items():
+        assert set(record["seconds"][bucket]) == names
+        for name in names:
+            assert record["in_steps"][bucket][name] == pytest.approx(
+                record["seconds"][bucket][name] / record["plain_step_seconds"])
+        assert record["total_in_steps"][bucket] == pytest.approx(sum(record["in_steps"][bucket].values()))
+    values = record["values"]
+    assert values["kappa_w0"] > 0 and 0 < values["activation_stability"] <= 1
+    assert math.isfinite(values["ntk_distance"]) and values["ntk_distance"] > 0  # the weights were moved
+    ntk = results["ntk"]["mlp"]
+    assert ntk["lightning_lazy"]["relative_difference"] == 0.0
+    assert ntk["neural_tangents"]["error"].startswith("skipped")
+    if importlib.util.find_spec("nngeometry") is not None:
+        assert ntk["nngeometry"]["relative_difference"] < 1e-5  # float32, same weights
+    else:
+        assert ntk["nngeometry"]["error"].startswith("skipped")

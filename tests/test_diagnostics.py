@@ -231,3 +231,43 @@ def test_hessian_norm_warm_start_returns_and_reuses_its_direction(probe):
     assert again.item() >= value.item() * (1 - 1e-6)
     with pytest.raises(ValueError, match="flat direction"):
         D.hessian_norm(net, probe, start=direction[:3])
+
+
+def test_lanczos_with_a_bounded_basis_restarts_and_still_converges():
+    torch.manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(60, 60, dtype=torch.float64))
+    spectrum = torch.cat([torch.tensor([1.0, 0.97]), torch.linspace(0.9, -0.5, 58)]).double()
+    matrix = q @ torch.diag(spectrum) @ q.T
+    products = []
+
+    def matvec(v):
+        products.append(1)
+        return matrix @ v
+
+    start = torch.randn(60, dtype=torch.float64)
+    value, vector = D.extreme_eigenpair(matvec, start, max_iter=200, tol=1e-10, max_basis=6)
+    assert abs(value.item() - 1.0) < 1e-8
+    assert abs(abs(float(vector @ q[:, 0])) - 1.0) < 1e-6
+    assert len(products) > 6, "the basis of 6 had to restart"
+    full, _ = D.extreme_eigenpair(matrix.__matmul__, start, max_iter=200, tol=1e-10)
+    assert abs(full.item() - value.item()) < 1e-8
+
+
+def test_hessian_norm_under_a_tiny_memory_budget_matches_the_full_basis(probe):
+    net = mlp()
+    full = D.hessian_norm(net, probe).item()
+    bounded = D.hessian_norm(net, probe, memory_budget=3 * sum(p.numel() for p in net.parameters()), max_iter=60).item()
+    assert bounded == pytest.approx(full, rel=1e-3)
+
+
+def test_activation_stability_from_precomputed_initial_states(probe):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 32), nn.ReLU(), nn.Linear(32, 2)).double()
+    params0 = {k: v.detach().clone() for k, v in net.named_parameters()}
+    params = {k: v + 0.3 * torch.randn_like(v) for k, v in params0.items()}
+    states = D.relu_states(net, probe, params0)
+    assert [s.shape for s in states] == [(9, 32)] and states[0].dtype == torch.bool
+    expected = D.activation_stability(net, probe, params, params0)
+    assert D.activation_stability(net, probe, params, initial_states=states).item() == expected.item() < 1.0
+    with pytest.raises(ValueError, match="initial_params or initial_states"):
+        D.activation_stability(net, probe, params)

@@ -1,0 +1,428 @@
+"""What the monitor's measures cost, each separately, in plain training steps of the same model; and the
+empirical NTK against nngeometry and neural-tangents.
+
+Models at CIFAR shape (3×32×32, 10 classes): an MLP 3072-1024-1024-10, this package's VGG-11 ×1
+(``lightning_lazy.models.vgg.VGG11``) and torchvision's ``resnet18(num_classes=10)``. The unit is one plain
+training step (forward, ½ squared error, backward, SGD step) at batch 128, timed in the same run. The
+measures are called as ``lightning_lazy/callback.py`` calls them (probe 256, κ on its first 32, NTK on its
+first 16; the careful Hessian search at fit start, the warm-started one at an epoch's end), on the functional
+model the monitor builds (``probe_mode`` + ``forward_ad_safe`` + ``functional_call``).
+
+    python benchmarks/monitor_cost.py --output benchmarks/results/monitor_cost-cpu.json
+    python benchmarks/monitor_cost.py --quick                      # seconds: tiny models, for the smoke test
+    python benchmarks/monitor_cost.py --ntk-only --models mlp,vgg11_8 --products
+
+neural-tangents runs, when ``--nt-python`` (default ``/work/nt-venv/bin/python``) exists, in its own process
+(see ``../shared/PEERS.md``), on the same weights and inputs. This file is also that worker (``--nt-worker``):
+it then imports only JAX and neural-tangents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------------------- JAX
+
+
+def nt_worker(folder: str, spec_limit_gib: float) -> None:
+    """Worker process: read weights and inputs from ``folder/spec.npz``, write kernels and times."""
+    import numpy as np
+    import jax
+    import jax.numpy as jnp
+    import neural_tangents as nt
+    from jax import lax
+
+    jax.config.update("jax_enable_x64", True)
+    spec = dict(np.load(Path(folder) / "spec.npz"))
+    kind = str(spec.pop("kind"))
+    x = jnp.asarray(spec.pop("x"))
+    params = {k: jnp.asarray(v) for k, v in spec.items()}
+
+    def mlp(p, inputs):  # dense weights stored [in, out] (PEERS.md: the layout NT's structured rules like)
+        h = inputs.reshape(inputs.shape[0], -1)
+        n = len(p) // 2
+        for i in range(n):
+            h = h @ p[f"w{i}"] + p[f"b{i}"]
+            if i < n - 1:
+                h = jax.nn.relu(h)
+        return h
+
+    def vgg(p, inputs):  # NHWC / HWIO; "M" = 2×2 max-pool after the convolutions listed in pool_after
+        h = inputs
+        n = len([k for k in p if k.startswith("c")]) // 2
+        for i in range(n):
+            h = lax.conv_general_dilated(h, p[f"c{i}"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            h = jax.nn.relu(h + p[f"cb{i}"])
+            if i in (0, 1, 3, 5, 7):
+                h = lax.reduce_window(h, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+        return h.reshape(h.shape[0], -1) @ p["w"] + p["b"]
+
+    fn = mlp if kind == "mlp" else vgg
+    results = {}
+    jacobian_bytes = x.shape[0] * 10 * sum(v.size for v in params.values()) * x.dtype.itemsize
+    for name, impl in (("jacobian_contraction", 1), ("ntk_vector_products", 2), ("structured_derivatives", 3)):
+        if impl == 1 and jacobian_bytes > float(spec_limit_gib) * 2**30:
+            results[name] = {"error": f"skipped: its Jacobian alone is {jacobian_bytes / 2**30:.1f} GiB "
+                                      f"(over --nt-jacobian-limit-gib {spec_limit_gib})"}
+            continue
+        try:
+            kernel_fn = jax.jit(nt.empirical_ntk_fn(fn, trace_axes=(), vmap_axes=0, implementation=impl))
+            kernel_fn(x, None, params).block_until_ready()  # compile
+            times, cpu = [], []
+            for _ in range(3):
+                t0, c0 = time.perf_counter(), time.process_time()
+                kernel = kernel_fn(x, None, params).block_until_ready()
+                times.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
+            n, k = kernel.shape[0], kernel.shape[2]
+            np.save(Path(folder) / f"{name}.npy", np.asarray(kernel).transpose(0, 2, 1, 3).reshape(n * k, n * k))
+            results[name] = {"seconds": statistics.median(times), "cpu_seconds": statistics.median(cpu)}
+        except Exception as error:  # noqa: BLE001 - reported, not fatal
+            results[name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+    (Path(folder) / "times.json").write_text(json.dumps(results))
+
+
+# --------------------------------------------------------------------------------------------------- torch
+
+
+def _median_time(fn, repeats: int) -> tuple[float, object]:
+    result = None
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), result
+
+
+def build_model(name: str, quick: bool):
+    import torch
+    from torch import nn
+
+    from lightning_lazy.models.vgg import VGG11
+
+    torch.manual_seed(0)
+    if name == "mlp":
+        width = 64 if quick else 1024
+        return nn.Sequential(nn.Flatten(), nn.Linear(3072, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                             nn.Linear(width, 10))
+    if name == "vgg11":
+        return VGG11(base_width=4 if quick else 64)
+    if name == "vgg11_8":
+        return VGG11(base_width=2 if quick else 8)
+    if name == "resnet18":
+        from torchvision.models import resnet18
+
+        if quick:  # the same blocks, one per stage
+            from torchvision.models.resnet import BasicBlock, ResNet
+
+            return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10)
+        model = resnet18(num_classes=10)
+        return model
+    raise ValueError(f"unknown model {name!r}")
+
+
+def functional(model):
+    """The monitor's functional model (callback.py ``_function``)."""
+    from torch.func import functional_call
+
+    from lightning_lazy._forward_ad import forward_ad_safe
+    from lightning_lazy._params import probe_mode
+
+    def fn(params, x):
+        with probe_mode(model), forward_ad_safe(model, "monitor_cost"):
+            output = functional_call(model, params, (x,))
+        return output.reshape(len(x), -1)
+
+    return fn
+
+
+def plain_step_seconds(model, x, y, repeats: int) -> float:
+    import torch
+
+    from lightning_lazy.scaling import half_squared_error
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the weights stay w0 for the measures
+    model.train()
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = half_squared_error(model(x), y)
+        loss.backward()
+        optimizer.step()
+        if x.is_cuda:
+            torch.cuda.synchronize()
+
+    step()
+    seconds, _ = _median_time(step, repeats)
+    optimizer.zero_grad(set_to_none=True)
+    return seconds
+
+
+def monitor_measures(model, args, device) -> dict:
+    """Each measure of the monitor at fit start and at one epoch's end, in seconds (callback.py's settings)."""
+    import torch
+
+    from lightning_lazy import diagnostics
+    from lightning_lazy.tangent import LinearizedModel
+
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(args.probe_size, 3, 32, 32, generator=generator).to(device)
+    y = torch.randint(0, 10, (args.probe_size,), generator=generator).to(device)
+    fn = functional(model)
+    w0 = {k: v.detach().clone() for k, v in model.named_parameters()}
+    # w: a small move away from w0, as after an epoch
+    w = {k: v + 1e-3 * v.norm() / max(v.numel(), 1) ** 0.5 * torch.randn_like(v) for k, v in w0.items()}
+    n_kappa, n_ntk = min(args.kappa_probe_size, len(x)), min(args.ntk_probe_size, len(x))
+    twin = LinearizedModel(model).to(device)
+    timings: dict[str, dict[str, float]] = {"fit_start": {}, "epoch_end": {}}
+
+    def timed(bucket, name, compute):
+        started = time.perf_counter()
+        result = compute()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        timings[bucket][name] = time.perf_counter() - started
+        return result
+
+    with torch.no_grad():
+        timed("fit_start", "output", lambda: fn(w0, x))
+    states0 = timed("fit_start", "activation_states", lambda: diagnostics.relu_states(fn, x, w0))
+    careful = {"max_iter": 12, "max_rounds": 3, "restarts": 2}
+    hessian0, direction = timed("fit_start", "hessian_norm", lambda: diagnostics.hessian_norm(
+        fn, x[:n_kappa], w0, return_direction=True, **careful))
+    k0 = timed("fit_start", "kappa_rest", lambda: diagnostics.kappa(
+        fn, x[:n_kappa], y[:n_kappa], w0, jacobian_kwargs={"tol": 1e-3}, hessian=hessian0))
+    kernel0 = timed("fit_start", "ntk", lambda: diagnostics.empirical_ntk(fn, x[:n_ntk], params=w0))
+
+    with torch.no_grad():
+        output = timed("epoch_end", "divergence_real_forward", lambda: fn(w, x))
+        twin.eval()
+        tangent = timed("epoch_end", "divergence_twin_forward", lambda: twin(x).reshape(len(x), -1))
+    hessian, _ = timed("epoch_end", "hessian_norm", lambda: diagnostics.hessian_norm(
+        fn, x[:n_kappa], w, return_direction=True, max_iter=4, max_rounds=1, restarts=1, start=direction))
+    result = timed("epoch_end", "kappa_rest", lambda: diagnostics.kappa(
+        fn, x[:n_kappa], y[:n_kappa], w, jacobian_kwargs={"tol": 1e-3}, hessian=hessian))
+    kernel = timed("epoch_end", "ntk", lambda: diagnostics.empirical_ntk(fn, x[:n_ntk], params=w))
+    stability = timed("epoch_end", "activation_stability", lambda: diagnostics.activation_stability(
+        fn, x, w, initial_states=states0))
+    values = {
+        "kappa_w0": k0.value.item(), "jacobian_norm_w0": k0.jacobian_norm.item(), "hessian_norm_w0": hessian0.item(),
+        "kappa": result.value.item(), "hessian_norm": hessian.item(),
+        "ntk_distance": diagnostics.ntk_distance(kernel, kernel0).item(), "activation_stability": stability.item(),
+        "divergence_numerator": (output - tangent).norm().item(),
+    }
+    return {"seconds": timings, "values": values}
+
+
+def ntk_comparison(model, args, device) -> dict:
+    """The empirical NTK ([N·K, N·K], 10 outputs) here, in nngeometry and in neural-tangents, same weights."""
+    import importlib.util
+
+    import torch
+
+    from lightning_lazy import diagnostics
+
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(args.ntk_inputs, 3, 32, 32, generator=generator).to(device)
+    model = model.eval()
+    contenders: dict[str, dict] = {}
+    kernels: dict[str, torch.Tensor] = {}
+    seconds, kernels["lightning_lazy"] = _median_time(lambda: diagnostics.empirical_ntk(model, x), args.repeats)
+    contenders["lightning_lazy"] = {"seconds": seconds}
+    if args.products:
+        seconds, kernels["products"] = _median_time(
+            lambda: diagnostics.empirical_ntk(model, x, implementation="products"), 1)
+        contenders["products"] = {"seconds": seconds}
+    if importlib.util.find_spec("nngeometry") is not None:
+        from nngeometry.object import FMatDense
+        from nngeometry import gram
+
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=len(x))
+
+        def nng():
+            data = gram.GramMatrix(model, loader, function=lambda inputs: model(inputs), representation=FMatDense).data
+            k = data.shape[0]
+            return data.permute(1, 0, 3, 2).reshape(len(x) * k, len(x) * k)
+
+        try:
+            seconds, kernels["nngeometry"] = _median_time(nng, args.repeats)
+            contenders["nngeometry"] = {"seconds": seconds}
+        except Exception as error:  # noqa: BLE001
+            contenders["nngeometry"] = {"error": f"{type(error).__name__}: {error}"[:300]}
+    else:
+        contenders["nngeometry"] = {"error": "skipped: nngeometry is not installed (pip install nngeometry==0.4)"}
+    contenders.update(run_neural_tangents(model, x, args, kernels))
+    reference = kernels["lightning_lazy"].double().cpu()
+    for name, kernel in kernels.items():
+        contenders[name]["relative_difference"] = float((kernel.double().cpu() - reference).norm() / reference.norm())
+        contenders[name]["ratio_to_lightning_lazy"] = contenders[name]["seconds"] / contenders["lightning_lazy"]["seconds"]
+    return contenders
+
+
+def run_neural_tangents(model, x, args, kernels) -> dict:
+    import numpy as np
+    import torch
+    from torch import nn
+
+    if not Path(args.nt_python).exists():
+        return {"neural_tangents": {"error": f"skipped: no neural-tangents interpreter at {args.nt_python}"}}
+    spec: dict[str, np.ndarray] = {"x": x.detach().cpu().double().numpy()}
+    if isinstance(model, nn.Sequential):
+        spec["kind"] = np.array("mlp")
+        for i, layer in enumerate(m for m in model if isinstance(m, nn.Linear)):
+            spec[f"w{i}"] = layer.weight.detach().double().T.numpy().copy()
+            spec[f"b{i}"] = layer.bias.detach().double().numpy()
+    else:
+        spec["kind"] = np.array("vgg")
+        spec["x"] = spec["x"].transpose(0, 2, 3, 1).copy()
+        for i, conv in enumerate(m for m in model.features if isinstance(m, nn.Conv2d)):
+            spec[f"c{i}"] = conv.weight.detach().double().permute(2, 3, 1, 0).numpy().copy()
+            spec[f"cb{i}"] = conv.bias.detach().double().numpy()
+        spec["w"] = model.classifier.weight.detach().double().T.numpy().copy()
+        spec["b"] = model.classifier.bias.detach().double().numpy()
+    dtype = next(model.parameters()).dtype
+    with tempfile.TemporaryDirectory() as folder:
+        for k in list(spec):
+            if spec[k].dtype == np.float64 and dtype == torch.float32:
+                spec[k] = spec[k].astype(np.float32)
+        np.savez(Path(folder) / "spec.npz", **spec)
+        env = dict(os.environ, XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+                   JAX_PLATFORMS="cpu")
+        command = [args.nt_python, str(Path(__file__).resolve()), "--nt-worker", folder,
+                   "--nt-jacobian-limit-gib", str(args.nt_jacobian_limit_gib)]
+        if args.threads:
+            command = ["taskset", "-c", ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[: args.threads])] + command
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
+        if done.returncode != 0:
+            return {"neural_tangents": {"error": done.stderr[-500:]}}
+        times = json.loads((Path(folder) / "times.json").read_text())
+        out = {}
+        for name, entry in times.items():
+            out[f"nt_{name}"] = entry
+            if "seconds" in entry:
+                kernels[f"nt_{name}"] = torch.from_numpy(np.load(Path(folder) / f"{name}.npy"))
+        return out
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="mlp,vgg11,resnet18", help="for the monitor measures")
+    parser.add_argument("--ntk-models", default="mlp,vgg11_8", help="for the NTK comparison ('' for none)")
+    parser.add_argument("--ntk-only", action="store_true", help="only the NTK comparison")
+    parser.add_argument("--products", action="store_true", help="also time the column-by-column reference NTK")
+    parser.add_argument("--ntk-inputs", type=int, default=64)
+    parser.add_argument("--probe-size", type=int, default=256)
+    parser.add_argument("--kappa-probe-size", type=int, default=32)
+    parser.add_argument("--ntk-probe-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads; 0 = torch's default")
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--nt-python", default="/work/nt-venv/bin/python")
+    parser.add_argument("--nt-jacobian-limit-gib", type=float, default=2.0,
+                        help="skip neural-tangents' Jacobian contraction when its Jacobian exceeds this")
+    parser.add_argument("--quick", action="store_true", help="tiny models and probes: seconds")
+    parser.add_argument("--output", help="write the results as JSON here")
+    parser.add_argument("--nt-worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.probe_size, args.kappa_probe_size, args.ntk_probe_size = 16, 4, 4
+        args.ntk_inputs, args.repeats = 4, 1
+    return args
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.nt_worker:
+        nt_worker(args.nt_worker, args.nt_jacobian_limit_gib)
+        return {}
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    results = {
+        "benchmark": "monitor_cost",
+        "settings": {k: v for k, v in vars(args).items() if k != "nt_worker"},
+        "environment": {"device": device.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                        "platform": platform.platform(), "processor": platform.processor()},
+        "monitor": {}, "ntk": {},
+    }
+    if not args.ntk_only:
+        for name in filter(None, args.models.split(",")):
+            model = build_model(name, args.quick).to(device)
+            generator = torch.Generator().manual_seed(0)
+            batch = torch.randn(128 if not args.quick else 16, 3, 32, 32, generator=generator).to(device)
+            target = torch.randint(0, 10, (len(batch),), generator=generator).to(device)
+            step = plain_step_seconds(model, batch, target, max(args.repeats, 3))
+            record = monitor_measures(model, args, device)
+            record["plain_step_seconds"] = step
+            record["parameters"] = sum(p.numel() for p in model.parameters())
+            record["in_steps"] = {
+                bucket: {k: v / step for k, v in times.items()} for bucket, times in record["seconds"].items()
+            }
+            record["total_in_steps"] = {bucket: sum(v.values()) for bucket, v in record["in_steps"].items()}
+            step_again = plain_step_seconds(model, batch, target, max(args.repeats, 3))  # load drift check
+            record["plain_step_seconds_after"] = step_again
+            results["monitor"][name] = record
+            print_monitor(name, record)
+    for name in filter(None, "" if args.quick and args.ntk_models == "mlp,vgg11_8" else args.ntk_models.split(",")):
+        model = build_model(name, args.quick).to(device)
+        results["ntk"][name] = ntk_comparison(model, args, device)
+        print_ntk(name, results["ntk"][name], args)
+    if args.quick and args.ntk_models == "mlp,vgg11_8":
+        model = build_model("mlp", True).to(device)
+        results["ntk"]["mlp"] = ntk_comparison(model, args, device)
+        print_ntk("mlp", results["ntk"]["mlp"], args)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(results, indent=1))
+    return results
+
+
+def print_monitor(name: str, record: dict) -> None:
+    step = record["plain_step_seconds"]
+    print(f"\n{name}: {record['parameters'] / 1e6:.2f} M parameters, plain training step (batch 128) "
+          f"{step * 1e3:.1f} ms (again after: {record['plain_step_seconds_after'] * 1e3:.1f} ms)")
+    print(f"  {'measure':<28} | {'seconds':>8} | {'plain steps':>11}")
+    for bucket in ("fit_start", "epoch_end"):
+        for measure, seconds in record["seconds"][bucket].items():
+            print(f"  {bucket + ': ' + measure:<28} | {seconds:8.3f} | {seconds / step:11.2f}")
+        print(f"  {bucket + ': TOTAL':<28} | {sum(record['seconds'][bucket].values()):8.3f} | "
+              f"{record['total_in_steps'][bucket]:11.2f}")
+
+
+def print_ntk(name: str, contenders: dict, args) -> None:
+    print(f"\nempirical NTK [N·K, N·K], {name}, {args.ntk_inputs} inputs, 10 outputs")
+    print(f"  {'implementation':<34} | {'seconds':>8} | {'× ours':>7} | {'rel. diff':>9}")
+    for contender, entry in contenders.items():
+        if "seconds" in entry:
+            print(f"  {contender:<34} | {entry['seconds']:8.3f} | {entry['ratio_to_lightning_lazy']:7.2f} | "
+                  f"{entry['relative_difference']:9.1e}")
+        else:
+            print(f"  {contender:<34} | {entry['error'][:80]}")
+
+
+if __name__ == "__main__":
+    main()
