@@ -172,10 +172,11 @@ def plain_step_seconds(model, x, y, repeats: int) -> float:
 
 
 def monitor_measures(model, args, device) -> dict:
-    """Each measure of the monitor at fit start and at one epoch's end, in seconds (callback.py's settings)."""
+    """Each measure of the monitor at fit start and at one epoch's end, in seconds (the monitor's settings)."""
     import torch
 
     from lightning_lazy import diagnostics
+    from lightning_lazy.probe import CAREFUL_HESSIAN, WARM_HESSIAN
     from lightning_lazy.tangent import LinearizedModel
 
     generator = torch.Generator().manual_seed(1)
@@ -200,9 +201,8 @@ def monitor_measures(model, args, device) -> dict:
     with torch.no_grad():
         timed("fit_start", "output", lambda: fn(w0, x))
     states0 = timed("fit_start", "activation_states", lambda: diagnostics.relu_states(fn, x, w0))
-    careful = {"max_iter": 12, "max_rounds": 3, "restarts": 2}
     hessian0, direction = timed("fit_start", "hessian_norm", lambda: diagnostics.hessian_norm(
-        fn, x[:n_kappa], w0, return_direction=True, **careful))
+        fn, x[:n_kappa], w0, return_direction=True, **CAREFUL_HESSIAN))
     k0 = timed("fit_start", "kappa_rest", lambda: diagnostics.kappa(
         fn, x[:n_kappa], y[:n_kappa], w0, jacobian_kwargs={"tol": 1e-3}, hessian=hessian0))
     kernel0 = timed("fit_start", "ntk", lambda: diagnostics.empirical_ntk(fn, x[:n_ntk], params=w0))
@@ -212,7 +212,7 @@ def monitor_measures(model, args, device) -> dict:
         twin.eval()
         tangent = timed("epoch_end", "divergence_twin_forward", lambda: twin(x).reshape(len(x), -1))
     hessian, _ = timed("epoch_end", "hessian_norm", lambda: diagnostics.hessian_norm(
-        fn, x[:n_kappa], w, return_direction=True, max_iter=4, max_rounds=1, restarts=1, start=direction))
+        fn, x[:n_kappa], w, return_direction=True, start=direction, **WARM_HESSIAN))
     result = timed("epoch_end", "kappa_rest", lambda: diagnostics.kappa(
         fn, x[:n_kappa], y[:n_kappa], w, jacobian_kwargs={"tol": 1e-3}, hessian=hessian))
     kernel = timed("epoch_end", "ntk", lambda: diagnostics.empirical_ntk(fn, x[:n_ntk], params=w))
@@ -325,7 +325,7 @@ def parse_args(argv=None):
     parser.add_argument("--products", action="store_true", help="also time the column-by-column reference NTK")
     parser.add_argument("--ntk-inputs", type=int, default=64)
     parser.add_argument("--probe-size", type=int, default=256)
-    parser.add_argument("--kappa-probe-size", type=int, default=32)
+    parser.add_argument("--kappa-probe-size", type=int, default=16)
     parser.add_argument("--ntk-probe-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads; 0 = torch's default")

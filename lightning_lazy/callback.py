@@ -101,7 +101,7 @@ class LazyTrainingMonitor(Callback):
         output: str | OutputSelector | None = None,
         probe: Tensor | tuple[Tensor, Tensor] | None = None,
         probe_size: int = 256,
-        kappa_probe_size: int = 32,
+        kappa_probe_size: int = 16,
         ntk_probe_size: int = 16,
         every_n_epochs: int = 1,
         log_steps: str | Sequence[int] | None = None,

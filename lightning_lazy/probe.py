@@ -28,10 +28,12 @@ from lightning_lazy._forward_ad import forward_ad_safe
 from lightning_lazy._params import functional_call, probe_mode
 from lightning_lazy.scaling import as_regression_target
 
-# ‖D²h‖ searches: careful at w0 (2 random starts, 3 alternation rounds of 12 Lanczos steps), then warm-started
-# from the last direction, which a few Lanczos steps follow along training.
-CAREFUL_HESSIAN = {"max_iter": 12, "max_rounds": 3, "restarts": 2}
-WARM_HESSIAN = {"max_iter": 4, "max_rounds": 1, "restarts": 1}
+# ‖D²h‖ searches: at w0 one start, 2 alternation rounds of 8 Lanczos steps; then warm-started from the last
+# direction, which 2 Lanczos steps follow along training. Measured on an MLP 3072-1024-1024-10 with 16 probe
+# inputs (one thread, in plain training steps of batch 128): 31 steps for 12.82 where (12, 3, 2) takes 117
+# for 13.60 (5.7 % more; the search returns a lower bound); a warm step then 5.8 steps, reaching 13.05.
+CAREFUL_HESSIAN = {"max_iter": 8, "max_rounds": 2, "restarts": 1}
+WARM_HESSIAN = {"max_iter": 2, "max_rounds": 1, "restarts": 1}
 
 
 class LazinessProbe:
@@ -49,7 +51,7 @@ class LazinessProbe:
     or the network has no parameter.
     """
 
-    def __init__(self, network: nn.Module, x: Tensor, y: Tensor | None, *, kappa_probe_size: int = 32,
+    def __init__(self, network: nn.Module, x: Tensor, y: Tensor | None, *, kappa_probe_size: int = 16,
                  ntk_probe_size: int = 16, measure_kappa: bool = True, measure_ntk: bool = True) -> None:
         self.network = network
         self.kappa_probe_size, self.ntk_probe_size = kappa_probe_size, ntk_probe_size
