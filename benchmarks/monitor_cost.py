@@ -176,7 +176,7 @@ def monitor_measures(model, args, device) -> dict:
     import torch
 
     from lightning_lazy import diagnostics
-    from lightning_lazy.probe import CAREFUL_HESSIAN, WARM_HESSIAN
+    from lightning_lazy.probe import CAREFUL_HESSIAN, WARM_HESSIAN, LazinessProbe
     from lightning_lazy.tangent import LinearizedModel
 
     generator = torch.Generator().manual_seed(1)
@@ -205,7 +205,9 @@ def monitor_measures(model, args, device) -> dict:
         fn, x[:n_kappa], w0, return_direction=True, **CAREFUL_HESSIAN))
     k0 = timed("fit_start", "kappa_rest", lambda: diagnostics.kappa(
         fn, x[:n_kappa], y[:n_kappa], w0, jacobian_kwargs={"tol": 1e-3}, hessian=hessian0))
-    kernel0 = timed("fit_start", "ntk", lambda: diagnostics.empirical_ntk(fn, x[:n_ntk], params=w0))
+    # The monitor's kernel: BatchNorm on the probe's statistics held fixed (see LazinessProbe.kernel).
+    probe = LazinessProbe(model, x, y, kappa_probe_size=n_kappa, ntk_probe_size=n_ntk)
+    kernel0 = timed("fit_start", "ntk", lambda: probe.kernel(w0))
 
     with torch.no_grad():
         output = timed("epoch_end", "divergence_real_forward", lambda: fn(w, x))
@@ -215,7 +217,7 @@ def monitor_measures(model, args, device) -> dict:
         fn, x[:n_kappa], w, return_direction=True, start=direction, **WARM_HESSIAN))
     result = timed("epoch_end", "kappa_rest", lambda: diagnostics.kappa(
         fn, x[:n_kappa], y[:n_kappa], w, jacobian_kwargs={"tol": 1e-3}, hessian=hessian))
-    kernel = timed("epoch_end", "ntk", lambda: diagnostics.empirical_ntk(fn, x[:n_ntk], params=w))
+    kernel = timed("epoch_end", "ntk", lambda: probe.kernel(w))
     stability = timed("epoch_end", "activation_stability", lambda: diagnostics.activation_stability(
         fn, x, w, initial_states=states0))
     values = {

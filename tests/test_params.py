@@ -44,3 +44,26 @@ def test_probe_mode_batch_statistics_without_updating_them_and_restores_modes():
     torch.testing.assert_close(first, second)  # dropout off, nothing drawn
     assert torch.equal(net[1].running_mean, running) and net[1].num_batches_tracked.item() == 0
     assert all(m.training for m in net.modules()) and net[1].track_running_stats
+
+
+def test_probe_kernel_holds_batchnorm_statistics_and_matches_the_products_kernel():
+    from lightning_lazy import diagnostics
+    from lightning_lazy.probe import LazinessProbe
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                        nn.Flatten(), nn.Linear(16, 3)).double().train()
+    x = torch.randn(12, 3, 6, 6, dtype=torch.float64)
+    probe = LazinessProbe(net, x, None, ntk_probe_size=6)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    # The reference: the same network in eval mode, its running statistics set to the probe's batch statistics.
+    h = net[0](x[:6])
+    reference = nn.Sequential(*net)
+    with torch.no_grad():
+        net[1].running_mean.copy_(h.mean((0, 2, 3)))
+        net[1].running_var.copy_(h.var((0, 2, 3), unbiased=False))
+    fitted = net[1].num_batches_tracked.item()
+    expected = diagnostics.empirical_ntk(reference.eval(), x[:6], params=params, implementation="products")
+    net.train()
+    torch.testing.assert_close(probe.kernel(params), expected, rtol=1e-10, atol=1e-12)
+    assert net[1].num_batches_tracked.item() == fitted and net.training and net[1].training
