@@ -6,6 +6,8 @@ the import and the callback in ``Trainer(callbacks=[...])``: the monitor reads b
 calls ``forward(x)`` for outputs, copies the optimizer and follows the scheduler.
 
     python examples/add_to_existing_trainer.py [--epochs 10] [--log-dir lightning_logs]
+
+It needs scikit-learn, the package's "examples" extra: ``pip install -e ".[examples]"``.
 """
 
 from __future__ import annotations
@@ -16,11 +18,15 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.loggers import TensorBoardLogger
-from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lazy import LazyTrainingMonitor
+
+try:
+    from sklearn.datasets import load_digits
+except ImportError:
+    raise SystemExit('this example needs scikit-learn (the digits data): pip install -e ".[examples]"') from None
 
 
 class DigitClassifier(pl.LightningModule):
@@ -72,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         max_epochs=args.epochs,
         callbacks=[LazyTrainingMonitor(loss="cross_entropy")],  # <- the one added line
         logger=TensorBoardLogger(args.log_dir, name="existing_trainer"),
+        log_every_n_steps=10,  # an epoch is 22 steps
         enable_model_summary=False,
     )
     trainer.fit(DigitClassifier(), train, val)
@@ -81,4 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
+    from lightning_lazy.quiet import quiet_third_party_output
+
+    quiet_third_party_output()  # Lightning's own tips and deprecation notices: nothing this script can act on
     main()

@@ -40,6 +40,7 @@ from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
 from lightning_lazy.callback import LazyTrainingMonitor  # noqa: E402
 from lightning_lazy.module import LazyClassifier  # noqa: E402
+from lightning_lazy.quiet import quiet_third_party_output  # noqa: E402
 
 CSV_FIELDS = [
     "alpha", "seed", "lr", "epochs", "seconds", "train_loss", "test_acc", "test_loss", "tangent_test_acc",
@@ -82,7 +83,7 @@ def load_digits_split(n_test: int, seed: int = 0) -> tuple[TensorDataset, Tensor
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ImportError as error:  # pragma: no cover - depends on the environment
-        raise SystemExit("this example needs scikit-learn: pip install 'lightning-lazy[examples]'") from error
+        raise SystemExit('this example needs scikit-learn: pip install -e ".[examples]"') from error
     x, y = load_digits(return_X_y=True)
     x_train, x_test, y_train, y_test = train_test_split(x / 16.0, y, test_size=n_test, stratify=y, random_state=seed)
 
@@ -237,6 +238,7 @@ def plot(rows: list[dict], args: argparse.Namespace) -> plt.Figure:
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """Run the sweep; write the CSV, the PNG and TensorBoard logs; return the CSV rows."""
     args = parse_args(argv)
+    quiet_third_party_output()  # Lightning's tips and internal deprecation notices: nothing to act on here
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:

@@ -44,6 +44,7 @@ from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 from lightning_lazy import diagnostics  # noqa: E402
 from lightning_lazy.data.teacher import Teacher, make_teacher_dataset  # noqa: E402
 from lightning_lazy.models.shallow import TwoLayerReLU  # noqa: E402
+from lightning_lazy.quiet import quiet_third_party_output  # noqa: E402
 from lightning_lazy.scaling import AlphaScaled  # noqa: E402
 
 # The predictions the figure checks: case name -> predicted slope of log κ against log(scale).
@@ -238,6 +239,7 @@ def plot(rows: list[dict], slopes: dict[str, float]) -> plt.Figure:
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Run the three sweeps; write PNG, CSV and TensorBoard logs; return the fitted slopes per case."""
     args = parse_args(argv)
+    quiet_third_party_output()  # Lightning's tips and internal deprecation notices: nothing to act on here
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:

@@ -45,6 +45,7 @@ from lightning_lazy import diagnostics  # noqa: E402
 from lightning_lazy.callback import LazyTrainingMonitor  # noqa: E402
 from lightning_lazy.data.teacher import TeacherStudentDataModule  # noqa: E402
 from lightning_lazy.models.shallow import TwoLayerReLU  # noqa: E402
+from lightning_lazy.quiet import quiet_third_party_output  # noqa: E402
 from lightning_lazy.scaling import AlphaScaled  # noqa: E402
 
 SETUPS = ("overparameterized", "underparameterized")
@@ -253,6 +254,7 @@ def plot(rows: list[dict], args: argparse.Namespace) -> plt.Figure:
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """Run every (set-up, τ, seed); write the CSV, the PNG and TensorBoard logs; return the CSV rows."""
     args = parse_args(argv)
+    quiet_third_party_output()  # Lightning's tips and internal deprecation notices: nothing to act on here
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:

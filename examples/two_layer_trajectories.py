@@ -46,9 +46,12 @@ from lightning_lazy import diagnostics  # noqa: E402
 from lightning_lazy.callback import LazyTrainingMonitor  # noqa: E402
 from lightning_lazy.data.teacher import TeacherStudentDataModule  # noqa: E402
 from lightning_lazy.models.shallow import TwoLayerReLU  # noqa: E402
+from lightning_lazy.quiet import quiet_third_party_output  # noqa: E402
+from lightning_lazy.report import FEATURE_LEARNING, IN_BETWEEN, LAZY, classify_regime  # noqa: E402
 from lightning_lazy.scaling import AlphaScaled  # noqa: E402
 
 SIGN_COLOURS = {1.0: "tab:red", -1.0: "tab:blue"}
+REGIME_LABELS = {LAZY: "lazy", FEATURE_LEARNING: "feature learning", IN_BETWEEN: "in between"}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -216,13 +219,27 @@ def train_one(args: argparse.Namespace, tau: float, dm: TeacherStudentDataModule
         "paths": torch.stack(recorder.positions),  # [T, m, 2]
         "signs": recorder.signs[-1],
     }
-    for key in ("divergence", "kappa", "activation_stability", "tangent/val_loss"):
+    for key in ("divergence", "kappa", "activation_stability", "kernel_alignment", "tangent/val_loss"):
         result[key.replace("/", "_")] = float(trainer.callback_metrics[f"lazy/{key}"])
+    # Judged from what the monitor measured (Δ, ReLU pattern, kernel), not from τ.
+    result["regime"] = classify_regime(result)
     return result
 
 
+def panel_title(res: dict) -> str:
+    """A panel's title: τ, the regime the monitor measured (not a guess from τ), κ(w0) and what moved."""
+    return (
+        f"τ = {res['tau']:g} ({REGIME_LABELS.get(res['regime'], res['regime'])}): κ(w0) = {res['kappa0']:.2g}, "
+        f"{res['steps']} GD steps\n"
+        f"train loss {res['initial_train_loss']:.2g} → {res['train_loss']:.2g}, "
+        f"‖w−w0‖/‖w0‖ = {res['displacement']:.2g}, Δ = {res['divergence']:.2g}"
+    )
+
+
 def plot(results: list[dict], teacher_dirs: Tensor, teacher_signs: Tensor) -> plt.Figure:
-    fig, axes = plt.subplots(1, len(results), figsize=(6.2 * len(results), 6.2), squeeze=False)
+    # Constrained layout: equal-aspect panels under a two-line title keep their tick labels inside the figure
+    # (tight_layout did not, with set_aspect("equal")).
+    fig, axes = plt.subplots(1, len(results), figsize=(6.2 * len(results), 6.6), squeeze=False, layout="constrained")
     for ax, res in zip(axes[0], results):
         paths, signs = res["paths"], res["signs"]
         radius = 1.15 * max(1.0, float(paths.norm(dim=2).max()))
@@ -242,14 +259,7 @@ def plot(results: list[dict], teacher_dirs: Tensor, teacher_signs: Tensor) -> pl
         ax.set_ylim(-radius, radius)
         ax.set_aspect("equal")
         ax.grid(True, alpha=0.2)
-        regime = "feature learning" if res["teacher_mass_fraction"] > 0.5 else "lazy"
-        extra = f", Δ = {res['divergence']:.2g}"
-        ax.set_title(
-            f"τ = {res['tau']:g} ({regime}): κ(w0) = {res['kappa0']:.2g}, {res['steps']} GD steps\n"
-            f"train loss {res['initial_train_loss']:.2g} → {res['train_loss']:.2g}, "
-            f"‖w−w0‖/‖w0‖ = {res['displacement']:.2g}{extra}",
-            fontsize=10,
-        )
+        ax.set_title(panel_title(res), fontsize=10)
     axes[0][0].plot([], [], "-", color=SIGN_COLOURS[1.0], label="b_j > 0")
     axes[0][0].plot([], [], "-", color=SIGN_COLOURS[-1.0], label="b_j < 0")
     axes[0][0].plot([], [], "o", mfc="none", color="gray", label="start")
@@ -257,13 +267,13 @@ def plot(results: list[dict], teacher_dirs: Tensor, teacher_signs: Tensor) -> pl
     axes[0][0].plot([], [], "*", color="gray", mec="k", label="teacher neurons a*_k")
     axes[0][0].legend(loc="lower left", fontsize=8)
     fig.suptitle("Paths of |b_j| a_j during gradient descent (2-D teacher–student, 3 teacher neurons)")
-    fig.tight_layout(rect=(0, 0, 1, 0.96))  # leave room for the suptitle
     return fig
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """Train at each τ; write the PNG, a CSV summary and TensorBoard logs; return the per-τ results."""
     args = parse_args(argv)
+    quiet_third_party_output()  # Lightning's tips and internal deprecation notices: nothing to act on here
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -284,7 +294,7 @@ def _run(args: argparse.Namespace) -> list[dict]:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     fig = plot(results, dm.teacher.input_weights, dm.teacher.output_weights)
     png = args.out_dir / "two_layer_trajectories.png"
-    fig.savefig(png, dpi=120)
+    fig.savefig(png, dpi=120, bbox_inches="tight")
     fig.canvas.draw()
     image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()  # HWC uint8, for TensorBoard's image tab
     plt.close(fig)

@@ -3,8 +3,12 @@
 from lightning_lazy import diagnostics
 from lightning_lazy.callback import LazyTrainingMonitor
 from lightning_lazy.module import LazyClassifier
+from lightning_lazy.quiet import load_jvp_decompositions_quietly
 from lightning_lazy.scaling import AlphaScaled, resolve_loss, scaled_loss
 from lightning_lazy.tangent import LinearizedModel
+
+# The package's forward-mode AD would make torch warn about its own internals on first use; see there.
+load_jvp_decompositions_quietly()
 
 __all__ = [
     "AlphaScaled",

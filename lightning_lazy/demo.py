@@ -3,16 +3,20 @@
 A ReLU network learns a teacher with 3 neurons on the sphere (data made on the fly, no download) at several
 output scales α, each on the objective R(α h)/α² with the same learning rate in normalized time. The
 ``LazyTrainingMonitor`` trains the linearized twin beside each run and logs to TensorBoard; the table
-printed at the end shows how the divergence Δ from the tangent path and κ fall as α grows, and what that
-does to the test loss.
+printed at the end gives, per α, the predictor κ(w0) and the horizon t̃* it predicts, then what happened:
+the divergence Δ from the tangent model, the share of ReLU units still in their initial state, the
+alignment of the tangent kernel with its initial value, and the test losses of the network and its twin.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import shutil
+import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -22,24 +26,41 @@ from torch import Tensor, nn
 from lightning_lazy import diagnostics
 from lightning_lazy.callback import LazyTrainingMonitor
 from lightning_lazy.data.teacher import TeacherStudentDataModule
+from lightning_lazy.quiet import quiet_third_party_output
+from lightning_lazy.report import FEATURE_LEARNING, IN_BETWEEN, LAZY, classify_regime
 from lightning_lazy.scaling import AlphaScaled
+
+DEPTH = 2
+MOMENTUM = 0.9
+# SGD with momentum β on a quadratic is stable for lr·λ_max < 2(1 + β); λ_max of the tangent model's loss is
+# ‖Dh(w0)‖² in this package's norms, so a larger --step diverges even where training is lazy.
+MAX_STEP = 2 * (1 + MOMENTUM)
+
+
+def relu_mlp(d: int, width: int, depth: int, seed: int) -> nn.Sequential:
+    """The demo's network h: ``depth`` ReLU layers of ``width`` units and a linear output, seeded by ``seed``."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    fan_in = d
+    for _ in range(depth):
+        layers += [nn.Linear(fan_in, width), nn.ReLU()]
+        fan_in = width
+    layers.append(nn.Linear(fan_in, 1))
+    return nn.Sequential(*layers)
 
 
 class TeacherStudentRegressor(pl.LightningModule):
-    """α·(h(x; w) − h(x; w0)) for a ReLU MLP h, trained by SGD on R(α h)/α² (R: ½ squared error)."""
+    """α·(h(x; w) − h(x; w0)) for a ReLU MLP h, trained by SGD on R(α h)/α² (R: ½ squared error).
 
-    def __init__(self, d: int = 10, width: int = 256, depth: int = 2, alpha: float = 1.0, lr: float = 0.1,
-                 momentum: float = 0.9, seed: int = 0) -> None:
+    ``step``: when given, the learning rate in normalized time that ``lr`` stands for (lr = step/‖Dh(w0)‖²),
+    kept in the hyper-parameters for the record.
+    """
+
+    def __init__(self, d: int = 10, width: int = 256, depth: int = DEPTH, alpha: float = 1.0, lr: float = 0.1,
+                 momentum: float = MOMENTUM, seed: int = 0, step: float | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
-        torch.manual_seed(seed)
-        layers: list[nn.Module] = []
-        fan_in = d
-        for _ in range(depth):
-            layers += [nn.Linear(fan_in, width), nn.ReLU()]
-            fan_in = width
-        layers.append(nn.Linear(fan_in, 1))
-        self.model = AlphaScaled(nn.Sequential(*layers), alpha, loss="mse")
+        self.model = AlphaScaled(relu_mlp(d, width, depth, seed), alpha, loss="mse")
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -73,12 +94,62 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-train", type=int, default=65536)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--step", type=float, default=0.25,
-                        help="learning rate in normalized time: lr = step / ||Dh(w0)||^2 (default 0.25)")
+                        help=f"learning rate in normalized time, in (0, {MAX_STEP:g}): lr = step / ||Dh(w0)||^2 "
+                             "(default 0.25)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log-dir", default="lightning_logs", help="TensorBoard root (default ./lightning_logs)")
-    parser.add_argument("--quick", action="store_true", help="a few seconds: tiny sizes, for tests")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: for models this small, more threads only wait on each "
+                             "other, and on a busy machine much longer)")
+    parser.add_argument("--log-dir", default="lightning_logs",
+                        help="TensorBoard root (default ./lightning_logs); each run of the demo adds demo/version_N/")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 epochs (seconds of training), for tests")
     parser.add_argument("--no-progress", action="store_true", help="hide Lightning's progress bar")
     return parser
+
+
+def _check(args: argparse.Namespace) -> None:
+    """One-line SystemExit for each argument that cannot run."""
+    def stop(message: str) -> None:
+        raise SystemExit(f"lightning-lazy demo: {message}")
+
+    for name in ("epochs", "d", "width", "n_train", "batch_size", "threads"):
+        value = getattr(args, name)
+        if value < 1:
+            stop(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    names = [f"{a:g}" for a in args.alphas]
+    if not all(a > 0 and math.isfinite(a) for a in args.alphas):
+        stop(f"every alpha must be positive and finite, got {' '.join(names)}")
+    if len(set(names)) < len(names):  # each alpha has its folder alpha_<value:g>
+        stop(f"give each alpha once, got {' '.join(names)}")
+    if not (0 < args.step < MAX_STEP):
+        stop(f"--step must be in (0, {MAX_STEP:g}) (larger steps diverge even for the tangent model), "
+             f"got {args.step:g}")
+    if Path(args.log_dir).exists() and not Path(args.log_dir).is_dir():
+        stop(f"--log-dir {args.log_dir} is a file, not a folder")
+
+
+def _next_version(root: Path) -> str:
+    """``version_N`` with N one more than the largest under ``root`` (0 for the first): a rerun never appends."""
+    numbers = [int(p.name[8:]) for p in root.glob("version_*") if p.is_dir() and p.name[8:].isdigit()]
+    return f"version_{max(numbers, default=-1) + 1}"
+
+
+def tensorboard_command(log_dir: str | Path) -> str:
+    """A command that starts TensorBoard on ``log_dir`` from the current folder, whether or not the
+    environment this package runs in is activated (the README's set-up does not activate it)."""
+    on_path = shutil.which("tensorboard")
+    beside_python = shutil.which("tensorboard", path=str(Path(sys.executable).parent))
+    if beside_python is None:
+        program = f"{sys.executable} -m tensorboard.main"
+    elif on_path is not None and Path(on_path).resolve() == Path(beside_python).resolve():
+        program = "tensorboard"
+    else:
+        path = Path(beside_python).absolute()
+        try:
+            program = str(path.relative_to(Path.cwd()))
+        except ValueError:
+            program = str(path)
+    return f"{program} --logdir {log_dir}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -86,62 +157,102 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         args.epochs, args.width = min(args.epochs, 2), min(args.width, 32)
         args.n_train, args.batch_size = min(args.n_train, 256), min(args.batch_size, 64)
-    for value, name in ((args.epochs, "--epochs"), (args.width, "--width"), (args.n_train, "--n-train")):
-        if value < 1:
-            raise SystemExit(f"lightning-lazy demo: {name} must be positive, got {value}")
-    if any(not (a > 0 and math.isfinite(a)) for a in args.alphas):
-        raise SystemExit(f"lightning-lazy demo: every alpha must be positive and finite, got {args.alphas}")
+    _check(args)
+    quiet_third_party_output(demo=True)
+    root = Path(args.log_dir) / "demo"
+    version = _next_version(root)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
     torch.set_default_dtype(torch.float64)  # α up to 1e3 and more: float32 loses h(w) − h(w0)
     try:
-        rows = [_run_one(args, alpha, i, len(args.alphas)) for i, alpha in enumerate(args.alphas)]
+        rows = [_run_one(args, alpha, version, i, len(args.alphas)) for i, alpha in enumerate(args.alphas)]
     finally:
         torch.set_default_dtype(torch.float32)
+        torch.set_num_threads(threads)  # main() may run in-process (tests)
+    print()
     print(format_table(rows))
-    print(f"\nTensorBoard logs: tensorboard --logdir {args.log_dir}  (tags under lazy/; see the README)")
+    print(f"\nTensorBoard: {tensorboard_command(root / version)}   then open http://localhost:6006 "
+          "(tags under lazy/, the laziness figure under Images; see the README)")
     return 0
 
 
-def _run_one(args: argparse.Namespace, alpha: float, index: int, total: int) -> dict[str, float]:
-    print(f"\n[{index + 1}/{total}] alpha = {alpha:g}")
+def _run_one(args: argparse.Namespace, alpha: float, version: str, index: int, total: int) -> dict[str, float | str]:
+    print(f"\n[{index + 1}/{total}] alpha = {alpha:g}", flush=True)
     data = TeacherStudentDataModule(d=args.d, n_train=args.n_train, n_val=256, n_test=1024,
                                     batch_size=args.batch_size, seed=args.seed, dtype="float64")
-    model = TeacherStudentRegressor(d=args.d, width=args.width, alpha=alpha, seed=args.seed)
-    # One learning rate in normalized time for every α: the gradient flow of R(α h)/α² has time scale 1/‖Dh‖².
     data.setup("fit")
     x, _ = next(iter(data.train_dataloader()))
-    model.hparams.lr = args.step / diagnostics.jacobian_norm(model.model.module, x, tol=1e-4).item() ** 2
+    # One learning rate in normalized time for every α: the gradient flow of R(α h)/α² has time scale 1/‖Dh‖²
+    # (h unscaled: the objective's 1/α² cancels the α² of ‖D(αh)‖²). Same seed, so the network trained below.
+    jacobian_norm = diagnostics.jacobian_norm(relu_mlp(args.d, args.width, DEPTH, args.seed), x, tol=1e-4).item()
+    model = TeacherStudentRegressor(d=args.d, width=args.width, alpha=alpha, lr=args.step / jacobian_norm**2,
+                                    seed=args.seed, step=args.step)
     # Measured at every epoch end and after steps 1, 2, 4, 8, ...: log-spaced points show the early phase.
     monitor = LazyTrainingMonitor(log_steps="log")
+    # demo/version_N/alpha_A: one folder per run of the demo, all its α side by side in TensorBoard.
+    logger = TensorBoardLogger(args.log_dir, name="demo", version=f"{version}/alpha_{alpha:g}",
+                               default_hp_metric=False)
+    steps_per_epoch = math.ceil(args.n_train / args.batch_size)
     trainer = pl.Trainer(
-        max_epochs=args.epochs, accelerator="cpu", devices=1, callbacks=[monitor],
-        logger=TensorBoardLogger(args.log_dir, name="demo", version=f"alpha_{alpha:g}"),
+        max_epochs=args.epochs, accelerator="cpu", devices=1, callbacks=[monitor], logger=logger,
         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=not args.no_progress,
-        log_every_n_steps=50, precision="64-true",
+        log_every_n_steps=min(50, steps_per_epoch), precision="64-true",
     )
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
-    metrics = dict(trainer.callback_metrics)  # trainer.test replaces them
     seconds = time.perf_counter() - start
     tested = trainer.test(model, datamodule=data, verbose=False)[0]
-    return {
+    last = monitor.history[-1] if monitor.history else {}
+    kappa0 = monitor.initial_kappa
+    row: dict[str, float | str] = {
         "alpha": alpha,
-        "divergence": float(metrics["lazy/divergence"]),
-        "kappa": float(metrics["lazy/kappa"]),
-        "displacement": float(metrics["lazy/displacement"]),
-        "test_loss": tested["test_loss"],
-        "tangent_test_loss": tested["lazy/tangent/test_loss"],
+        "kappa0": kappa0 if kappa0 is not None else math.nan,
+        "horizon": monitor.laziness_horizon if kappa0 is not None else math.nan,
+        "divergence": float(last.get("divergence", math.nan)),
+        "activation_stability": float(last.get("activation_stability", math.nan)),
+        "kernel_alignment": float(last.get("kernel_alignment", math.nan)),
+        "test_loss": float(tested["test_loss"]),
+        "tangent_test_loss": float(tested.get("lazy/tangent/test_loss", math.nan)),
         "seconds": seconds,
     }
+    row["regime"] = classify_regime(row)
+    # The HParams tab: this run's hyper-parameters (the lr really used) against what it measured.
+    logger.log_hyperparams(model.hparams, {f"hparams/{k}": v for k, v in row.items()
+                                           if k not in ("alpha", "regime") and math.isfinite(v)})
+    return row
 
 
-def format_table(rows: list[dict[str, float]]) -> str:
-    header = f"{'alpha':>8} | {'divergence':>10} | {'kappa':>9} | {'displacement':>12} | {'test loss':>9} | {'tangent test loss':>17} | {'time':>6}"
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        lines.append(
-            f"{r['alpha']:>8g} | {r['divergence']:>10.3g} | {r['kappa']:>9.3g} | {r['displacement']:>12.3g} | "
-            f"{r['test_loss']:>9.3g} | {r['tangent_test_loss']:>17.3g} | {r['seconds']:>5.1f}s"
-        )
+_REGIME_SHORT = {LAZY: "lazy", FEATURE_LEARNING: "feature learning", IN_BETWEEN: "in between"}
+COLUMNS = [  # (key, header, format)
+    ("alpha", "alpha", "{:g}"),
+    ("kappa0", "kappa(w0)", "{:.3g}"),
+    ("horizon", "horizon t~*", "{:.3g}"),
+    ("divergence", "divergence", "{:.3g}"),
+    ("activation_stability", "act. stability", "{:.4f}"),
+    ("kernel_alignment", "kernel alignment", "{:.4f}"),
+    ("test_loss", "test loss", "{:.3g}"),
+    ("tangent_test_loss", "tangent test loss", "{:.3g}"),
+    ("seconds", "time", "{:.1f}s"),
+    ("regime", "regime", "{}"),
+]
+
+
+def format_table(rows: list[dict[str, float | str]]) -> str:
+    """The demo's table: one row per α, the columns of ``COLUMNS`` (missing or NaN values read ``n/a``)."""
+    def cell(row: dict[str, float | str], key: str, form: str) -> str:
+        value = row.get(key, math.nan)
+        if isinstance(value, str):
+            return _REGIME_SHORT.get(value, value)
+        return form.format(value) if math.isfinite(value) else "n/a"
+
+    cells = [[cell(row, key, form) for key, _, form in COLUMNS] for row in rows]
+    widths = [max([len(header)] + [len(r[i]) for r in cells]) for i, (_, header, _) in enumerate(COLUMNS)]
+    header = " | ".join(h.rjust(w) if i < len(COLUMNS) - 1 else h.ljust(w)
+                        for i, ((_, h, _), w) in enumerate(zip(COLUMNS, widths)))
+    lines = [header.rstrip(), "-" * len(header)]
+    for r in cells:
+        lines.append(" | ".join(c.rjust(w) if i < len(COLUMNS) - 1 else c.ljust(w)
+                                for i, (c, w) in enumerate(zip(r, widths))).rstrip())
     return "\n".join(lines)
 
 

@@ -329,7 +329,8 @@ def regime(values: Mapping[str, float | None]) -> str:
     """
     kind = classify_regime(values)
     if kind == UNKNOWN:
-        return "Regime: unknown: neither the divergence, the activation stability nor the kernel alignment was measured."
+        return ("Regime: unknown: neither the divergence, the activation stability nor the kernel alignment was "
+                "measured.")
     evidence = _evidence(values)
     if kind == FEATURE_LEARNING:
         return f"Regime: {kind}: the network left its linearization around w0 ({evidence})."

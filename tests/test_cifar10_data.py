@@ -25,6 +25,7 @@ from lightning_lazy.data.cifar10 import (
     CIFAR10NotFoundError,
     DeviceTensorLoader,
     SyntheticCIFAR10DataModule,
+    default_num_workers,
     normalize_images,
     random_crop_flip,
 )
@@ -277,3 +278,19 @@ def test_synthetic_data_is_deterministic_and_learnable() -> None:
 def test_bad_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         CIFAR10DataModule(**kwargs)
+
+
+@pytest.mark.parametrize(("cores", "processes", "workers"), [(1, 1, 0), (2, 1, 1), (4, 1, 3), (16, 1, 4), (8, 2, 3)])
+def test_default_num_workers_leaves_a_core_per_training_process(
+    cores: int, processes: int, workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Lightning warns below min(2, cores - 1) workers and torch above the cores: neither fires on the default.
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert default_num_workers(processes) == workers
+
+
+def test_loader_uses_the_default_num_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    dm = SyntheticCIFAR10DataModule(num_train=8, num_test=8, batch_size=4, num_workers=None, device_tensors=False)
+    assert dm.train_dataloader().num_workers == 1  # 2 cores: one for the training process, one worker
+    assert CIFAR10DataModule().num_workers is None  # the default, as in the shipped configs

@@ -11,8 +11,9 @@ import pytest
 import torch
 import yaml
 
-from lightning_lazy import cli
-from lightning_lazy.cli import SweepRun, main, resolve_config, resolve_config_args, shipped_configs
+from lightning_lazy import sweep
+from lightning_lazy.cli import main, resolve_config, resolve_config_args, shipped_configs
+from lightning_lazy.sweep import SweepRun
 
 SHIPPED = [
     "vgg11_wide_standard", "vgg11_wide_lazy", "vgg11_wide_linearized",
@@ -137,11 +138,12 @@ def test_optimizer_from_the_command_line(tmp_path: Path) -> None:
 
 
 def test_sweep_writes_csv_figure_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The shipped config as shipped, monitor and twin included (κ too), at toy size: the linearized runs
+    # train the network's tangent model while the monitor's twin and measures run beside it.
     out = tmp_path / "sweep"
     rc = main(["sweep", "--config", "vgg11_wide_lazy", "--alphas", "1", "1e4", "--lrs", "0.05", "1e300",
-               "--output", str(out), "--probe_size", "8", "--trainer.max_epochs=1", *tiny(tmp_path, num_train=16),
-               # The monitor's measures are not what is tested here.
-               "--trainer.callbacks.track_tangent=false", "--trainer.callbacks.measure_ntk=false"])
+               "--output", str(out), "--probe_size", "8", "--trainer.max_epochs=1",
+               *tiny(tmp_path, num_train=16, kappa=True)])
     captured = capsys.readouterr()
     # lr = 1e300 overflows: those runs are reported and the sweep goes on.
     assert rc == 1
@@ -153,7 +155,8 @@ def test_sweep_writes_csv_figure_and_table(tmp_path: Path, capsys: pytest.Captur
     by_lr = {}
     for row in rows:
         by_lr.setdefault(float(row["lr"]), []).append(row)
-    assert all(r["status"] == "ok" for r in by_lr[0.05]) and all(r["status"] == "failed" for r in by_lr[1e300])
+    assert all(r["status"] == "failed" for r in by_lr[1e300])
+    assert [r["error"] for r in by_lr[0.05] if r["status"] != "ok"] == []
     assert {(r["mode"], float(r["alpha"])) for r in by_lr[0.05]} == {
         ("lazy", 1.0), ("lazy", 1e4), ("standard", 1.0), ("linearized", 1.0)}
     for r in by_lr[0.05]:
@@ -179,15 +182,15 @@ def test_sweep_report_picks_the_best_lr_and_survives_failures(tmp_path: Path) ->
         SweepRun("c", "M x1", "standard", 1.0, 0.1, "ok", train_acc=1.0, val_acc=0.8, test_acc=0.8,
                  activation_stability=0.6),
     ]
-    cli.write_table(runs, tmp_path / "t.md")
+    sweep.write_table(runs, tmp_path / "t.md")
     table = (tmp_path / "t.md").read_text()
     # Best lr at alpha = 10 by validation accuracy is 0.01; the failed alpha = 1e7 is no "lazy" row.
     assert "| M x1 | lazy | 10 | 0.01 | 70.0 | 60.0 | 90.0 |" in table
     assert "| M x1 | deep | 1 | 0.1 | 100.0 | 80.0 | 60.0 |" in table
     assert "failed: FloatingPointError: nan" in table
-    cli.write_figure(runs, tmp_path / "f.png")
+    sweep.write_figure(runs, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 1000
-    cli.write_csv(runs, tmp_path / "r.csv")
+    sweep.write_csv(runs, tmp_path / "r.csv")
     rows = list(csv.DictReader(open(tmp_path / "r.csv")))
     assert [r["status"] for r in rows] == ["ok", "ok", "failed", "ok"]
     assert math.isnan(float(rows[2]["test_acc"]))
@@ -199,6 +202,36 @@ def test_sweep_argument_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(["sweep", "--config", "vgg11_wide_lazy", "--model.alpha=3", "--output", str(tmp_path)]) == 2
     assert "--alphas" in capsys.readouterr().err
     assert main(["sweep", "--config", "nope", "--output", str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize("download", [False, True])
+def test_cifar_config_without_the_data_is_one_line_and_leaves_nothing(
+    download: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from torchvision.datasets import CIFAR10
+
+    # Nothing listens on the loopback discard port: the download fails at once, as on a machine offline.
+    monkeypatch.setattr(CIFAR10, "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")
+    monkeypatch.chdir(tmp_path)  # the config's relative folders (runs/, data/) would land here
+    rc = main(["fit", "--config", "vgg11_wide_lazy", "--data.data_dir=data/cifar", f"--data.download={download}",
+               "--data.download_timeout=5", "--model.backbone.init_args.width=1",
+               "--model.backbone.init_args.base_width=2", "--trainer.enable_model_summary=false"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1
+    assert err.startswith("lightning-lazy fit: ") and "\n" not in err and "Traceback" not in err
+    assert ("Could not download CIFAR-10" if download else "CIFAR-10 not found") in err
+    assert "cifar-10-python.tar.gz" in err  # where to get it
+    assert list(tmp_path.iterdir()) == []  # no empty data/ folder, no logs
+
+
+def test_sweep_module_holds_the_sweep_and_cli_only_dispatches() -> None:
+    import inspect
+
+    from lightning_lazy import cli
+
+    source = inspect.getsource(cli)
+    assert "def run_sweep" not in source and "class SweepRun" not in source and "def write_table" not in source
+    assert callable(sweep.run_sweep) and callable(sweep.write_csv) and callable(sweep.write_figure)
 
 
 def test_demo_is_dispatched(monkeypatch: pytest.MonkeyPatch) -> None:

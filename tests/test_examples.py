@@ -110,6 +110,24 @@ def test_two_layer_trajectories_small_tau_moves_large_tau_stays(tmp_path):
     assert [float(r["tau"]) for r in read_csv(out / "two_layer_trajectories.csv")] == [0.1, 2.0]
     assert "two_layer_trajectories" in tensorboard_images(logs)
     assert "lazy/divergence" in tensorboard_scalars(logs)  # the monitor logged through Lightning
+    # The panels name the regime the monitor measured: small τ learns features, large τ is lazy.
+    from lightning_lazy.report import FEATURE_LEARNING, LAZY
+
+    assert (small["regime"], large["regime"]) == (FEATURE_LEARNING, LAZY)
+    assert module.panel_title(small).startswith("τ = 0.1 (feature learning)")
+    assert module.panel_title(large).startswith("τ = 2 (lazy)")
+    fig = module.plot(results, torch.tensor([[1.0, 0.0], [0.0, 1.0], [-0.6, -0.8]]), torch.tensor([1.0, -1.0, 1.0]))
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    assert [ax.get_title() for ax in fig.axes] == [module.panel_title(r) for r in results]
+    for ax in fig.axes:  # every drawn tick label inside the figure: none cut off at its edges
+        for axis, (lo, hi) in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
+            for tick in axis.get_major_ticks():
+                if lo <= tick.get_loc() <= hi and tick.label1.get_text():  # ticks beyond the limits are not drawn
+                    box = tick.label1.get_window_extent(renderer)
+                    assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1, tick.label1.get_text()
+                    assert fig.bbox.y0 <= box.y0 and box.y1 <= fig.bbox.y1, tick.label1.get_text()
+    module.plt.close(fig)
 
 
 def test_teacher_student_tau_lazy_regime_generalises_worse(tmp_path):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -177,7 +178,7 @@ class _InMemoryImageDataModule(pl.LightningDataModule):
         augment: bool = True,
         padding: int = 4,
         val_size: int = 0,
-        num_workers: int = 2,
+        num_workers: int | None = None,
         device_tensors: bool | None = None,
         drop_last: bool = False,
         seed: int = 0,
@@ -192,8 +193,10 @@ class _InMemoryImageDataModule(pl.LightningDataModule):
             )
         if padding < 0:
             raise ValueError(f"padding must be >= 0, got {padding!r}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers!r}")
+        if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 0):
+            raise ValueError(
+                f"num_workers must be >= 0 (or None: one per free CPU core, at most 4), got {num_workers!r}"
+            )
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.augment, self.padding, self.val_size = augment, padding, val_size
         self.num_workers, self.device_tensors, self.drop_last, self.seed = num_workers, device_tensors, drop_last, seed
@@ -260,13 +263,16 @@ class _InMemoryImageDataModule(pl.LightningDataModule):
                 mean=self.mean, std=self.std, drop_last=train and self.drop_last, seed=self.seed, rank=rank,
                 world_size=world,
             )
+        workers = self.num_workers
+        if workers is None:
+            workers = default_num_workers(self.trainer.num_devices if self.trainer is not None else 1)
         return DataLoader(
             TensorDataset(images, labels),
             batch_size=batch_size,
             shuffle=train,
             drop_last=train and self.drop_last,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=workers,
+            persistent_workers=workers > 0,
             pin_memory=device.type == "cuda",
             collate_fn=_Collate(augment, self.padding, self.mean, self.std),
         )
@@ -284,9 +290,31 @@ class _InMemoryImageDataModule(pl.LightningDataModule):
         return self._loader("test", train=False)
 
 
+def default_num_workers(processes_per_machine: int = 1) -> int:
+    """DataLoader workers per training process when ``num_workers`` is None: the CPU cores this process may
+    use, shared among the training processes of the machine, less one for each main process; at most 4.
+
+    The same bound as Lightning's ``suggested_max_num_workers``, so neither Lightning nor torch warns
+    about the worker count (e.g. 1 worker on 2 cores instead of the 4 that used to be configured).
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(4, cores // max(1, processes_per_machine) - 1))
+
+
 def _missing_files(root: Path) -> list[str]:
     folder = root / "cifar-10-batches-py"
     return [name for name in CIFAR10_FILES if not (folder / name).is_file()]
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` (or ``path`` itself) that does not exist yet; None if it exists."""
+    missing = None
+    path = path.absolute()
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
 
 
 def _where_to_put_it(root: Path) -> str:
@@ -311,7 +339,8 @@ class CIFAR10DataModule(_InMemoryImageDataModule):
         padding: crop padding in pixels (4 in the paper).
         val_size: hold out this many training images for validation; 0 (default) validates on the test
             set, as the paper reports test accuracy during training.
-        num_workers: DataLoader worker processes (default path only).
+        num_workers: DataLoader worker processes (default path only); ``None`` (default): one per CPU core
+            left free by the training processes, at most 4 (:func:`default_num_workers`).
         device_tensors: keep the whole data set on the training device and augment there. ``None``
             (default): on when the trainer runs on a CUDA device.
         drop_last: drop the last incomplete training batch.
@@ -328,7 +357,7 @@ class CIFAR10DataModule(_InMemoryImageDataModule):
         augment: bool = True,
         padding: int = 4,
         val_size: int = 0,
-        num_workers: int = 2,
+        num_workers: int | None = None,
         device_tensors: bool | None = None,
         drop_last: bool = False,
         seed: int = 0,
@@ -354,6 +383,10 @@ class CIFAR10DataModule(_InMemoryImageDataModule):
             )
         from torchvision.datasets import CIFAR10
 
+        # A failed download must leave nothing behind: the folders it made, or a partial archive.
+        created = _first_missing(self.data_dir)
+        archive = self.data_dir / CIFAR10.filename
+        had_archive = archive.exists()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # urllib waits forever on a silently dropped connection; bound it so an offline machine fails fast.
         previous = socket.getdefaulttimeout()
@@ -361,6 +394,10 @@ class CIFAR10DataModule(_InMemoryImageDataModule):
         try:
             CIFAR10(str(self.data_dir), train=True, download=True)
         except Exception as err:  # URLError, timeouts, HTTP errors, a bad archive: all mean "not downloaded"
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+            elif not had_archive:
+                archive.unlink(missing_ok=True)
             raise CIFAR10NotFoundError(
                 f"Could not download CIFAR-10 into {self.data_dir} ({type(err).__name__}: {err}); this machine "
                 "may have no network access. " + _where_to_put_it(self.data_dir)

@@ -1,0 +1,164 @@
+"""The laziness figure, the summary and its regime sentence, and the Custom Scalars layout."""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from lightning_lazy import report
+
+TIMES = [0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 100.0]
+PER_TENSOR = {"model.module.0.weight": 0.3, "model.module.0.bias": 0.02, "model.module.2.weight": 0.001}
+
+
+def history(**overrides: float) -> list[dict[str, float]]:
+    """A run that starts at t~ = 0 (a point no log axis can show) and has every key."""
+    rows = []
+    for step, t in enumerate(TIMES):
+        row = {"step": step, "epoch": 0, "normalized_time": t, "divergence": 0.01 * math.sqrt(t), "bound": 0.04 * t**2,
+               "kappa": 0.04, "displacement": 0.001 * t, "tangent_gap": 0.1, "ntk_distance": 0.002 * t,
+               "kernel_alignment": 1 - 1e-4 * t, "activation_stability": 1 - 1e-3 * t}
+        row.update(overrides)
+        rows.append(row)
+    return rows
+
+
+def panel(fig, letter: str):
+    return next(ax for ax in fig.axes if ax.get_title().startswith(f"({letter})"))
+
+
+def plotted_x(ax) -> list[float]:
+    return sorted({float(x) for line in ax.get_lines() for x in np.atleast_1d(line.get_xdata())
+                   if line.get_marker() not in (None, "None", "")})
+
+
+def test_figure_panels_axes_and_tensor_names() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "non-positive values on a log axis" or similar on the way
+        fig = report.laziness_figure(history(), horizon=5.0, per_tensor=PER_TENSOR, title="alpha = 10")
+        fig.canvas.draw()
+    a = panel(fig, "a")
+    assert a.get_xscale() == "log" and a.get_yscale() == "log"
+    labels = [text for text in a.get_legend_handles_labels()[1]]
+    assert any("divergence" in s for s in labels) and any("bound" in s for s in labels)
+    # The line 1 and the horizon t~* = 5 are drawn (axhline / axvline: constant y / x data).
+    assert any(np.allclose(line.get_ydata(), 1.0) for line in a.get_lines())
+    assert any(np.allclose(line.get_xdata(), 5.0) for line in a.get_lines())
+    assert any("horizon" in s and "5" in s for s in labels)
+    # t~ = 0 cannot be drawn on a log axis: skipped, the other 7 points are there.
+    assert plotted_x(a) == TIMES[1:]
+    for letter in "bcd":
+        assert panel(fig, letter).get_xscale() == "log"
+    assert panel(fig, "d").get_yscale() == "log"
+    # Kernel alignment and NTK distance on two y-axes (c has a twin sharing its x-axis).
+    c = panel(fig, "c")
+    assert sum(ax.bbox.bounds == c.bbox.bounds for ax in fig.axes) == 2
+    e = panel(fig, "e")
+    top_down = sorted(zip(e.get_yticks(), (t.get_text() for t in e.get_yticklabels())), reverse=True)
+    assert [name for _, name in top_down] == list(PER_TENSOR)  # the model's order, first tensor at the top
+    assert e.get_xscale() == "log"  # 0.3 and 0.001 are more than two decades apart
+    assert fig._suptitle.get_text() == "alpha = 10"
+
+
+def test_figure_with_one_point_missing_keys_and_nan(tmp_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        one = report.laziness_figure([{"normalized_time": 2.0, "divergence": 0.05}])
+        one.canvas.draw()
+        assert plotted_x(panel(one, "a")) == [2.0] and panel(one, "a").get_yscale() == "log"
+        assert "not measured" in " ".join(t.get_text() for t in panel(one, "b").texts)
+        gaps = report.laziness_figure(history(divergence=math.nan, kernel_alignment=None), horizon=math.inf)
+        gaps.canvas.draw()
+        assert [line.get_label() for line in panel(gaps, "a").get_lines() if "horizon" in line.get_label()] == []
+        only_start = report.laziness_figure([{"normalized_time": 0.0, "divergence": 0.0}], per_tensor={"w": math.nan})
+        only_start.canvas.draw()
+        assert "not measured" in " ".join(t.get_text() for t in panel(only_start, "a").texts)
+    assert "e" not in {ax.get_title()[1:2] for ax in one.axes}  # no per-tensor values: no panel (e)
+
+
+def test_save_figure_and_pixels(tmp_path: Path) -> None:
+    fig = report.laziness_figure(history(), horizon=5.0, per_tensor=PER_TENSOR)
+    path = report.save_figure(fig, tmp_path / "sub" / "laziness.png")
+    assert path == tmp_path / "sub" / "laziness.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+    pixels = report.figure_to_array(fig, dpi=50)
+    assert pixels.dtype == np.uint8 and pixels.shape == (int(fig.get_figheight() * 50), int(fig.get_figwidth() * 50), 3)
+    assert pixels.std() > 10  # not a blank canvas
+
+
+LAZY = {"alpha": 100.0, "kappa0": 0.00424, "horizon": 15.4, "normalized_time": 505.0, "divergence": 0.018,
+        "activation_stability": 0.999, "kernel_alignment": 0.9995, "displacement": 0.00223, "loss": 0.00153,
+        "tangent_loss": 0.00152}
+FEATURES = {"alpha": 0.1, "kappa0": 4.24, "horizon": 0.486, "normalized_time": 505.0, "divergence": 0.128,
+            "activation_stability": 0.75, "kernel_alignment": 0.6, "displacement": 12.7, "loss": 1e-6,
+            "tangent_loss": 0.00152}
+
+
+def test_summary_of_a_lazy_run() -> None:
+    text = report.laziness_summary(LAZY)
+    lines = text.splitlines()
+    assert lines[0] == "Laziness summary"
+    for needle in ("kappa(w0)", "0.00424", "15.4", "505", "0.018", "99.90 %", "0.9995", "0.00223", "0.00153 / 0.00152"):
+        assert needle in text, needle
+    assert lines[-1] == report.regime(LAZY)
+    assert lines[-1].startswith("Regime: lazy (kernel regime):")
+    assert "past the horizon" in lines[-1]  # t~ = 505 > t~* = 15.4: the measures, not the bound, say lazy
+    within = report.regime({**LAZY, "normalized_time": 3.0})
+    assert within.startswith("Regime: lazy") and "within the horizon" in within
+    assert report.classify_regime(LAZY) == report.LAZY
+
+
+def test_summary_of_a_feature_learning_run() -> None:
+    sentence = report.laziness_summary(FEATURES).splitlines()[-1]
+    assert sentence.startswith("Regime: feature learning:") and "75.0 %" in sentence
+    # The verdict comes from the measures, not from alpha: the same measures at alpha = 1000 read the same.
+    assert report.regime({**FEATURES, "alpha": 1000.0}) == sentence
+    # Each measure alone can tell.
+    assert report.classify_regime({"divergence": 0.5}) == report.FEATURE_LEARNING
+    assert report.classify_regime({"activation_stability": 0.8}) == report.FEATURE_LEARNING
+    assert report.classify_regime({"kernel_alignment": 0.5, "divergence": 0.01}) == report.FEATURE_LEARNING
+
+
+def test_summary_in_between_missing_and_nan() -> None:
+    assert report.classify_regime({"divergence": 0.15, "activation_stability": 0.95}) == report.IN_BETWEEN
+    assert report.regime({"divergence": 0.15}).startswith("Regime: in between:")
+    text = report.laziness_summary({"alpha": None, "divergence": 0.02, "kernel_alignment": math.nan, "loss": 0.5})
+    assert "alpha" not in text and "kernel alignment" not in text and "0.5 / n/a" in text
+    assert text.splitlines()[-1].startswith("Regime: lazy")  # Δ is the only measure, and it is small
+    assert report.regime({}).startswith("Regime: unknown")
+
+
+def test_thresholds_are_ordered() -> None:
+    assert report.LAZY_MAX_DIVERGENCE < report.FEATURE_MIN_DIVERGENCE
+    assert report.FEATURE_MAX_ACTIVATION_STABILITY < report.LAZY_MIN_ACTIVATION_STABILITY <= 1
+    assert report.FEATURE_MAX_KERNEL_ALIGNMENT < report.LAZY_MIN_KERNEL_ALIGNMENT <= 1
+
+
+def test_custom_scalars_layout_one_kind_per_chart() -> None:
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    from torch.utils.tensorboard.summary import custom_scalars
+
+    layout = report.custom_scalars_layout()
+    charts = [(title, spec) for category in layout.values() for title, spec in category.items()]
+    tags_seen = set()
+    for title, (kind, patterns) in charts:
+        assert kind == "Multiline"
+        tags = [re.sub(r"\\(.)", r"\1", p.removesuffix("$")) for p in patterns]
+        kinds = {report.TAG_KINDS[tag] for tag in tags}
+        assert len(kinds) == 1, f"chart {title!r} mixes {kinds}"
+        for tag, pattern in zip(tags, patterns):
+            assert re.match(pattern, tag) and not re.match(pattern, tag + "_per_tensor")
+        tags_seen.update(tags)
+    assert tags_seen == set(report.TAG_KINDS)  # every tag has a chart
+    # Δ and the bound share a chart; displacement, tangent gap and NTK distance no longer do.
+    by_tag = {t: title for title, (_, patterns) in charts for t in patterns}
+    assert by_tag["lazy/divergence$"] == by_tag["lazy/bound$"]
+    assert len({by_tag["lazy/displacement$"], by_tag["lazy/tangent_gap$"], by_tag["lazy/ntk_distance$"]}) == 3
+    # What SummaryWriter.add_custom_scalars writes, read back as TensorBoard reads it.
+    written = layout_pb2.Layout.FromString(custom_scalars(layout).value[0].tensor.string_val[0])
+    assert [chart.title for category in written.category for chart in category.chart] == [t for t, _ in charts]
+    assert list(written.category[0].chart[0].multiline.tag) == layout["lazy training"][charts[0][0]][1]
