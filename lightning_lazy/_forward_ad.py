@@ -48,16 +48,22 @@ def _has_weight_norm(module: nn.Module | None) -> bool:
                                       for m in module.modules())
 
 
+def composite_weight_norm(args: tuple, kwargs: dict) -> torch.Tensor:
+    """``torch._weight_norm(v, g, dim)`` by its composite formula v · g / ‖v‖ (norm over every dimension but
+    ``dim``): the fused kernel ``_weight_norm_interface`` has no forward-AD rule; this is the same function,
+    and has one."""
+    v, g = args[0], args[1]
+    dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+    return v * (g / torch.norm_except_dim(v, 2, dim))
+
+
 class _CompositeWeightNorm(TorchFunctionMode):
-    """``torch._weight_norm`` by its composite formula v · g / ‖v‖ (norm over every dimension but ``dim``): the
-    fused kernel ``_weight_norm_interface`` has no forward-AD rule; this is the same function, and has one."""
+    """Every ``torch._weight_norm`` call by :func:`composite_weight_norm`."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch protocol
         kwargs = kwargs or {}
         if func is torch._weight_norm:
-            v, g = args[0], args[1]
-            dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
-            return v * (g / torch.norm_except_dim(v, 2, dim))
+            return composite_weight_norm(args, kwargs)
         return func(*args, **kwargs)
 
 

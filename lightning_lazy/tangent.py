@@ -24,7 +24,7 @@ from torch.nn.utils.parametrizations import _SpectralNorm
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map
 
-from lightning_lazy._forward_ad import forward_ad_safe
+from lightning_lazy._forward_ad import composite_weight_norm, forward_ad_safe
 from lightning_lazy._params import _BATCHNORM_TYPES, FrozenParams, batchnorm_eval, functional_call
 
 BATCHNORM_POLICIES = ("frozen", "batch")
@@ -55,10 +55,8 @@ class _TangentRules(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch protocol
         kwargs = kwargs or {}
-        if func is torch._weight_norm:
-            v, g = args[0], args[1]
-            dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
-            return v * (g / torch.norm_except_dim(v, 2, dim))
+        if func is torch._weight_norm:  # also under torch.compile, where forward_ad_safe is not entered
+            return composite_weight_norm(args, kwargs)
         # nn.Linear / nn.ConvNd pass (input, weight, bias, ...) positionally; anything else takes the
         # general rule.
         if (self.constant_input_shortcut and func in _PARAMETER_LINEAR_OPS and len(args) >= 3
