@@ -212,14 +212,6 @@ class LazyTrainingMonitor(Callback):
         self._hook(optimizer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.measures is None:
-            self.measures = self._make_probe(trainer, pl_module)
-            try:
-                self.measures.measure_initial(self._measured_names())
-            except ValueError as error:
-                raise MisconfigurationException(f"LazyTrainingMonitor: {error}") from None
-            if self.measures.initial_relu is None:
-                rank_zero_warn("LazyTrainingMonitor: the model applies no ReLU, so lazy/activation_stability is not logged.")
         # On every rank: under DDP trainer.log_dir is a collective call. Without a logger there is no run folder.
         self._log_folder = trainer.log_dir if trainer.loggers else None
         writer = _tensorboard(trainer)
@@ -227,6 +219,17 @@ class LazyTrainingMonitor(Callback):
             from lightning_lazy.report import custom_scalars_layout
 
             writer.add_custom_scalars(custom_scalars_layout())
+
+    def _measure_at_w0(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Draw the probe and measure at w0, at the first training batch: by then the user's own hooks
+        (``on_train_epoch_start`` putting a frozen backbone in eval, say) have set the modes training uses."""
+        self.measures = self._make_probe(trainer, pl_module)
+        try:
+            self.measures.measure_initial(self._measured_names())
+        except ValueError as error:
+            raise MisconfigurationException(f"LazyTrainingMonitor: {error}") from None
+        if self.measures.initial_relu is None:
+            rank_zero_warn("LazyTrainingMonitor: the model applies no ReLU, so lazy/activation_stability is not logged.")
         if self.initial_kappa is not None:
             rank_zero_info(
                 f"LazyTrainingMonitor: alpha = {self._loss_scale ** -0.5:g}, ||Dh(w0)|| = "
@@ -257,6 +260,8 @@ class LazyTrainingMonitor(Callback):
         return {} if self.measures is None else self.measures.timings
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.measures is None:
+            self._measure_at_w0(trainer, pl_module)
         if self.twin is None:
             return
         # The trainer converts inputs inside training_step (e.g. to float64 under precision="64-true").
@@ -414,7 +419,8 @@ class LazyTrainingMonitor(Callback):
             raise MisconfigurationException(
                 f"LazyTrainingMonitor(model={self.model!r}) names a {type(module).__name__}, not an nn.Module"
             )
-        if self.model is None and type(pl_module).forward is pl.LightningModule.forward:
+        if self.model is None and type(pl_module).forward.__qualname__ in ("LightningModule.forward",
+                                                                          "Module._forward_unimplemented"):
             # LightningModule.forward is nn.Module's: it raises a bare "missing forward" error.
             raise MisconfigurationException(
                 f"{type(pl_module).__name__} has no forward(), so LazyTrainingMonitor cannot call it: say what to "
@@ -501,6 +507,11 @@ class LazyTrainingMonitor(Callback):
             x, y = self.probe if isinstance(self.probe, (tuple, list)) else (self.probe, None)
         else:
             x, y, _ = self._probe_from_train_set(trainer)
+        if not isinstance(x, Tensor):
+            raise MisconfigurationException(
+                f"LazyTrainingMonitor needs the model input x as one tensor, got a {type(x).__name__}: for several "
+                "inputs, stack them in batch_to_xy and unpack them in model=lambda module, x: module(x[:, 0], x[:, 1])"
+            )
         if len(x) == 0:
             raise ValueError("the probe set is empty: give probe tensors with at least one example")
         x, y = trainer.strategy.broadcast((x, y))
@@ -547,6 +558,8 @@ class LazyTrainingMonitor(Callback):
         return values
 
     def _measure_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, on_step: bool) -> None:
+        if self.measures is None:
+            return  # no training batch has run: nothing was measured at w0
         values = self.measure(pl_module)
         per_tensor = values.pop("displacement_per_tensor")
         self._last_per_tensor = per_tensor

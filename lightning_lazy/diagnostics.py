@@ -1075,7 +1075,8 @@ def ntk_distance(kernel: Tensor, initial_kernel: Tensor) -> Tensor:
 def kernel_alignment(kernel: Tensor, initial_kernel: Tensor) -> Tensor:
     """⟨Θ_t, Θ_0⟩_F / (‖Θ_t‖_F ‖Θ_0‖_F): 1 when the kernel has only been rescaled."""
     _check_kernels(kernel, initial_kernel)
-    return (kernel * initial_kernel).sum() / (kernel.norm() * initial_kernel.norm())
+    # Cauchy-Schwarz bounds it by 1; rounding must not take it past (1.00001 was seen in float32).
+    return ((kernel * initial_kernel).sum() / (kernel.norm() * initial_kernel.norm())).clamp(-1.0, 1.0)
 
 
 # ----------------------------------------------------------------------------------------------------

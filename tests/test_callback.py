@@ -314,3 +314,43 @@ def test_a_loss_with_sample_weights_from_the_batch(tmp_path):
         warnings.filterwarnings("error", message=".*twin's loss.*")
         trainer(tmp_path, [monitor], max_epochs=1).fit(Weighted(alpha=None), loader)
     assert math.isfinite(monitor.history[-1]["divergence"])
+
+
+def test_backbone_put_in_eval_by_a_hook_at_learning_rate_0_moves_nothing(tmp_path):
+    # The usual fine-tuning idiom: the pretrained backbone (BatchNorm with its own statistics) goes to eval in
+    # on_train_epoch_start, after the monitor's on_train_start; validation runs every epoch.
+    class FineTune(Regressor):
+        def __init__(self):
+            super().__init__(alpha=None, lr=0.0)
+            self.backbone = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU())
+            with torch.no_grad():
+                self.backbone[1].running_mean.uniform_(-1, 1)
+                self.backbone[1].running_var.uniform_(0.5, 2)
+            self.backbone.requires_grad_(False)
+            self.model = torch.nn.Linear(16, 2)
+
+        def forward(self, x):
+            return self.model(self.backbone(x))
+
+        def on_train_epoch_start(self):
+            self.backbone.eval()
+
+    train, val = loaders()
+    monitor = LazyTrainingMonitor("mse")
+    trainer(tmp_path, [monitor], max_epochs=2).fit(FineTune(), train, val)
+    for entry in monitor.history:
+        assert entry["divergence"] == 0.0 and entry["ntk_distance"] == 0.0, entry
+        assert entry["activation_stability"] == 1.0 and entry["kernel_alignment"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_several_inputs_as_x_get_a_clear_error(tmp_path):
+    x, y = loaders()[0].dataset.tensors
+    loader = DataLoader(TensorDataset(x, x, y), batch_size=16)
+
+    class TwoInputs(Regressor):
+        def _loss(self, batch):
+            return super()._loss((batch[0], batch[2]))
+
+    monitor = LazyTrainingMonitor(batch_to_xy=lambda b: ((b[0], b[1]), b[2]))
+    with pytest.raises(MisconfigurationException, match="x as one tensor.*stack them"):
+        trainer(tmp_path, [monitor], max_epochs=1).fit(TwoInputs(alpha=10.0), loader)
