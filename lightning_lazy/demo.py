@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightning-lazy demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.1, 1.0, 10.0, 100.0],
                         help="output scales to train at (default: 0.1 1 10 100)")
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--d", type=int, default=10, help="input dimension")
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--n-train", type=int, default=65536)
@@ -102,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
                              "other, and on a busy machine much longer)")
     parser.add_argument("--log-dir", default="lightning_logs",
                         help="TensorBoard root (default ./lightning_logs); each run of the demo adds demo/version_N/")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 epochs (seconds of training), for tests")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, at most 2 epochs (seconds of training), for tests")
     parser.add_argument("--no-progress", action="store_true", help="hide Lightning's progress bar")
     return parser
 
