@@ -122,6 +122,29 @@ def probe_mode(module: nn.Module) -> Iterator[None]:
             m.track_running_stats = track
 
 
+class RNGState:
+    """The global random-number state (CPU, and the CUDA devices ``module``'s parameters are on), taken now,
+    to restore it or to replay it later."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.devices = sorted({p.device.index or 0 for p in module.parameters() if p.is_cuda})
+        self.cpu = torch.get_rng_state()
+        self.cuda = [torch.cuda.get_rng_state(d) for d in self.devices]
+
+    def restore(self) -> None:
+        """Set the global state back to this one."""
+        torch.set_rng_state(self.cpu)
+        for device, state in zip(self.devices, self.cuda):
+            torch.cuda.set_rng_state(state, device)
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        """The global RNG starts from this state inside; the state from before is restored after."""
+        with torch.random.fork_rng(devices=self.devices):
+            self.restore()
+            yield
+
+
 def check_finite(tensor: Tensor, what: str) -> None:
     """Raise ``ValueError`` when ``tensor`` holds NaN or inf: a measure of it would be meaningless."""
     if not torch.isfinite(tensor).all():

@@ -25,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map
 
 from lightning_lazy._forward_ad import composite_weight_norm, forward_ad_safe
-from lightning_lazy._params import _BATCHNORM_TYPES, FrozenParams, batchnorm_eval, functional_call
+from lightning_lazy._params import _BATCHNORM_TYPES, FrozenParams, RNGState, batchnorm_eval, functional_call
 
 BATCHNORM_POLICIES = ("frozen", "batch")
 
@@ -258,7 +258,7 @@ class LinearizedModel(nn.Module):
         def record(_module: nn.Module, _inputs: Any, output: Any) -> None:
             produced.extend((t, t._version) for t in tree_leaves(output) if isinstance(t, Tensor))
 
-        rng = _RNGState(self.module)
+        rng = RNGState(self.module)
         calls = [0]
         handles = [inner.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1)),
                    inner.register_forward_hook(record)]
@@ -348,20 +348,6 @@ def _outermost_linearized(module: nn.Module) -> list[tuple[str, LinearizedModel]
         if isinstance(sub, LinearizedModel) and not any(name.startswith(p + ".") or p == "" for p, _ in found):
             found.append((name, sub))
     return found
-
-
-class _RNGState:
-    """The global random-number state (CPU and the CUDA devices of ``module``), to restore it."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.devices = sorted({p.device.index or 0 for p in module.parameters() if p.is_cuda})
-        self.cpu = torch.get_rng_state()
-        self.cuda = [torch.cuda.get_rng_state(d) for d in self.devices]
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        for device, state in zip(self.devices, self.cuda):
-            torch.cuda.set_rng_state(state, device)
 
 
 # ------------------------------------------------------------------------------------ spectral norm

@@ -26,7 +26,7 @@ What makes the two paths comparable (each is needed; each is tested):
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_lazy._forward_ad import forward_ad_safe
-from lightning_lazy._params import probe_mode
+from lightning_lazy._params import RNGState, probe_mode
 from lightning_lazy.tangent import LinearizedModel
 
 OutputSelector = Callable[[Any], Tensor]
@@ -84,28 +84,6 @@ class Watched(nn.Module):
         return select_output(out, self.output)
 
 
-def _rng_devices(module: nn.Module) -> list[int]:
-    return sorted({p.device.index or 0 for p in module.parameters() if p.is_cuda})
-
-
-class _RNGState:
-    """The global random-number state (CPU and the CUDA devices given), to replay it later."""
-
-    def __init__(self, devices: list[int]) -> None:
-        self.devices = devices
-        self.cpu = torch.get_rng_state()
-        self.cuda = [torch.cuda.get_rng_state(d) for d in devices]
-
-    @contextlib.contextmanager
-    def replay(self) -> Iterator[None]:
-        """The global RNG starts from this state inside; the state from before is restored after."""
-        with torch.random.fork_rng(devices=self.devices):
-            torch.set_rng_state(self.cpu)
-            for device, cuda in zip(self.devices, self.cuda):
-                torch.cuda.set_rng_state(cuda, device)
-            yield
-
-
 class TangentTwin:
     """The tangent model of ``real`` trained in lock-step with it by a copy of ``optimizer``.
 
@@ -145,7 +123,7 @@ class TangentTwin:
         self._buffer_pairs = list(zip(real.buffers(), self.model.module.buffers()))
         self.optimizer = self._new_optimizer(optimizer)
         self._real_optimizer = optimizer
-        self._rng: _RNGState | None = None
+        self._rng: RNGState | None = None
         self._armed = False
         self._handles: list[Any] = []
 
@@ -209,12 +187,12 @@ class TangentTwin:
 
     def arm(self) -> None:
         """A training batch starts: remember the RNG state now, replaced by the one at the real forward's start."""
-        self._rng = _RNGState(_rng_devices(self.real))
+        self._rng = RNGState(self.real)
         self._armed = True
 
     def _capture_rng(self, _module: nn.Module, _args: Any) -> None:
         if self._armed and torch.is_grad_enabled():
-            self._rng = _RNGState(_rng_devices(self.real))
+            self._rng = RNGState(self.real)
             self._armed = False
 
     # ------------------------------------------------------------------------------------ lock-step
