@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import math
-import os
 from pathlib import Path
 from types import ModuleType
 
@@ -23,17 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-@pytest.fixture(autouse=True)
-def _restore_global_state():
-    """The examples seed globally (pl.seed_everything) and set torch threads; keep other tests unaffected."""
-    seed_env, rng, threads = os.environ.get("PL_GLOBAL_SEED"), torch.get_rng_state(), torch.get_num_threads()
-    yield
-    if seed_env is None:
-        os.environ.pop("PL_GLOBAL_SEED", None)
-    else:
-        os.environ["PL_GLOBAL_SEED"] = seed_env
-    torch.set_rng_state(rng)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("restore_global_state")  # the examples seed and set threads globally
 
 
 def load_example(name: str) -> ModuleType:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -16,17 +15,7 @@ pytest.importorskip("matplotlib")
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "finetuning_regime.py"
 
 
-@pytest.fixture(autouse=True)
-def _restore_global_state():
-    """The example seeds globally (pl.seed_everything) and sets torch threads; keep other tests unaffected."""
-    seed_env, rng, threads = os.environ.get("PL_GLOBAL_SEED"), torch.get_rng_state(), torch.get_num_threads()
-    yield
-    if seed_env is None:
-        os.environ.pop("PL_GLOBAL_SEED", None)
-    else:
-        os.environ["PL_GLOBAL_SEED"] = seed_env
-    torch.set_rng_state(rng)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("restore_global_state")  # the example seeds and sets threads globally
 
 
 def _load():
