@@ -198,18 +198,21 @@ class LazyTrainingMonitor(Callback):
                 "LazyTrainingMonitor cannot follow LBFGS: it re-evaluates its closure several times per step. Use a "
                 "first-order optimizer, or LazyTrainingMonitor(track_tangent=False) to keep the other measures."
             )
-        self._objective, self._loss_scale = self._resolve_objective(pl_module)
-        self._watched = self._resolve_watched(pl_module)
-        if self.track_tangent:
-            self.twin = TangentTwin(self._watched, optimizer, self._objective, clip=self._clipper(trainer),
-                                    reduce_gradients=self._reducer(trainer))
-        loaded, self._loaded = self._loaded, None
-        if loaded is not None:
-            self._restore(loaded, pl_module)
+        self._build(pl_module, optimizer, clip=self._clipper(trainer), reduce_gradients=self._reducer(trainer))
         self._names = {id(p): name for name, p in self._watched.named_parameters()}
         self._trained |= {self._names[id(p)] for g in optimizer.param_groups for p in g["params"]
                           if p.requires_grad and id(p) in self._names}
         self._hook(optimizer)
+
+    def _build(self, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer, **twin_options: Any) -> None:
+        """Resolve the objective and the watched network, make the twin, and apply a loaded checkpoint state."""
+        self._objective, self._loss_scale = self._resolve_objective(pl_module)
+        self._watched = self._resolve_watched(pl_module)
+        if self.track_tangent:
+            self.twin = TangentTwin(self._watched, optimizer, self._objective, **twin_options)
+        loaded, self._loaded = self._loaded, None
+        if loaded is not None:
+            self._restore(loaded, pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # On every rank: under DDP trainer.log_dir is a collective call. Without a logger there is no run folder.
@@ -624,13 +627,9 @@ class LazyTrainingMonitor(Callback):
     def _prepare_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Before validate/test: restore the twin from a checkpoint if one was loaded, or say why there is none."""
         if self._loaded is not None and self.track_tangent and trainer.state.fn != "fit":
-            self._objective, self._loss_scale = self._resolve_objective(pl_module)
-            self._watched = self._resolve_watched(pl_module)
-            optimizer = torch.optim.SGD(self._watched.parameters(), lr=0.0)  # replaced by the saved groups
-            loaded, self._loaded = self._loaded, None
-            with torch.inference_mode(False):  # validate/test hooks run in inference mode: the twin must not
-                self.twin = TangentTwin(self._watched, optimizer, self._objective)
-                self._restore(loaded, pl_module)
+            # The saved groups replace this optimizer's; validate/test hooks run in inference mode: the twin must not.
+            with torch.inference_mode(False):
+                self._build(pl_module, torch.optim.SGD(pl_module.parameters(), lr=0.0))
         if self.twin is None and self.track_tangent and not self._warned_no_twin and trainer.state.fn != "fit":
             self._warned_no_twin = True
             rank_zero_warn(
