@@ -141,35 +141,51 @@ def extreme_eigenpair(
     magnitude across a restart, but convergence slows towards that of power iteration as ``max_basis``
     shrinks: keep it ≥ 8 where memory allows). Each product counts against ``max_iter``.
 
-    ``full_reorthogonalization=False`` orthogonalizes each new vector against the last two only (the
-    three-term recurrence, made robust): for huge vectors (parameter space, millions of numbers) and cheap
+    ``full_reorthogonalization=False`` keeps the three-term recurrence only (Paige's form, four elementwise
+    passes per product, in place): for huge vectors (parameter space, millions of numbers) and cheap
     products, full re-orthogonalization is what costs most (on a 4 M-parameter MLP with a 16-example probe,
     nine tenths of a Hessian search). Lost orthogonality then only repeats converged Ritz values ("ghosts"),
-    which leaves the extreme one, the one returned, correct.
+    which leaves the extreme one, the one returned, correct (Paige 1976). ``matvec`` must return a new
+    tensor: it is updated in place (one that shares its argument's memory is copied first).
     """
     limit = max(1, min(max_iter, start.numel()))
     capacity = max(2, max_basis) if max_basis is not None else limit
-    q = start / start.norm()
+    q = (start / start.norm()).reshape(-1)
     done = 0
     shape = start.shape
     while True:
-        # Rows of one preallocated matrix: re-orthogonalization is then two matrix-vector products per pass
-        # (one pass over memory each) instead of 4·k elementwise passes.
+        # Full re-orthogonalization: rows of one preallocated matrix, so that each pass is two matrix-vector
+        # products (one pass over memory each) instead of 4·k elementwise passes. Three-term: a list of vectors,
+        # which the allocator can serve from memory already touched (a fresh matrix of several parameter-sized
+        # rows is a new mapping, and its page faults cost about two elementwise passes per row).
         rows = min(capacity, limit - done)
-        matrix = start.new_empty((rows, start.numel()))
+        matrix = start.new_empty((rows, start.numel())) if full_reorthogonalization else []
         size = 0
         alphas: list[float] = []
         betas: list[float] = []
         converged = False
         while done < limit and size < rows:
-            matrix[size] = q.reshape(-1)
+            if full_reorthogonalization:
+                matrix[size] = q
+            else:
+                matrix.append(q)  # q is not written to again
             size += 1
-            w = matvec(q).reshape(-1)
+            w = matvec(q.reshape(shape)).reshape(-1)
+            if w.untyped_storage().data_ptr() == q.untyped_storage().data_ptr():
+                w = w.clone()  # w is updated in place below
             done += 1
-            alphas.append(float(q.reshape(-1) @ w))
-            basis = matrix[:size] if full_reorthogonalization else matrix[max(0, size - 2):size]
-            for _ in range(2):  # classical Gram-Schmidt twice is enough (Kahan, Parlett)
-                w = w - basis.T @ (basis @ w)
+            if full_reorthogonalization:
+                alphas.append(float(q @ w))
+                basis = matrix[:size]
+                for _ in range(2):  # classical Gram-Schmidt twice is enough (Kahan, Parlett)
+                    w = w - basis.T @ (basis @ w)
+            else:
+                # Paige's form of the recurrence (the stable one), in place: a new parameter-sized tensor costs
+                # its page faults too. w ← Aq − β q_prev, α = ⟨q, w⟩, w ← w − α q.
+                if size > 1:
+                    w.sub_(matrix[size - 2], alpha=betas[-1])
+                alphas.append(float(q @ w))
+                w.sub_(q, alpha=alphas[-1])
             beta = float(w.norm())
             tridiagonal = torch.diag(torch.tensor(alphas, dtype=torch.float64))
             if betas:
@@ -186,13 +202,18 @@ def extreme_eigenpair(
                 converged = True
                 break
             betas.append(beta)
-            q = (w / beta).reshape(shape)
+            q = w.div_(beta)
         coefficients = evecs[:, index].to(dtype=start.dtype, device=start.device)
-        vector = (matrix[:size].T @ coefficients).reshape(shape)
-        vector = vector / vector.norm()
+        if full_reorthogonalization:
+            vector = coefficients @ matrix[:size]  # not matrix.T @ c: a transposed matrix-vector product is slow
+        else:
+            vector = matrix[0].mul_(coefficients[0])  # the basis is not needed any more
+            for coefficient, row in zip(coefficients[1:], matrix[1:]):
+                vector.add_(row, alpha=float(coefficient))
+        vector = vector.div_(vector.norm())
         if converged or done >= limit:
-            return theta.to(dtype=start.dtype, device=start.device), vector
-        del matrix, basis
+            return theta.to(dtype=start.dtype, device=start.device), vector.reshape(shape)
+        del matrix
         q = vector  # explicit restart from the Ritz vector
 
 

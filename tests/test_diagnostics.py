@@ -253,6 +253,35 @@ def test_lanczos_with_a_bounded_basis_restarts_and_still_converges():
     assert abs(full.item() - value.item()) < 1e-8
 
 
+@pytest.mark.parametrize("max_basis", [None, 6])
+def test_three_term_lanczos_finds_the_extreme_eigenpair_of_an_explicit_matrix(max_basis):
+    # The recurrence without re-orthogonalization (what the Hessian search runs): ghosts may appear, the extreme
+    # pair may not be wrong. The extreme eigenvalue is the negative one here.
+    torch.manual_seed(1)
+    q, _ = torch.linalg.qr(torch.randn(80, 80, dtype=torch.float64))
+    spectrum = torch.cat([torch.tensor([-2.0, 1.9]), torch.linspace(1.5, -1.5, 78)]).double()
+    matrix = q @ torch.diag(spectrum) @ q.T
+    start = torch.randn(80, dtype=torch.float64)
+    before = start.clone()
+    value, vector = D.extreme_eigenpair(matrix.__matmul__, start, max_iter=300, tol=1e-12, max_basis=max_basis,
+                                        full_reorthogonalization=False)
+    assert value.item() == pytest.approx(-2.0, abs=1e-9)
+    assert abs(float(vector @ q[:, 0])) == pytest.approx(1.0, abs=1e-6)
+    assert float(vector.norm()) == pytest.approx(1.0, abs=1e-12)
+    assert torch.equal(start, before), "the start vector is the caller's"
+
+
+def test_lanczos_does_not_write_into_what_its_product_returns_shared():
+    # The recurrence updates the product in place; an operator returning its argument (the identity) is copied.
+    start = torch.randn(30, dtype=torch.float64)
+    before = start.clone()
+    for full in (True, False):
+        value, vector = D.extreme_eigenpair(lambda v: v, start, max_iter=5, full_reorthogonalization=full)
+        assert value.item() == pytest.approx(1.0, abs=1e-12)
+        assert torch.allclose(vector, before / before.norm(), atol=1e-12)
+    assert torch.equal(start, before)
+
+
 def test_hessian_norm_under_a_tiny_memory_budget_matches_the_full_basis(probe):
     net = mlp()
     full = D.hessian_norm(net, probe).item()
