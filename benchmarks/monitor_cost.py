@@ -4,16 +4,16 @@ empirical NTK against nngeometry and neural-tangents.
 Models at CIFAR shape (3×32×32, 10 classes): an MLP 3072-1024-1024-10, this package's VGG-11 ×1
 (``lightning_lazy.models.vgg.VGG11``) and torchvision's ``resnet18(num_classes=10)``. The unit is one plain
 training step (forward, ½ squared error, backward, SGD step) at batch 128, timed in the same run. The
-measures are called as ``lightning_lazy/callback.py`` calls them (probe 256, κ on its first 32, NTK on its
-first 16; the careful Hessian search at fit start, the warm-started one at an epoch's end), on the functional
-model the monitor builds (``probe_mode`` + ``forward_ad_safe`` + ``functional_call``).
+measures are the monitor's own: a ``LazinessProbe`` with its defaults (probe 256, κ and NTK on its first 16,
+the careful ‖D²h‖ search at fit start, the warm-started one at an epoch's end) and a ``TangentTwin``, timed
+by the probe itself (``LazinessProbe.timings``), as ``lightning_lazy/callback.py`` runs them.
 
     python benchmarks/monitor_cost.py --output benchmarks/results/monitor_cost-cpu.json
     python benchmarks/monitor_cost.py --quick                      # seconds: tiny models, for the smoke test
     python benchmarks/monitor_cost.py --ntk-only --models mlp,vgg11_8 --products
 
 neural-tangents runs, when ``--nt-python`` (default ``/work/nt-venv/bin/python``) exists, in its own process
-(see ``../shared/PEERS.md``), on the same weights and inputs. This file is also that worker (``--nt-worker``):
+(its own virtual environment with JAX; see ``benchmarks/README.md``), on the same weights and inputs. This file is also that worker (``--nt-worker``):
 it then imports only JAX and neural-tangents.
 """
 
@@ -133,21 +133,6 @@ def build_model(name: str, quick: bool):
     raise ValueError(f"unknown model {name!r}")
 
 
-def functional(model):
-    """The monitor's functional model (callback.py ``_function``)."""
-    from torch.func import functional_call
-
-    from lightning_lazy._forward_ad import forward_ad_safe
-    from lightning_lazy._params import probe_mode
-
-    def fn(params, x):
-        with probe_mode(model), forward_ad_safe(model, "monitor_cost"):
-            output = functional_call(model, params, (x,))
-        return output.reshape(len(x), -1)
-
-    return fn
-
-
 def plain_step_seconds(model, x, y, repeats: int) -> float:
     import torch
 
@@ -171,61 +156,83 @@ def plain_step_seconds(model, x, y, repeats: int) -> float:
 
 
 def monitor_measures(model, args, device) -> dict:
-    """Each measure of the monitor at fit start and at one epoch's end, in seconds (the monitor's settings)."""
+    """Each measure of the monitor at fit start and at one epoch's end, in seconds: the monitor's own
+    ``LazinessProbe`` (its defaults: κ probe, NTK probe, Hessian searches) with a ``TangentTwin``, as
+    ``lightning_lazy/callback.py`` runs them, timed by the probe itself (``LazinessProbe.timings``)."""
     import torch
 
-    from lightning_lazy import diagnostics
-    from lightning_lazy.probe import CAREFUL_HESSIAN, WARM_HESSIAN, LazinessProbe
-    from lightning_lazy.tangent import LinearizedModel
+    from lightning_lazy.probe import LazinessProbe
+    from lightning_lazy.scaling import half_squared_error
+    from lightning_lazy.twin import TangentTwin
 
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(args.probe_size, 3, 32, 32, generator=generator).to(device)
     y = torch.randint(0, 10, (args.probe_size,), generator=generator).to(device)
-    fn = functional(model)
+    model.train()  # as during training: the probe sees train-mode BatchNorm on the probe's statistics
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
     w0 = {k: v.detach().clone() for k, v in model.named_parameters()}
-    # w: a small move away from w0, as after an epoch
+    twin = TangentTwin(model, torch.optim.SGD(model.parameters(), lr=0.0), half_squared_error)
+    probe = LazinessProbe(model, x, y, kappa_probe_size=args.kappa_probe_size, ntk_probe_size=args.ntk_probe_size)
+    probe.measure_initial(names)
+    fit_start = {k: v for k, v in probe.timings["initial"].items() if k != "total"}
+    # w: a small move away from w0, as after an epoch, for the network and its twin alike
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(1e-3 * p.norm() / max(p.numel(), 1) ** 0.5 * torch.randn_like(p))
+        for name, p in twin.model.module.named_parameters():
+            p.copy_(dict(model.named_parameters())[name])
+    values = probe.measure(names, time=1.0, twin=twin)
+    epoch_end = dict(probe.timings["last"])
+    with torch.no_grad():  # back to w0 for the plain step timed after
+        for name, p in model.named_parameters():
+            p.copy_(w0[name])
+    kept = ("kappa", "jacobian_norm", "hessian_norm", "ntk_distance", "activation_stability", "divergence")
+    values = {k: values[k] for k in kept if k in values}
+    values.update({f"{k}_w0": v for k, v in (probe.initial_kappa_parts or {}).items()})
+    return {"seconds": {"fit_start": fit_start, "epoch_end": epoch_end}, "values": values}
+
+
+def hessian_study(model, args, device) -> dict:
+    """Accuracy against cost of ‖D²h‖ searches on the κ probe: at w0 from a random start (the search at fit
+    start), then at moved weights warm-started from the monitor's fit-start direction (the search at an epoch's
+    end); each value against a long reference search at the same weights (a lower bound too: a setting can
+    beat it)."""
+    import torch
+
+    from lightning_lazy import diagnostics
+    from lightning_lazy.probe import CAREFUL_HESSIAN, LazinessProbe
+
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(args.probe_size, 3, 32, 32, generator=generator).to(device)
+    model.train()
+    probe = LazinessProbe(model, x, None, kappa_probe_size=args.kappa_probe_size, measure_ntk=False)
+    fn, xk = probe.function(), x[: args.kappa_probe_size]
+    w0 = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    torch.manual_seed(3)
     w = {k: v + 1e-3 * v.norm() / max(v.numel(), 1) ** 0.5 * torch.randn_like(v) for k, v in w0.items()}
-    n_kappa, n_ntk = min(args.kappa_probe_size, len(x)), min(args.ntk_probe_size, len(x))
-    twin = LinearizedModel(model).to(device)
-    timings: dict[str, dict[str, float]] = {"fit_start": {}, "epoch_end": {}}
+    seconds: dict[str, dict[str, float]] = {"fit_start": {}, "epoch_end": {}}
+    values: dict[str, dict[str, float]] = {"fit_start": {}, "epoch_end": {}}
+    reference = {"max_iter": 16, "max_rounds": 4, "restarts": 3}
 
-    def timed(bucket, name, compute):
+    def run(bucket, label, params, **options):
         started = time.perf_counter()
-        result = compute()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        timings[bucket][name] = time.perf_counter() - started
-        return result
+        value, direction = diagnostics.hessian_norm(fn, xk, params, return_direction=True, **options)
+        seconds[bucket][label] = time.perf_counter() - started
+        values[bucket][label] = value.item()
+        return direction
 
-    with torch.no_grad():
-        timed("fit_start", "output", lambda: fn(w0, x))
-    states0 = timed("fit_start", "activation_states", lambda: diagnostics.relu_states(fn, x, w0))
-    hessian0, direction = timed("fit_start", "hessian_norm", lambda: diagnostics.hessian_norm(
-        fn, x[:n_kappa], w0, return_direction=True, **CAREFUL_HESSIAN))
-    k0 = timed("fit_start", "kappa_rest", lambda: diagnostics.kappa(
-        fn, x[:n_kappa], y[:n_kappa], w0, jacobian_kwargs={"tol": 1e-3}, hessian=hessian0))
-    # The monitor's kernel: BatchNorm on the probe's statistics held fixed (see LazinessProbe.kernel).
-    probe = LazinessProbe(model, x, y, kappa_probe_size=n_kappa, ntk_probe_size=n_ntk)
-    kernel0 = timed("fit_start", "ntk", lambda: probe.kernel(w0))
-
-    with torch.no_grad():
-        output = timed("epoch_end", "divergence_real_forward", lambda: fn(w, x))
-        twin.eval()
-        tangent = timed("epoch_end", "divergence_twin_forward", lambda: twin(x).reshape(len(x), -1))
-    hessian, _ = timed("epoch_end", "hessian_norm", lambda: diagnostics.hessian_norm(
-        fn, x[:n_kappa], w, return_direction=True, start=direction, **WARM_HESSIAN))
-    result = timed("epoch_end", "kappa_rest", lambda: diagnostics.kappa(
-        fn, x[:n_kappa], y[:n_kappa], w, jacobian_kwargs={"tol": 1e-3}, hessian=hessian))
-    kernel = timed("epoch_end", "ntk", lambda: probe.kernel(w))
-    stability = timed("epoch_end", "activation_stability", lambda: diagnostics.activation_stability(
-        fn, x, w, initial_states=states0))
-    values = {
-        "kappa_w0": k0.value.item(), "jacobian_norm_w0": k0.jacobian_norm.item(), "hessian_norm_w0": hessian0.item(),
-        "kappa": result.value.item(), "hessian_norm": hessian.item(),
-        "ntk_distance": diagnostics.ntk_distance(kernel, kernel0).item(), "activation_stability": stability.item(),
-        "divergence_numerator": (output - tangent).norm().item(),
-    }
-    return {"seconds": timings, "values": values}
+    run("fit_start", "reference", w0, **reference)
+    for setting in ((4, 2, 1), (6, 2, 1), (8, 2, 1), (12, 2, 1), (4, 3, 1), (6, 3, 1), (8, 3, 1), (4, 4, 1), (6, 4, 1),
+                    (12, 3, 2)):
+        label = str(setting) + (" (default)" if setting == tuple(CAREFUL_HESSIAN.values()) else "")
+        direction = run("fit_start", label, w0, **dict(zip(("max_iter", "max_rounds", "restarts"), setting)))
+        if label.endswith("(default)"):
+            start = direction
+    run("epoch_end", "reference", w, start=start, **reference)
+    for iterations in (1, 2, 3, 4, 8):
+        run("epoch_end", f"warm ({iterations}, 1, 1)", w, start=start, max_iter=iterations, max_rounds=1, restarts=1)
+    return {"seconds": seconds, "values": values}
 
 
 def ntk_comparison(model, args, device) -> dict:
@@ -335,6 +342,8 @@ def parse_args(argv=None):
     parser.add_argument("--nt-jacobian-limit-gib", type=float, default=2.0,
                         help="skip neural-tangents' Jacobian contraction when its Jacobian exceeds this")
     parser.add_argument("--quick", action="store_true", help="tiny models and probes: seconds")
+    parser.add_argument("--hessian-study", action="store_true",
+                        help="instead of the monitor's measures: accuracy against cost of ‖D²h‖ search settings")
     parser.add_argument("--output", help="write the results as JSON here")
     parser.add_argument("--nt-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -376,18 +385,19 @@ def main(argv=None) -> dict:
             generator = torch.Generator().manual_seed(0)
             batch = torch.randn(128 if not args.quick else 16, 3, 32, 32, generator=generator).to(device)
             target = torch.randint(0, 10, (len(batch),), generator=generator).to(device)
-            step = plain_step_seconds(model, batch, target, max(args.repeats, 3))
-            record = monitor_measures(model, args, device)
-            record["plain_step_seconds"] = step
+            before = plain_step_seconds(model, batch, target, max(args.repeats, 3))
+            record = hessian_study(model, args, device) if args.hessian_study else monitor_measures(model, args, device)
+            after = plain_step_seconds(model, batch, target, max(args.repeats, 3))  # load drift check
+            # The unit: the mean of the plain step timed just before and just after the measures.
+            step = (before + after) / 2
+            record.update(plain_step_seconds=step, plain_step_seconds_before=before, plain_step_seconds_after=after)
             record["parameters"] = sum(p.numel() for p in model.parameters())
             record["in_steps"] = {
                 bucket: {k: v / step for k, v in times.items()} for bucket, times in record["seconds"].items()
             }
             record["total_in_steps"] = {bucket: sum(v.values()) for bucket, v in record["in_steps"].items()}
-            step_again = plain_step_seconds(model, batch, target, max(args.repeats, 3))  # load drift check
-            record["plain_step_seconds_after"] = step_again
             results["monitor"][name] = record
-            print_monitor(name, record)
+            (print_study if args.hessian_study else print_monitor)(name, record)
     for name in filter(None, "" if args.quick and args.ntk_models == "mlp,vgg11_8" else args.ntk_models.split(",")):
         model = build_model(name, args.quick).to(device)
         results["ntk"][name] = ntk_comparison(model, args, device)
@@ -405,13 +415,27 @@ def main(argv=None) -> dict:
 def print_monitor(name: str, record: dict) -> None:
     step = record["plain_step_seconds"]
     print(f"\n{name}: {record['parameters'] / 1e6:.2f} M parameters, plain training step (batch 128) "
-          f"{step * 1e3:.1f} ms (again after: {record['plain_step_seconds_after'] * 1e3:.1f} ms)")
-    print(f"  {'measure':<28} | {'seconds':>8} | {'plain steps':>11}")
+          f"{step * 1e3:.1f} ms (before the measures {record['plain_step_seconds_before'] * 1e3:.1f} ms, after "
+          f"{record['plain_step_seconds_after'] * 1e3:.1f} ms)")
+    print(f"  {'measure':<42} | {'seconds':>8} | {'plain steps':>11}")
     for bucket in ("fit_start", "epoch_end"):
         for measure, seconds in record["seconds"][bucket].items():
-            print(f"  {bucket + ': ' + measure:<28} | {seconds:8.3f} | {seconds / step:11.2f}")
-        print(f"  {bucket + ': TOTAL':<28} | {sum(record['seconds'][bucket].values()):8.3f} | "
+            print(f"  {bucket + ': ' + measure:<42} | {seconds:8.3f} | {seconds / step:11.2f}")
+        print(f"  {bucket + ': TOTAL':<42} | {sum(record['seconds'][bucket].values()):8.3f} | "
               f"{record['total_in_steps'][bucket]:11.2f}")
+
+
+def print_study(name: str, record: dict) -> None:
+    step = record["plain_step_seconds"]
+    print(f"\n{name}: ‖D²h‖ searches on the κ probe, in plain training steps ({step * 1e3:.1f} ms); "
+          f"value relative to the reference search at the same weights")
+    print(f"  {'search (max_iter, max_rounds, restarts)':<44} | {'steps':>6} | {'value':>10} | {'vs ref.':>8}")
+    for bucket in ("fit_start", "epoch_end"):
+        reference = record["values"][bucket]["reference"]
+        for setting, seconds in record["seconds"][bucket].items():
+            value = record["values"][bucket][setting]
+            print(f"  {bucket + ': ' + setting:<44} | {seconds / step:6.1f} | {value:10.5g} | "
+                  f"{value / reference - 1:+8.1%}")
 
 
 def print_ntk(name: str, contenders: dict, args) -> None:

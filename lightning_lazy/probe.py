@@ -30,8 +30,9 @@ from lightning_lazy.scaling import as_regression_target
 
 # ‖D²h‖ searches: at w0 one start, 2 alternation rounds of 8 Lanczos steps; then warm-started from the last
 # direction, which 2 Lanczos steps follow along training. Measured on an MLP 3072-1024-1024-10 with 16 probe
-# inputs (one thread, in plain training steps of batch 128): 31 steps for 12.82 where (12, 3, 2) takes 117
-# for 13.60 (5.7 % more; the search returns a lower bound); a warm step then 5.8 steps, reaching 13.05.
+# inputs (`python benchmarks/monitor_cost.py --models mlp --hessian-study`, one thread, in plain training steps
+# of batch 128): 21 steps, 5.6 % below a (16, 4, 3) search (the search returns a lower bound); (8, 3, 1) is
+# 0.6 % below for 30 steps, too many for the fit-start budget of 30. The warm search: 4.2 steps, 1.9 % below.
 CAREFUL_HESSIAN = {"max_iter": 8, "max_rounds": 2, "restarts": 1}
 WARM_HESSIAN = {"max_iter": 2, "max_rounds": 1, "restarts": 1}
 
@@ -49,6 +50,18 @@ class LazinessProbe:
 
     Raises ``ValueError`` when the output has not one row per example, the targets do not fit the output,
     or the network has no parameter.
+
+    Work shared between measures: the constructor's forward gives h(w0) and the ReLU states at w0; each later
+    measurement runs one forward of the probe for both Δ's output and activation stability; ‖Dh‖ is read off
+    the empirical NTK (its top eigenvalue) when that kernel is the network's own on the κ probe (the same
+    examples, no BatchNorm statistics held), otherwise found by Lanczos.
+
+    Cost with the defaults (probe 256, κ and NTK on its first 16), in plain training steps (forward, ½ squared
+    error, backward, SGD step at batch 128) of the same model, one CPU thread, ``python
+    benchmarks/monitor_cost.py``: at w0 22.8 / 7.4 / 11.0 steps, each later measurement 8.2 / 4.3 / 7.9 steps,
+    for an MLP 3072-1024-1024-10 / VGG-11 ×1 / torchvision resnet18 at CIFAR shape; the ‖D²h‖ searches are most
+    of it (see :data:`CAREFUL_HESSIAN` for their accuracy). Δ, the NTK and activation stability are exact on
+    the probe; ‖Dh‖ is exact from the kernel, within ``tol=1e-3`` (relative, on ‖Dh‖²) by Lanczos.
     """
 
     def __init__(self, network: nn.Module, x: Tensor, y: Tensor | None, *, kappa_probe_size: int = 16,
@@ -60,7 +73,10 @@ class LazinessProbe:
         if not self.initial:
             raise ValueError(f"{type(network).__name__} has no parameter to measure")
         self.x = x
-        output = self.output(x, flatten=False)
+        self.timings: dict[str, dict[str, float]] = {}
+        started = time.perf_counter()
+        output, states = self._output_and_states(x, flatten=False)  # one forward: the output and the ReLU states
+        self._first_forward_seconds = time.perf_counter() - started
         if y is None:
             y = torch.zeros_like(output)
         try:
@@ -75,21 +91,25 @@ class LazinessProbe:
         self.initial_kappa: float | None = None
         self.initial_jacobian_norm: float | None = None
         self.initial_kappa_parts: dict[str, float] | None = None
-        self.initial_relu: list[Tensor] | None = None
+        self.initial_relu: list[Tensor] | None = states or None
         self.hessian_direction: Tensor | None = None
         self.hessian_names: tuple[str, ...] = ()
-        self.timings: dict[str, dict[str, float]] = {}
 
     # ------------------------------------------------------------------------------------ the network
 
     def output(self, x: Tensor, flatten: bool = True) -> Tensor:
         """The network on ``x`` as the measures see it, no gradient: ``[N, K]`` (or its own shape)."""
-        with torch.no_grad(), probe_mode(self.network), forward_ad_safe(self.network, "LazyTrainingMonitor"):
+        return self._output_and_states(x, flatten)[0]
+
+    def _output_and_states(self, x: Tensor, flatten: bool = True) -> tuple[Tensor, list[Tensor]]:
+        """:meth:`output` and the ReLU states of that same forward (:func:`diagnostics.recording_relu_states`)."""
+        with (torch.no_grad(), probe_mode(self.network), forward_ad_safe(self.network, "LazyTrainingMonitor"),
+              diagnostics.recording_relu_states() as states):
             output = self.network(x)
         if output.dim() == 0 or output.shape[0] != len(x):
             raise ValueError(f"the measures need one output row per example; the model returned "
                              f"{tuple(output.shape)} for {len(x)} inputs")
-        return output.reshape(len(x), -1) if flatten else output
+        return (output.reshape(len(x), -1) if flatten else output), states
 
     def function(self) -> Callable[[dict[str, Tensor], Tensor], Tensor]:
         """The network as a functional model ``fn(params, x) -> [N, K]`` for :mod:`diagnostics`."""
@@ -110,35 +130,37 @@ class LazinessProbe:
     def _timed(self, bucket: str, name: str, compute: Callable[[], Any]) -> Any:
         started = time.perf_counter()
         result = compute()
+        if self.x.is_cuda:
+            torch.cuda.synchronize(self.x.device)  # the time of the work, not of its launch
         self.timings.setdefault(bucket, {})[name] = time.perf_counter() - started
         return result
 
     # ------------------------------------------------------------------------------------- at w0
 
     def measure_initial(self, names: Sequence[str]) -> None:
-        """Measure at w0 what later values are compared with: ReLU states, κ(w0) and ‖Dh(w0)‖, the NTK.
-        ``names``: the parameters to differentiate (those trained)."""
+        """Measure at w0 what later values are compared with: κ(w0) and ‖Dh(w0)‖, the NTK (the ReLU states were
+        recorded by the constructor's forward). ``names``: the parameters to differentiate (those trained)."""
         started = time.perf_counter()
-        self.timings["initial"] = {}
-        self.initial_relu = self._timed("initial", "activation_states", lambda: self._relu_states(self.initial))
+        self.timings["initial"] = {"output_and_activation_states": self._first_forward_seconds}
         names = tuple(names)
         if not names:
             raise ValueError("the model has no trainable parameter: nothing to measure")
         initial = {name: self.initial[name] for name in names}
+        exact_kernel = None
+        if self.measure_ntk:
+            self.initial_kernel, exact = self._timed("initial", "ntk", lambda: self._kernel(initial))
+            self.kernel_names = names
+            exact_kernel = self.initial_kernel if exact else None
         if self.measure_kappa:
-            result = self._timed("initial", "kappa", lambda: self._kappa(initial, careful=True))
+            result = self._kappa(initial, "initial", careful=True, kernel=exact_kernel)
             self.initial_kappa = result.value.item()
             self.initial_jacobian_norm = result.jacobian_norm.item()
             self.initial_kappa_parts = {"kappa": self.initial_kappa, "jacobian_norm": self.initial_jacobian_norm,
                                         "hessian_norm": result.hessian_norm.item()}
         else:
-            n = min(self.kappa_probe_size, len(self.x))
-            self.initial_jacobian_norm = self._timed("initial", "jacobian_norm", lambda: diagnostics.jacobian_norm(
-                self.function(), self.x[:n], initial, tol=1e-4).item())
-        if self.measure_ntk:
-            self.initial_kernel = self._timed("initial", "ntk", lambda: self.kernel(initial))
-            self.kernel_names = names
-        self.timings["initial"]["total"] = time.perf_counter() - started
+            self.initial_jacobian_norm = self._timed(
+                "initial", "jacobian_norm", lambda: self._jacobian_norm(initial, exact_kernel)).item()
+        self.timings["initial"]["total"] = time.perf_counter() - started + self._first_forward_seconds
 
     @property
     def laziness_horizon(self) -> float:
@@ -149,22 +171,28 @@ class LazinessProbe:
 
     # ------------------------------------------------------------------------------------- now
 
-    def _relu_states(self, params: dict[str, Tensor]) -> list[Tensor] | None:
-        return diagnostics.relu_states(self.function(), self.x, params) or None
+    def _jacobian_norm(self, params: dict[str, Tensor], kernel: Tensor | None) -> Tensor:
+        """‖Dh‖ on the κ probe: from ``kernel`` (the exact NTK of the probe's first examples) when those are the
+        κ probe's, at no further cost; otherwise by Lanczos (``tol=1e-3``: within 3e-5 of ``1e-6``)."""
+        n = min(self.kappa_probe_size, len(self.x))
+        if kernel is not None and n == min(self.ntk_probe_size, len(self.x)):  # the same inputs, whatever couples them
+            return diagnostics.jacobian_norm_from_ntk(kernel, n)
+        return diagnostics.jacobian_norm(self.function(), self.x[:n], params, tol=1e-3)
 
-    def _kappa(self, params: dict[str, Tensor], careful: bool = False) -> diagnostics.Kappa:
+    def _kappa(self, params: dict[str, Tensor], bucket: str, careful: bool = False,
+               kernel: Tensor | None = None) -> diagnostics.Kappa:
         n = min(self.kappa_probe_size, len(self.x))
         names = tuple(params)
         if careful or self.hessian_direction is None or names != self.hessian_names:
             options = dict(CAREFUL_HESSIAN)
         else:
             options = {**WARM_HESSIAN, "start": self.hessian_direction}
-        hessian, self.hessian_direction = diagnostics.hessian_norm(
-            self.function(), self.x[:n], params, return_direction=True, **options
-        )
+        hessian, self.hessian_direction = self._timed(bucket, "hessian_norm", lambda: diagnostics.hessian_norm(
+            self.function(), self.x[:n], params, return_direction=True, **options))
         self.hessian_names = names
-        return diagnostics.kappa(self.function(), self.x[:n], self.y[:n], params, jacobian_kwargs={"tol": 1e-3},
-                                 hessian=hessian)
+        return self._timed(bucket, "kappa_rest", lambda: diagnostics.kappa(
+            self.function(), self.x[:n], self.y[:n], params, hessian=hessian,
+            jacobian=None if kernel is None else self._jacobian_norm(params, kernel), jacobian_kwargs={"tol": 1e-3}))
 
     def kernel(self, params: dict[str, Tensor]) -> Tensor:
         """The empirical NTK on the first ``ntk_probe_size`` examples. BatchNorm layers that normalize by batch
@@ -172,10 +200,14 @@ class LazinessProbe:
         left out, as for a kernel taken in eval mode): examples then do not interact, and the kernel costs time
         linear in the probe size (structured derivatives) instead of quadratic. At fixed weights it is as fixed
         as every other measure."""
+        return self._kernel(params)[0]
+
+    def _kernel(self, params: dict[str, Tensor]) -> tuple[Tensor, bool]:
+        """:meth:`kernel`, and whether it is the exact NTK of :meth:`function` (no BatchNorm statistics held)."""
         x = self.x[: self.ntk_probe_size]
         statistics = self._batch_statistics(params, x)
         if not statistics:
-            return diagnostics.empirical_ntk(self.function(), x, params=params)
+            return diagnostics.empirical_ntk(self.function(), x, params=params), True
         network, layers = self.network, [layer for layer, _ in statistics.values()]
 
         def fn(p: dict[str, Tensor], inputs: Tensor) -> Tensor:
@@ -186,7 +218,7 @@ class LazinessProbe:
                 output = functional_call(network, tensors, (inputs,))
             return output.reshape(len(inputs), -1)
 
-        return diagnostics.empirical_ntk(fn, x, params=params)
+        return diagnostics.empirical_ntk(fn, x, params=params), False
 
     def _batch_statistics(self, params: dict[str, Tensor], x: Tensor) -> dict[str, tuple[nn.Module, list]]:
         """``{layer name: (layer, [(buffer name, batch mean / biased variance of its input on x)])}`` for the
@@ -194,6 +226,8 @@ class LazinessProbe:
         layers = {name: m for name, m in self.network.named_modules()
                   if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.running_mean is not None}
         found: dict[str, tuple[nn.Module, list]] = {}
+        if not layers:
+            return found  # no forward needed to find none
 
         def record(name: str) -> Callable:
             def hook(module: nn.Module, inputs: tuple) -> None:
@@ -235,9 +269,11 @@ class LazinessProbe:
             )
         values["displacement"] = moved.total.item()
         values["displacement_per_tensor"] = {name: float(v) for name, v in moved.per_tensor.items()}
+        if twin is not None or self.initial_relu is not None:
+            # One forward of the probe gives the divergence its output and activation stability its states.
+            output, states = timed("output_and_activation_states", lambda: self._output_and_states(self.x))
         if twin is not None:
             x = self.x
-            output = timed("output", lambda: self.output(x))
             tangent_output = timed("tangent_output", lambda: twin.probe_output(x).reshape(len(x), -1))
             values["divergence"] = diagnostics.path_divergence(output, tangent_output, self.y,
                                                                self.initial_output).item()
@@ -245,25 +281,26 @@ class LazinessProbe:
             gap = torch.sqrt(sum(((params[k] - twin_params[k]) ** 2).sum() for k in params))
             moved_norm = torch.sqrt(sum(v**2 for v in moved.absolute.values()))
             values["tangent_gap"] = (gap / moved_norm).item() if float(moved_norm) > 0 else 0.0
+        exact_kernel = None
+        if self.measure_ntk and self.initial_kernel is not None:
+            if names != self.kernel_names:
+                # Parameters were unfrozen: compare kernels over the same parameters, the new set at w0.
+                self.initial_kernel, self.kernel_names = self.kernel(initial), names
+            kernel, exact = timed("ntk", lambda: self._kernel(params))
+            exact_kernel = kernel if exact else None
+            values["ntk_distance"] = diagnostics.ntk_distance(kernel, self.initial_kernel).item()
+            values["kernel_alignment"] = diagnostics.kernel_alignment(kernel, self.initial_kernel).item()
         if self.measure_kappa:
             if moved.total.item() == 0.0 and self.initial_kappa_parts is not None:
                 # At w0 itself: the numbers measured there (a warm-started ‖D²h‖ search could refine its lower
                 # bound, and κ would seem to move while the weights do not).
                 values.update(self.initial_kappa_parts)
             else:
-                result = timed("kappa", lambda: self._kappa(params))
+                result = self._kappa(params, "last", kernel=exact_kernel)
                 values.update(kappa=result.value.item(), jacobian_norm=result.jacobian_norm.item(),
                               hessian_norm=result.hessian_norm.item())
-        if self.measure_ntk and self.initial_kernel is not None:
-            if names != self.kernel_names:
-                # Parameters were unfrozen: compare kernels over the same parameters, the new set at w0.
-                self.initial_kernel, self.kernel_names = self.kernel(initial), names
-            kernel = timed("ntk", lambda: self.kernel(params))
-            values["ntk_distance"] = diagnostics.ntk_distance(kernel, self.initial_kernel).item()
-            values["kernel_alignment"] = diagnostics.kernel_alignment(kernel, self.initial_kernel).item()
         if self.initial_relu is not None:
-            now = timed("activation_stability", lambda: self._relu_states(params))
-            values["activation_stability"] = _stability(now, self.initial_relu)
+            values["activation_stability"] = _stability(states, self.initial_relu)
         return values
 
     # ------------------------------------------------------------------------------------- state

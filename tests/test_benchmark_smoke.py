@@ -99,9 +99,8 @@ def test_monitor_cost_quick_run_writes_json(tmp_path: Path) -> None:
     record = results["monitor"]["mlp"]
     assert record["plain_step_seconds"] > 0
     expected = {
-        "fit_start": {"output", "activation_states", "hessian_norm", "kappa_rest", "ntk"},
-        "epoch_end": {"divergence_real_forward", "divergence_twin_forward", "hessian_norm", "kappa_rest", "ntk",
-                      "activation_stability"},
+        "fit_start": {"output_and_activation_states", "hessian_norm", "kappa_rest", "ntk"},
+        "epoch_end": {"output_and_activation_states", "tangent_output", "hessian_norm", "kappa_rest", "ntk"},
     }
     for bucket, names in expected.items():
         assert set(record["seconds"][bucket]) == names
@@ -110,7 +109,7 @@ def test_monitor_cost_quick_run_writes_json(tmp_path: Path) -> None:
                 record["seconds"][bucket][name] / record["plain_step_seconds"])
         assert record["total_in_steps"][bucket] == pytest.approx(sum(record["in_steps"][bucket].values()))
     values = record["values"]
-    assert values["kappa_w0"] > 0 and 0 < values["activation_stability"] <= 1
+    assert values["kappa_w0"] > 0 and 0 < values["activation_stability"] <= 1 and values["divergence"] > 0
     assert math.isfinite(values["ntk_distance"]) and values["ntk_distance"] > 0  # the weights were moved
     ntk = results["ntk"]["mlp"]
     assert ntk["lightning_lazy"]["relative_difference"] == 0.0

@@ -300,3 +300,37 @@ def test_activation_stability_from_precomputed_initial_states(probe):
     assert D.activation_stability(net, probe, params, initial_states=states).item() == expected.item() < 1.0
     with pytest.raises(ValueError, match="initial_params or initial_states"):
         D.activation_stability(net, probe, params)
+
+
+def test_jacobian_norm_from_the_ntk_is_the_top_singular_value(probe):
+    net = mlp()
+    n = probe.shape[0]
+    sigma = torch.linalg.svdvals(explicit_jacobian(net, probe))[0].item() / math.sqrt(n)
+    kernel = D.empirical_ntk(net, probe)
+    assert D.jacobian_norm_from_ntk(kernel, n).item() == pytest.approx(sigma, rel=1e-12)
+    with pytest.raises(ValueError, match="square"):
+        D.jacobian_norm_from_ntk(kernel[:, :-1], n)
+    with pytest.raises(ValueError, match="over 4 inputs"):
+        D.jacobian_norm_from_ntk(kernel, 4)  # 27 rows are not 4 examples' outputs
+
+
+def test_kappa_with_a_jacobian_norm_given_equals_kappa_computing_it(probe):
+    net = mlp()
+    target = torch.randn(9, 3, dtype=torch.float64)
+    hessian = D.hessian_norm(net, probe)
+    computed = D.kappa(net, probe, target, hessian=hessian, jacobian_kwargs={"tol": 1e-12})
+    given = D.kappa(net, probe, target, hessian=hessian,
+                    jacobian=D.jacobian_norm_from_ntk(D.empirical_ntk(net, probe), probe.shape[0]))
+    for a, b in zip(computed, given):
+        assert a.item() == pytest.approx(b.item(), rel=1e-9)
+
+
+def test_relu_states_recorded_during_a_forward_are_those_of_relu_states(probe):
+    net = mlp(act=nn.ReLU)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    with D.recording_relu_states() as states, torch.no_grad():
+        output = net(probe)
+    assert len(states) == 2
+    for a, b in zip(states, D.relu_states(net, probe, params)):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(output, net(probe))
