@@ -229,16 +229,19 @@ def jacobian_norm(
     max_iter: int = 100,
     tol: float = 1e-6,
     seed: int = 0,
+    start: Tensor | None = None,
 ) -> Tensor:
     """‖Dh(w)‖ = σ_max(J) / √N, J = ∂h(x; w)/∂w the ``[N·K, P]`` probe Jacobian, matrix-free.
 
     Lanczos on J Jᵀ (``[N·K, N·K]``), each product one vjp (reusing one recorded backward) and one jvp; the
     Lanczos basis lives in the N·K output space, so its memory is at most ``max_iter``·N·K numbers
     whatever the parameter count. Returns a 0-dim tensor in the output's dtype. Cost: one forward, then
-    one vjp + one jvp per iteration; converged to ``tol`` (relative, on σ²) in 10-40 iterations on the
-    models of ``benchmarks/monitor_cost.py`` (the monitor uses ``tol=1e-3``).
+    one vjp + one jvp per iteration, until the Ritz residual is below ``tol`` (relative, on σ²): 10-40
+    iterations on the models of ``benchmarks/monitor_cost.py`` from a random start (the monitor uses
+    ``tol=1e-3``). ``start`` (``[N, K]`` or ``[N·K]``, e.g. the top eigenvector of a nearby kernel)
+    replaces the random start vector (drawn from ``seed``).
     """
-    return _jacobian_norm_and_output(model, x, params, max_iter=max_iter, tol=tol, seed=seed)[0]
+    return _jacobian_norm_and_output(model, x, params, max_iter=max_iter, tol=tol, seed=seed, start=start)[0]
 
 
 def jacobian_norm_from_ntk(kernel: Tensor, num_inputs: int) -> Tensor:
@@ -258,7 +261,8 @@ def jacobian_norm_from_ntk(kernel: Tensor, num_inputs: int) -> Tensor:
 
 
 def _jacobian_norm_and_output(
-    model: ModelLike, x: Tensor, params: Params | None, *, max_iter: int = 100, tol: float = 1e-6, seed: int = 0
+    model: ModelLike, x: Tensor, params: Params | None, *, max_iter: int = 100, tol: float = 1e-6, seed: int = 0,
+    start: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     _check_probe(x)
     params = _trainable_params(model, params)
@@ -271,7 +275,12 @@ def _jacobian_norm_and_output(
             (direction,) = vjp_fn(u)
             return jvp(f, (params,), (direction,))[1]
 
-        largest, _ = extreme_eigenpair(gram, _random_like(out, seed), max_iter=max_iter, tol=tol)
+        if start is None:
+            start = _random_like(out, seed)
+        elif start.numel() != out.numel():
+            raise ValueError(f"start must have one number per output, {tuple(out.shape)}, got {tuple(start.shape)}")
+        start = start.reshape(out.shape).to(dtype=out.dtype, device=out.device)
+        largest, _ = extreme_eigenpair(gram, start, max_iter=max_iter, tol=tol)
     return torch.sqrt(largest.clamp_min(0) / out.shape[0]), out.detach()
 
 
@@ -307,11 +316,9 @@ def hessian_norm(
 
     Cost, in Hessian-vector products (each about two backward passes of the probe): at most
     restarts·max_rounds·max_iter, plus restarts·max_rounds forward-over-forward D²h[u, u] (each about two
-    products). The monitor's settings (``lightning_lazy.probe``): at fit start ``max_iter=8, max_rounds=2,
-    restarts=1`` (16 products + 2 D²h), then, warm-started from the last direction, ``max_iter=2,
-    max_rounds=1, restarts=1`` (2 products + 1 D²h). Measured on an MLP 3072-1024-1024-10, 16 probe inputs
-    (``python benchmarks/monitor_cost.py --hessian-study``): 21 and 4.2 plain training steps (batch 128),
-    5.6 % and 1.9 % below a 16-iteration, 4-round, 3-start search.
+    products). The monitor's settings (``lightning_lazy.probe``, where their measured cost and accuracy
+    are): at fit start ``max_iter=4, max_rounds=4, restarts=1`` (16 products + 4 D²h), then, warm-started
+    from the last direction, ``max_iter=2, max_rounds=1, restarts=1`` (2 products + 1 D²h).
 
     ``start`` (a flat ``[P]`` direction, e.g. the one returned by an earlier call with
     ``return_direction=True``) replaces the first random start: tracking ‖D²h‖ along training then needs

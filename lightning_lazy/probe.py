@@ -28,12 +28,16 @@ from lightning_lazy._forward_ad import forward_ad_safe
 from lightning_lazy._params import functional_call, probe_mode
 from lightning_lazy.scaling import as_regression_target
 
-# ‖D²h‖ searches: at w0 one start, 2 alternation rounds of 8 Lanczos steps; then warm-started from the last
-# direction, which 2 Lanczos steps follow along training. Measured on an MLP 3072-1024-1024-10 with 16 probe
-# inputs (`python benchmarks/monitor_cost.py --models mlp --hessian-study`, one thread, in plain training steps
-# of batch 128): 21 steps, 5.6 % below a (16, 4, 3) search (the search returns a lower bound); (8, 3, 1) is
-# 0.6 % below for 30 steps, too many for the fit-start budget of 30. The warm search: 4.2 steps, 1.9 % below.
-CAREFUL_HESSIAN = {"max_iter": 8, "max_rounds": 2, "restarts": 1}
+# ‖D²h‖ searches: at w0 one start, 3 alternation rounds of 4 Lanczos steps; then warm-started from the last
+# direction, which 2 Lanczos steps follow along training. Chosen by `python benchmarks/monitor_cost.py
+# --accuracy-study` (one thread; cost in plain training steps of batch 128; value against a (16, 4, 3) search
+# at the same weights; every search returns a lower bound). On the MLP 3072-1024-1024-10 / VGG-11 ×1 / resnet18
+# (train-mode BatchNorm): (4, 3, 1) costs 19 / 4.7 / 7.8 steps for −5.5 / −3.8 / −17 %, the earlier (8, 2, 1)
+# 21 / 5.2 / 8.2 for −5.6 / −4.3 / −18 %: rounds (new output directions c) gain more than Lanczos steps.
+# (4, 4, 1) reaches −3.0 / +0.3 / −15 % for 22 / 6.1 / 10 steps, too close to the fit-start budget of 30 on
+# the MLP. resnet18's search stops at a local maximum from one start; (12, 3, 2) reaches −8 % for 33 steps.
+# The warm search: 4.2 / 1.1 / 1.3 steps, −1.9 / −3.5 / −12 %.
+CAREFUL_HESSIAN = {"max_iter": 4, "max_rounds": 3, "restarts": 1}
 WARM_HESSIAN = {"max_iter": 2, "max_rounds": 1, "restarts": 1}
 
 
@@ -146,20 +150,19 @@ class LazinessProbe:
         if not names:
             raise ValueError("the model has no trainable parameter: nothing to measure")
         initial = {name: self.initial[name] for name in names}
-        exact_kernel = None
+        exact = False
         if self.measure_ntk:
             self.initial_kernel, exact = self._timed("initial", "ntk", lambda: self._kernel(initial))
             self.kernel_names = names
-            exact_kernel = self.initial_kernel if exact else None
         if self.measure_kappa:
-            result = self._kappa(initial, "initial", careful=True, kernel=exact_kernel)
+            result = self._kappa(initial, "initial", careful=True, kernel=self.initial_kernel, exact=exact)
             self.initial_kappa = result.value.item()
             self.initial_jacobian_norm = result.jacobian_norm.item()
             self.initial_kappa_parts = {"kappa": self.initial_kappa, "jacobian_norm": self.initial_jacobian_norm,
                                         "hessian_norm": result.hessian_norm.item()}
         else:
             self.initial_jacobian_norm = self._timed(
-                "initial", "jacobian_norm", lambda: self._jacobian_norm(initial, exact_kernel)).item()
+                "initial", "jacobian_norm", lambda: self._jacobian_norm(initial, self.initial_kernel, exact)).item()
         self.timings["initial"]["total"] = time.perf_counter() - started + self._first_forward_seconds
 
     @property
@@ -171,16 +174,21 @@ class LazinessProbe:
 
     # ------------------------------------------------------------------------------------- now
 
-    def _jacobian_norm(self, params: dict[str, Tensor], kernel: Tensor | None) -> Tensor:
-        """‖Dh‖ on the κ probe: from ``kernel`` (the exact NTK of the probe's first examples) when those are the
-        κ probe's, at no further cost; otherwise by Lanczos (``tol=1e-3``: within 3e-5 of ``1e-6``)."""
+    def _jacobian_norm(self, params: dict[str, Tensor], kernel: Tensor | None, exact: bool) -> Tensor:
+        """‖Dh‖ on the κ probe. When ``kernel`` is on the same examples: exact from it if it is the network's own
+        NTK (``exact``), at no further cost; if it holds BatchNorm statistics fixed, its top eigenvector starts
+        Lanczos (which then converges in a few products). Otherwise Lanczos from a random start. Lanczos stops
+        at ``tol=1e-3`` (relative Ritz residual on ‖Dh‖²)."""
         n = min(self.kappa_probe_size, len(self.x))
-        if kernel is not None and n == min(self.ntk_probe_size, len(self.x)):  # the same inputs, whatever couples them
-            return diagnostics.jacobian_norm_from_ntk(kernel, n)
-        return diagnostics.jacobian_norm(self.function(), self.x[:n], params, tol=1e-3)
+        start = None
+        if kernel is not None and n == min(self.ntk_probe_size, len(self.x)):  # the same inputs
+            if exact:
+                return diagnostics.jacobian_norm_from_ntk(kernel, n)
+            start = torch.linalg.eigh(kernel.double()).eigenvectors[:, -1]
+        return diagnostics.jacobian_norm(self.function(), self.x[:n], params, tol=1e-3, start=start)
 
     def _kappa(self, params: dict[str, Tensor], bucket: str, careful: bool = False,
-               kernel: Tensor | None = None) -> diagnostics.Kappa:
+               kernel: Tensor | None = None, exact: bool = False) -> diagnostics.Kappa:
         n = min(self.kappa_probe_size, len(self.x))
         names = tuple(params)
         if careful or self.hessian_direction is None or names != self.hessian_names:
@@ -192,7 +200,7 @@ class LazinessProbe:
         self.hessian_names = names
         return self._timed(bucket, "kappa_rest", lambda: diagnostics.kappa(
             self.function(), self.x[:n], self.y[:n], params, hessian=hessian,
-            jacobian=None if kernel is None else self._jacobian_norm(params, kernel), jacobian_kwargs={"tol": 1e-3}))
+            jacobian=self._jacobian_norm(params, kernel, exact)))
 
     def kernel(self, params: dict[str, Tensor]) -> Tensor:
         """The empirical NTK on the first ``ntk_probe_size`` examples. BatchNorm layers that normalize by batch
@@ -281,13 +289,12 @@ class LazinessProbe:
             gap = torch.sqrt(sum(((params[k] - twin_params[k]) ** 2).sum() for k in params))
             moved_norm = torch.sqrt(sum(v**2 for v in moved.absolute.values()))
             values["tangent_gap"] = (gap / moved_norm).item() if float(moved_norm) > 0 else 0.0
-        exact_kernel = None
+        kernel, exact = None, False
         if self.measure_ntk and self.initial_kernel is not None:
             if names != self.kernel_names:
                 # Parameters were unfrozen: compare kernels over the same parameters, the new set at w0.
                 self.initial_kernel, self.kernel_names = self.kernel(initial), names
             kernel, exact = timed("ntk", lambda: self._kernel(params))
-            exact_kernel = kernel if exact else None
             values["ntk_distance"] = diagnostics.ntk_distance(kernel, self.initial_kernel).item()
             values["kernel_alignment"] = diagnostics.kernel_alignment(kernel, self.initial_kernel).item()
         if self.measure_kappa:
@@ -296,7 +303,7 @@ class LazinessProbe:
                 # bound, and κ would seem to move while the weights do not).
                 values.update(self.initial_kappa_parts)
             else:
-                result = self._kappa(params, "last", kernel=exact_kernel)
+                result = self._kappa(params, "last", kernel=kernel, exact=exact)
                 values.update(kappa=result.value.item(), jacobian_norm=result.jacobian_norm.item(),
                               hessian_norm=result.hessian_norm.item())
         if self.initial_relu is not None:

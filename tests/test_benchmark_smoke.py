@@ -118,3 +118,24 @@ def test_monitor_cost_quick_run_writes_json(tmp_path: Path) -> None:
         assert ntk["nngeometry"]["relative_difference"] < 1e-5  # float32, same weights
     else:
         assert ntk["nngeometry"]["error"].startswith("skipped")
+
+
+def test_monitor_cost_accuracy_study_quick_run(tmp_path: Path) -> None:
+    out = tmp_path / "study.json"
+    command = [sys.executable, str(MONITOR_COST), "--quick", "--accuracy-study", "--models", "mlp", "--ntk-models", "",
+               "--device", "cpu", "--output", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    from lightning_lazy.probe import CAREFUL_HESSIAN
+
+    assert f"{tuple(CAREFUL_HESSIAN.values())} (default)" in done.stdout and "Lanczos tol=0.001 (monitor)" in done.stdout
+    record = json.loads(out.read_text())["monitor"]["mlp"]
+    for bucket in ("fit_start", "epoch_end", "jacobian_norm"):
+        values = record["values"][bucket]
+        assert set(values) == set(record["seconds"][bucket]) and "reference" in values
+        assert all(v > 0 and math.isfinite(v) for v in values.values())
+    # Lower bounds of the same norm: no search exceeds the true value, which the reference approaches.
+    fit_start = record["values"]["fit_start"]
+    assert max(fit_start.values()) <= fit_start["reference"] * 1.05
+    assert record["values"]["jacobian_norm"]["Lanczos tol=0.0001"] == pytest.approx(
+        record["values"]["jacobian_norm"]["reference"], rel=1e-3)

@@ -334,3 +334,16 @@ def test_relu_states_recorded_during_a_forward_are_those_of_relu_states(probe):
     for a, b in zip(states, D.relu_states(net, probe, params)):
         assert torch.equal(a, b)
     torch.testing.assert_close(output, net(probe))
+
+
+def test_jacobian_norm_from_a_given_start_vector(probe):
+    net = mlp()
+    kernel = D.empirical_ntk(net, probe)
+    top = torch.linalg.eigh(kernel).eigenvectors[:, -1]
+    expected = D.jacobian_norm_from_ntk(kernel, probe.shape[0]).item()
+    # From the top eigenvector itself: converged at once, to the exact value.
+    assert D.jacobian_norm(net, probe, start=top.reshape(9, 3), max_iter=2).item() == pytest.approx(expected, rel=1e-9)
+    assert D.jacobian_norm(net, probe, start=top + 0.01 * torch.randn_like(top)).item() == pytest.approx(expected,
+                                                                                                       rel=1e-9)
+    with pytest.raises(ValueError, match="one number per output"):
+        D.jacobian_norm(net, probe, start=top[:-1])
