@@ -230,7 +230,8 @@ def jacobian_norm(
     tol: float = 1e-6,
     seed: int = 0,
     start: Tensor | None = None,
-) -> Tensor:
+    return_direction: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """‖Dh(w)‖ = σ_max(J) / √N, J = ∂h(x; w)/∂w the ``[N·K, P]`` probe Jacobian, matrix-free.
 
     Lanczos on J Jᵀ (``[N·K, N·K]``), each product one vjp (reusing one recorded backward) and one jvp; the
@@ -238,10 +239,14 @@ def jacobian_norm(
     whatever the parameter count. Returns a 0-dim tensor in the output's dtype. Cost: one forward, then
     one vjp + one jvp per iteration, until the Ritz residual is below ``tol`` (relative, on σ²): 10-40
     iterations on the models of ``benchmarks/monitor_cost.py`` from a random start (the monitor uses
-    ``tol=1e-3``). ``start`` (``[N, K]`` or ``[N·K]``, e.g. the top eigenvector of a nearby kernel)
-    replaces the random start vector (drawn from ``seed``).
+    ``tol=1e-3``). ``start`` (``[N, K]`` or ``[N·K]``, e.g. the direction an earlier call returned with
+    ``return_direction=True``: the top left singular vector of J, ``[N, K]``) replaces the random start
+    vector (drawn from ``seed``); along training, where J moves little between measurements, Lanczos then
+    needs fewer products. With ``return_direction=True`` returns ``(norm, direction)``.
     """
-    return _jacobian_norm_and_output(model, x, params, max_iter=max_iter, tol=tol, seed=seed, start=start)[0]
+    norm, _, direction = _jacobian_norm_and_output(model, x, params, max_iter=max_iter, tol=tol, seed=seed,
+                                                   start=start)
+    return (norm, direction) if return_direction else norm
 
 
 def jacobian_norm_from_ntk(kernel: Tensor, num_inputs: int) -> Tensor:
@@ -263,7 +268,7 @@ def jacobian_norm_from_ntk(kernel: Tensor, num_inputs: int) -> Tensor:
 def _jacobian_norm_and_output(
     model: ModelLike, x: Tensor, params: Params | None, *, max_iter: int = 100, tol: float = 1e-6, seed: int = 0,
     start: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     _check_probe(x)
     params = _trainable_params(model, params)
     with _evaluating(model):
@@ -280,8 +285,8 @@ def _jacobian_norm_and_output(
         elif start.numel() != out.numel():
             raise ValueError(f"start must have one number per output, {tuple(out.shape)}, got {tuple(start.shape)}")
         start = start.reshape(out.shape).to(dtype=out.dtype, device=out.device)
-        largest, _ = extreme_eigenpair(gram, start, max_iter=max_iter, tol=tol)
-    return torch.sqrt(largest.clamp_min(0) / out.shape[0]), out.detach()
+        largest, direction = extreme_eigenpair(gram, start, max_iter=max_iter, tol=tol)
+    return torch.sqrt(largest.clamp_min(0) / out.shape[0]), out.detach(), direction
 
 
 def hessian_norm(
@@ -471,7 +476,7 @@ def kappa(
     params = _trainable_params(model, params)
     if jacobian is None:
         # One forward: the output the residual needs is the one recorded for the Jacobian's vjp.
-        jac, out = _jacobian_norm_and_output(model, x, params, **(jacobian_kwargs or {}))
+        jac, out, _ = _jacobian_norm_and_output(model, x, params, **(jacobian_kwargs or {}))
     else:
         with _evaluating(model), torch.no_grad():
             out = _as_function(model, x)({k: v.detach() for k, v in params.items()})

@@ -82,3 +82,24 @@ class _Frozen:
 
     def parameters(self):
         return self.weights
+
+
+def test_the_lanczos_direction_is_kept_for_the_next_measurement_and_saved():
+    # BatchNorm in training: ‖Dh‖ by Lanczos, warm-started from the direction found before.
+    torch.manual_seed(1)
+    x = torch.randn(10, 5, dtype=torch.float64)
+    probe = LazinessProbe(_bn_net(), x, None, kappa_probe_size=6, ntk_probe_size=6)
+    names = [name for name, _ in probe.network.named_parameters()]
+    probe.measure_initial(names)
+    direction = probe.jacobian_direction
+    assert direction is not None and direction.shape == (6, 3)
+    with torch.no_grad():
+        probe.network[0].weight.mul_(1.01)
+    values = probe.measure(names)
+    assert values["jacobian_norm"] == pytest.approx(_explicit_jacobian_norm(probe, 6), rel=1e-3)
+    state = probe.state_dict()
+    assert torch.equal(state["jacobian_direction"], probe.jacobian_direction)
+    older = {k: v for k, v in state.items() if k != "jacobian_direction"}  # a checkpoint from before it was kept
+    fresh = LazinessProbe(_bn_net(), x, None, kappa_probe_size=6, ntk_probe_size=6)
+    fresh.load_state_dict(older)
+    assert fresh.jacobian_direction is None and fresh.initial_jacobian_norm == probe.initial_jacobian_norm
