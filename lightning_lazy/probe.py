@@ -16,8 +16,8 @@ weights do not move nothing measured moves, although BatchNorm running statistic
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
+from time import perf_counter  # not time.perf_counter: measure() has an argument named time
 from typing import Any
 
 import torch
@@ -62,7 +62,7 @@ class LazinessProbe:
 
     Cost with the defaults (probe 256, κ and NTK on its first 16), in plain training steps (forward, ½ squared
     error, backward, SGD step at batch 128) of the same model, one CPU thread, ``python
-    benchmarks/monitor_cost.py``: at w0 22.8 / 7.4 / 11.0 steps, each later measurement 8.2 / 4.3 / 7.9 steps,
+    benchmarks/monitor_cost.py``: at w0 22 / 7.6 / 12 steps, each later measurement 8.3 / 5.1 / 7.0 steps,
     for an MLP 3072-1024-1024-10 / VGG-11 ×1 / torchvision resnet18 at CIFAR shape; the ‖D²h‖ searches are most
     of it (see :data:`CAREFUL_HESSIAN` for their accuracy). Δ, the NTK and activation stability are exact on
     the probe; ‖Dh‖ is exact from the kernel, within ``tol=1e-3`` (relative, on ‖Dh‖²) by Lanczos.
@@ -78,9 +78,9 @@ class LazinessProbe:
             raise ValueError(f"{type(network).__name__} has no parameter to measure")
         self.x = x
         self.timings: dict[str, dict[str, float]] = {}
-        started = time.perf_counter()
+        started = perf_counter()
         output, states = self._output_and_states(x, flatten=False)  # one forward: the output and the ReLU states
-        self._first_forward_seconds = time.perf_counter() - started
+        self._first_forward_seconds = perf_counter() - started
         if y is None:
             y = torch.zeros_like(output)
         try:
@@ -117,7 +117,9 @@ class LazinessProbe:
         return (output.reshape(len(x), -1) if flatten else output), states
 
     def function(self) -> Callable[[dict[str, Tensor], Tensor], Tensor]:
-        """The network as a functional model ``fn(params, x) -> [N, K]`` for :mod:`diagnostics`."""
+        """The network as a functional model ``fn(params, x) -> [N, K]`` for :mod:`diagnostics`; ``params`` are
+        named as in ``self.network.named_parameters()`` (under the monitor, the watched wrapper's names:
+        ``inner.`` + the watched module's own)."""
         network = self.network
 
         def fn(params: dict[str, Tensor], x: Tensor) -> Tensor:
@@ -133,11 +135,11 @@ class LazinessProbe:
         return {name: current[name].detach() for name in names}
 
     def _timed(self, bucket: str, name: str, compute: Callable[[], Any]) -> Any:
-        started = time.perf_counter()
+        started = perf_counter()
         result = compute()
         if self.x.is_cuda:
             torch.cuda.synchronize(self.x.device)  # the time of the work, not of its launch
-        self.timings.setdefault(bucket, {})[name] = time.perf_counter() - started
+        self.timings.setdefault(bucket, {})[name] = perf_counter() - started
         return result
 
     # ------------------------------------------------------------------------------------- at w0
@@ -145,7 +147,7 @@ class LazinessProbe:
     def measure_initial(self, names: Sequence[str]) -> None:
         """Measure at w0 what later values are compared with: κ(w0) and ‖Dh(w0)‖, the NTK (the ReLU states were
         recorded by the constructor's forward). ``names``: the parameters to differentiate (those trained)."""
-        started = time.perf_counter()
+        started = perf_counter()
         self.timings["initial"] = {"output_and_activation_states": self._first_forward_seconds}
         names = tuple(names)
         if not names:
@@ -164,7 +166,7 @@ class LazinessProbe:
         else:
             self.initial_jacobian_norm = self._timed(
                 "initial", "jacobian_norm", lambda: self._jacobian_norm(initial, self.initial_kernel, exact)).item()
-        self.timings["initial"]["total"] = time.perf_counter() - started + self._first_forward_seconds
+        self.timings["initial"]["total"] = perf_counter() - started + self._first_forward_seconds
 
     @property
     def laziness_horizon(self) -> float:
@@ -264,6 +266,7 @@ class LazinessProbe:
         t̃ = time·‖Dh(w0)‖²). ``twin``: a :class:`~lightning_lazy.twin.TangentTwin` of the network, for Δ and
         the tangent gap. ``displacement_per_tensor`` is a dict of floats by tensor name.
         """
+        started = perf_counter()
         names = tuple(names)
         params = self.params(names)
         initial = {name: self.initial[name] for name in names}
@@ -312,6 +315,7 @@ class LazinessProbe:
                               hessian_norm=result.hessian_norm.item())
         if self.initial_relu is not None:
             values["activation_stability"] = _stability(states, self.initial_relu)
+        self.timings["last"]["total"] = perf_counter() - started
         return values
 
     # ------------------------------------------------------------------------------------- state
