@@ -180,8 +180,9 @@ def monitor_measures(model, args, device) -> dict:
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.add_(1e-3 * p.norm() / max(p.numel(), 1) ** 0.5 * torch.randn_like(p))
+        moved = dict(model.named_parameters())
         for name, p in twin.model.module.named_parameters():
-            p.copy_(dict(model.named_parameters())[name])
+            p.copy_(moved[name])
     values = probe.measure(names, time=1.0, twin=twin)
     epoch_end = {k: v for k, v in probe.timings["last"].items() if k != "total"}
     with torch.no_grad():  # back to w0 for the plain step timed after

@@ -101,6 +101,12 @@ def _as_function(model: ModelLike, x: Tensor) -> Callable[[Params], Tensor]:
     return f
 
 
+def _output(model: ModelLike, x: Tensor, params: Params) -> Tensor:
+    """The model on ``x`` at ``params``, ``[N, K]``: one no-grad forward, as every measure sees the model."""
+    with _evaluating(model), torch.no_grad():
+        return _as_function(model, x)({k: v.detach() for k, v in params.items()})
+
+
 def _evaluating(model: ModelLike) -> contextlib.AbstractContextManager[None]:
     """Eval mode for a module, and forward-AD-capable kernels (for functional models too) around every jvp/vjp."""
     stack = contextlib.ExitStack()
@@ -134,16 +140,17 @@ def extreme_eigenpair(
 
     Full re-orthogonalization: the basis (vectors shaped like ``start``) is kept, which also gives the Ritz
     vector. Stops when the Ritz residual r = β_k |s_k| of the extreme Ritz value θ falls below ``tol·|θ|``
-    (an eigenvalue then lies within r of θ), when the Krylov space is exhausted, or after ``max_iter`` products. Converges like a Chebyshev polynomial: far faster than power
-    iteration when the top two eigenvalues are close.
+    (an eigenvalue then lies within r of θ), when the Krylov space is exhausted, or after ``max_iter``
+    products. Converges like a Chebyshev polynomial: far faster than power iteration when the top two
+    eigenvalues are close.
 
     Memory: at most ``max_basis`` vectors (default ``max_iter``). When the basis is full and not converged,
     Lanczos restarts explicitly from the current Ritz vector (the extreme Ritz value never decreases in
     magnitude across a restart, but convergence slows towards that of power iteration as ``max_basis``
     shrinks: keep it ≥ 8 where memory allows). Each product counts against ``max_iter``.
 
-    ``full_reorthogonalization=False`` keeps the three-term recurrence only (Paige's form, four elementwise
-    passes per product, in place): for huge vectors (parameter space, millions of numbers) and cheap
+    ``full_reorthogonalization=False`` keeps the three-term recurrence only (Paige's form, in place: two
+    axpys, a dot product, a norm and a scaling per product): for huge vectors (parameter space, millions of numbers) and cheap
     products, full re-orthogonalization is what costs most (on a 4 M-parameter MLP with a 16-example probe,
     nine tenths of a Hessian search). Lost orthogonality then only repeats converged Ritz values ("ghosts"),
     which leaves the extreme one, the one returned, correct (Paige 1976). ``matvec`` must return a new
@@ -321,9 +328,9 @@ def hessian_norm(
 
     Cost, in Hessian-vector products (each about two backward passes of the probe): at most
     restarts·max_rounds·max_iter, plus restarts·max_rounds forward-over-forward D²h[u, u] (each about two
-    products). The monitor's settings (``lightning_lazy.probe``, where their measured cost and accuracy
-    are): at fit start ``max_iter=4, max_rounds=4, restarts=1`` (16 products + 4 D²h), then, warm-started
-    from the last direction, ``max_iter=2, max_rounds=1, restarts=1`` (2 products + 1 D²h).
+    products). The monitor's settings, a careful search at fit start and then a short one warm-started from
+    the last direction, are ``CAREFUL_HESSIAN`` and ``WARM_HESSIAN`` in ``lightning_lazy.probe``, with their
+    measured cost and accuracy.
 
     ``start`` (a flat ``[P]`` direction, e.g. the one returned by an earlier call with
     ``return_direction=True``) replaces the first random start: tracking ‖D²h‖ along training then needs
@@ -479,8 +486,7 @@ def kappa(
         # One forward: the output the residual needs is the one recorded for the Jacobian's vjp.
         jac, out, _ = _jacobian_norm_and_output(model, x, params, **(jacobian_kwargs or {}))
     else:
-        with _evaluating(model), torch.no_grad():
-            out = _as_function(model, x)({k: v.detach() for k, v in params.items()})
+        out = _output(model, x, params)
         check_finite(out, "the model output on the probe")
         jac = jacobian
     target = as_regression_target(out, target.reshape(target.shape[0], -1) if target.is_floating_point() else target)
@@ -1227,8 +1233,8 @@ def relu_states(model: ModelLike, x: Tensor, params: Params) -> list[Tensor]:
     tensor per ReLU call in call order (one no-grad forward). Compute it once at w0 and pass it to
     :func:`activation_stability` as ``initial_states``: each later measurement then costs one forward."""
     _check_probe(x)
-    with _evaluating(model), torch.no_grad(), recording_relu_states() as states:
-        _as_function(model, x)({k: v.detach() for k, v in params.items()})
+    with recording_relu_states() as states:
+        _output(model, x, params)
     return states
 
 
