@@ -196,7 +196,9 @@ class LazyTrainingMonitor(Callback):
         """The measures now, as floats (``displacement_per_tensor``: a dict of floats by tensor name)."""
         if self.measures is None:
             raise RuntimeError("LazyTrainingMonitor.measure needs the probe: fitting has not started")
-        values = self.measures.measure(self._measured_names(), time=self._time * self._loss_scale, twin=self.twin)
+        self._check_twin()
+        values = self.measures.measure(self._measured_names(), time=self._time * self._loss_scale,
+                                       twin=self._following_twin())
         values["displacement_per_tensor"] = {_display(k): v for k, v in values["displacement_per_tensor"].items()}
         return values
 
@@ -220,7 +222,11 @@ class LazyTrainingMonitor(Callback):
         """The laziness summary printed and logged at the end of fit."""
         from lightning_lazy.report import laziness_summary
 
-        return laziness_summary(self.summary_values())
+        text = laziness_summary(self.summary_values())
+        if self.twin is not None and self.twin.lost is not None:
+            text += (f"\n  The tangent twin stopped following the run after step {self.twin.lost_at}: {self.twin.lost}; "
+                     "divergence, tangent gap and tangent losses are not measured from then on.")
+        return text
 
     # -------------------------------------------------------------------------- hooks, in lifecycle order
 
@@ -257,7 +263,8 @@ class LazyTrainingMonitor(Callback):
                 "LazyTrainingMonitor cannot follow LBFGS: it re-evaluates its closure several times per step. Use a "
                 "first-order optimizer, or LazyTrainingMonitor(track_tangent=False) to keep the other measures."
             )
-        self._build(pl_module, optimizer, clip=self._clipper(trainer), reduce_gradients=self._reducer(trainer))
+        self._build(pl_module, optimizer, clip=self._clipper(trainer, pl_module), reduce_gradients=self._reducer(trainer),
+                    unscale=self._unscaler(trainer), on_lost=self._twin_lost)
         self._names = {id(p): name for name, p in self._watched.named_parameters()}
         self._trained |= {self._names[id(p)] for g in optimizer.param_groups for p in g["params"]
                           if p.requires_grad and id(p) in self._names}
@@ -279,7 +286,7 @@ class LazyTrainingMonitor(Callback):
         """Measure at w0 before the first batch; hand the batch to the twin and arm it for the real forward."""
         if self.measures is None:
             self._measure_at_w0(trainer, pl_module)
-        if self.twin is None:
+        if self._following_twin() is None:
             return
         # The trainer converts inputs inside training_step (e.g. to float64 under precision="64-true").
         self._batch = self._read_batch(trainer.precision_plugin.convert_input(batch))
@@ -296,7 +303,7 @@ class LazyTrainingMonitor(Callback):
         """Back-propagate the twin's loss on the batch whose real loss is about to be back-propagated."""
         # The real loss of this batch is about to be back-propagated: so is the twin's, and only then (a batch
         # that training_step skips, or that another callback runs forward only, contributes nothing).
-        if self.twin is None or self._batch is None:
+        if self._following_twin() is None or self._batch is None:
             return
         x, y, extra = self._batch
         twin_loss = float(self.twin.accumulate(x, y, extra, weight=1.0 / trainer.accumulate_grad_batches))
@@ -310,6 +317,12 @@ class LazyTrainingMonitor(Callback):
         self._batch = None
 
     @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Remember the gradients backward produced, to compare with those the optimizer steps with."""
+        if self._following_twin() is not None:
+            self.twin.gradients_produced()
+
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Measure at the requested global steps."""
         if self._is_log_step(trainer.global_step):
@@ -318,7 +331,7 @@ class LazyTrainingMonitor(Callback):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log the epoch's tangent training loss; measure every ``every_n_epochs`` epochs."""
-        if self._twin_loss_count:
+        if self._twin_loss_count and self._following_twin() is not None:
             self._last_twin_train_loss = self._twin_loss_sum / self._twin_loss_count
             self._last_train_loss = self._real_loss_sum / self._twin_loss_count
             pl_module.log("lazy/tangent/train_loss", self._last_twin_train_loss, sync_dist=True)
@@ -403,6 +416,39 @@ class LazyTrainingMonitor(Callback):
 
     # ------------------------------------------------------------------------------------------ helpers
 
+    def _twin_lost(self, cause: str, remedy: str = "Switch it off while monitoring to keep the divergence.") -> None:
+        """The twin cannot follow what the real run did (``cause``: the module, hook or optimizer; ``remedy``: what
+        the user can do): warn once, and stop logging the twin-based measures (divergence, tangent gap, tangent
+        losses); the others go on.
+
+        Never a wrong number: rather than log a divergence from a path the real run did not take, log none.
+        """
+        if self.twin is None or self.twin.lost is not None:
+            return
+        self.twin.lose(cause, self._steps, remedy)
+        self._twin_loss_sum, self._real_loss_sum, self._twin_loss_count = 0.0, 0.0, 0
+        self._last_twin_train_loss = None
+        self._warn_lost()
+
+    def _warn_lost(self) -> None:
+        rank_zero_warn(
+            f"LazyTrainingMonitor: {self.twin.lost}; lazy/divergence, lazy/tangent_gap and lazy/tangent/* are no longer "
+            f"logged from step {self.twin.lost_at}. {self.twin.lost_remedy}"
+        )
+
+    def _following_twin(self) -> TangentTwin | None:
+        """The twin while it follows the real run; ``None`` without one or once it has lost the run."""
+        return self.twin if self.twin is not None and self.twin.lost is None else None
+
+    def _check_twin(self) -> None:
+        """Ask the twin whether the real run did something it cannot follow since the last check."""
+        twin = self._following_twin()
+        if twin is None:
+            return
+        found = twin.check()
+        if found is not None:
+            self._twin_lost(*found)
+
     def _build(self, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer, **twin_options: Any) -> None:
         """Resolve the objective and the watched network, make the twin, and apply a loaded checkpoint state."""
         self._objective, self._loss_scale = resolve_objective(pl_module, self.loss, self.alpha)
@@ -439,6 +485,8 @@ class LazyTrainingMonitor(Callback):
                     "resume with LazyTrainingMonitor(track_tangent=False) or start a new run"
                 )
             self.twin.load_state_dict(state["twin"])
+            if self.twin.lost is not None:
+                self._warn_lost()
         saved = state["measures"]
         self.measures = LazinessProbe(self._watched, saved["x"].to(pl_module.device), saved["y"].to(pl_module.device),
                                       kappa_probe_size=self.kappa_probe_size, ntk_probe_size=self.ntk_probe_size,
@@ -484,13 +532,23 @@ class LazyTrainingMonitor(Callback):
         params = list(self._watched.parameters())
         return params[0].dtype if params and params[0].is_floating_point() else torch.float32
 
-    def _clipper(self, trainer: pl.Trainer) -> Callable[[list[Tensor]], Any] | None:
-        clip, algorithm = trainer.gradient_clip_val, trainer.gradient_clip_algorithm
-        if not clip:
+    def _clipper(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Callable[[torch.optim.Optimizer], Any] | None:
+        """What Lightning does to the gradients between backward and step, for any optimizer: the module's
+        ``configure_gradient_clipping`` (by default the Trainer's clipping), as Lightning calls it."""
+        from pytorch_lightning.utilities.model_helpers import is_overridden
+
+        overridden = is_overridden("configure_gradient_clipping", pl_module, pl.LightningModule)
+        if not trainer.gradient_clip_val and not overridden:
             return None
-        if str(algorithm).lower().endswith("value"):
-            return lambda params: torch.nn.utils.clip_grad_value_(params, clip)
-        return lambda params: torch.nn.utils.clip_grad_norm_(params, clip)
+        return lambda optimizer: pl_module.configure_gradient_clipping(
+            optimizer, gradient_clip_val=trainer.gradient_clip_val, gradient_clip_algorithm=trainer.gradient_clip_algorithm)
+
+    def _unscaler(self, trainer: pl.Trainer) -> Callable[[], Tensor] | None:
+        """The inverse loss scale a gradient scaler (AMP) unscales the real gradients by before the step."""
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is None or not scaler.is_enabled():
+            return None
+        return lambda: scaler._scale.double().reciprocal().float()
 
     def _reducer(self, trainer: pl.Trainer) -> Callable[[Tensor], Tensor] | None:
         if trainer.world_size <= 1:
@@ -501,7 +559,7 @@ class LazyTrainingMonitor(Callback):
         """Count the real optimizer's steps (normalized time), and let the twin follow them."""
         self._release()
         self._handles = [optimizer.register_step_post_hook(self._on_real_step)]
-        if self.twin is not None:
+        if self._following_twin() is not None:
             self.twin.follow()
 
     def _on_real_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -620,7 +678,7 @@ class LazyTrainingMonitor(Callback):
 
     def _evaluate_twin(self, trainer: pl.Trainer, batch: Any) -> None:
         """Accumulates the tangent model's loss R and accuracy on an evaluation batch."""
-        if self.twin is None:
+        if self._following_twin() is None:
             return
         x, y, extra = self._read_batch(trainer.precision_plugin.convert_input(batch))
         output = self.twin.eval_output(x)
@@ -632,7 +690,7 @@ class LazyTrainingMonitor(Callback):
             self._eval_is_classification = True
 
     def _log_twin_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.twin is None or self._eval_count == 0:
+        if self._following_twin() is None or self._eval_count == 0:
             return
         totals = torch.tensor([self._eval_loss_sum, self._eval_correct, self._eval_count], dtype=torch.float64,
                               device=pl_module.device)
