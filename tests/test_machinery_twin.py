@@ -167,6 +167,17 @@ def test_a_compiled_module_gives_the_eager_numbers_and_leaves_the_real_run_untou
             assert monitor.history[-1][key] == pytest.approx(eager_monitor.history[-1][key], rel=1e-6, abs=1e-10), key
 
 
+def test_compiled_dropout_is_reported():
+    # Inductor draws its own random numbers: the twin cannot replay a compiled forward's dropout masks. (Nothing is
+    # compiled here: the twin is built and checked, never run.)
+    net = torch.compile(nn.Sequential(nn.Linear(D, 8), nn.Dropout(0.2), nn.Linear(8, K)))
+    twin = TangentTwin(Watched(net), torch.optim.SGD(net.parameters(), lr=0.1), lambda out, y: out.sum())
+    cause, remedy = twin.check()
+    assert "compiled OptimizedModule applies Dropout" in cause and "fallback_random" in remedy
+    plain = nn.Sequential(nn.Linear(D, 8), nn.Dropout(0.2), nn.Linear(8, K))
+    assert TangentTwin(Watched(plain), torch.optim.SGD(plain.parameters(), lr=0.1), lambda out, y: out.sum()).check() is None
+
+
 class Closure(nn.Module):
     """A network that reaches a layer through a closure as well: a copy of it still calls the original layer."""
 
@@ -183,8 +194,33 @@ class Closure(nn.Module):
 def test_a_twin_whose_backward_would_reach_the_real_gradients_is_refused(tmp_path):
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-    module = Module(Closure)
-    with pytest.raises((ValueError, MisconfigurationException), match="shares a tensor with the network") as info:
+    module, plain = Module(Closure), Module(Closure)
+    before = weights(module)
+    with pytest.raises(MisconfigurationException, match="LazyTrainingMonitor: .*shares a tensor with the network") as info:
+        fit(module, True, tmp_path)
+    assert "\n" not in str(info.value) and "'net.head.weight' (Linear)" in str(info.value)
+    # Refused at the first batch, before the real optimizer stepped: the real weights never moved.
+    for key, value in before.items():
+        assert torch.equal(weights(module)[key], value), key
+    fit(plain, False, tmp_path / "without")  # the same model trains without the monitor
+
+
+class Uncopyable(torch.optim.SGD):
+    """An optimizer holding an object that cannot be deep-copied (a lock)."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, lr=lr)
+        import threading
+
+        self.lock = threading.Lock()
+
+
+def test_an_optimizer_that_cannot_be_copied_is_refused_in_one_line(tmp_path):
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+    module = Module("linear", optimizer=lambda params, lr: Uncopyable(params, lr))
+    with pytest.raises(MisconfigurationException, match="LazyTrainingMonitor: .*optimizer Uncopyable.*switch the twin off"
+                       ) as info:
         fit(module, True, tmp_path)
     assert "\n" not in str(info.value)
 
