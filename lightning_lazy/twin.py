@@ -311,7 +311,7 @@ class TangentTwin:
     def _before_real_forward(self, _module: nn.Module, _args: Any) -> None:
         if self.lost is not None or not torch.is_grad_enabled():
             return
-        self._check_now("between the optimizer's steps (a hook or callback)")
+        self._check_now(_BETWEEN_STEPS)
         if self._armed:
             self._rng = RNGState(self.real)
             self._armed = False
@@ -323,7 +323,7 @@ class TangentTwin:
     def _before_real_step(self, optimizer: Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self.lost is not None:
             return None
-        self._check_now("between the optimizer's steps (a hook or callback)")
+        self._check_now(_BETWEEN_STEPS)
         if self.lost is not None:
             return None
         self._mirror_groups(optimizer)  # before the step: optimizers that keep state in their groups update it
@@ -605,6 +605,8 @@ class _ProxyOptimizer(torch.optim.SGD):
 
 
 _ABSENT = object()
+_BETWEEN_STEPS = ("between the optimizer's steps (by a hook, a callback, or a step() whose step hooks did not run, "
+                  "such as an inner optimizer stepped directly)")
 
 
 def _copied(value: Any) -> Any:

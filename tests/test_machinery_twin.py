@@ -145,26 +145,27 @@ def assert_reported(monitor, said, cause: str):
 class Compiled(Module):
     """The network compiled as a sub-module (``self.net = torch.compile(net)``)."""
 
-    def __init__(self, compile_net: bool, **kwargs) -> None:
-        super().__init__("linear", **kwargs)
+    def __init__(self, net: str, compile_net: bool, **kwargs) -> None:
+        super().__init__(net, **kwargs)
         if compile_net:
             self.net = torch.compile(self.net)
 
 
-def test_a_compiled_module_gives_the_eager_numbers_and_leaves_the_real_run_untouched(tmp_path):
-    # trainer.fit(torch.compile(module)), as Lightning documents it, and a compiled sub-module: each against the
-    # same model run eagerly. The real weights are those of the eager run (to float tolerance: compiled kernels
-    # round differently), not those of a run at twice the learning rate.
-    eager = Compiled(False)
+@pytest.mark.parametrize("how,net", [("whole", "linear"), ("sub", "mlp")])
+def test_a_compiled_module_gives_the_eager_numbers_and_leaves_the_real_run_untouched(how, net, tmp_path):
+    # trainer.fit(torch.compile(module)), as Lightning documents it, and a compiled sub-module, each against the
+    # same model run eagerly (one compiled fit each: inductor takes most of the time). The real weights are those
+    # of the eager run (to float tolerance: compiled kernels round differently), not those of a run at twice the
+    # learning rate; the measures are the eager run's.
+    eager = Compiled(net, False)
     eager_monitor, _ = fit(eager, True, tmp_path / "eager")
-    for name, module, options in (("whole", Compiled(False), {"compiled": True}), ("sub", Compiled(True), {})):
-        monitor, said = fit(module, True, tmp_path / name, **options)
-        assert_followed(monitor, said, linear=True)
-        real = weights(module)
-        for (key, a), b in zip(weights(eager).items(), real.values()):
-            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=f"{name}: {key} differs from the eager run")
-        for key in ("divergence", "tangent_gap", "displacement", "ntk_distance"):
-            assert monitor.history[-1][key] == pytest.approx(eager_monitor.history[-1][key], rel=1e-6, abs=1e-10), key
+    module = Compiled(net, how == "sub")
+    monitor, said = fit(module, True, tmp_path / how, compiled=how == "whole")
+    assert_followed(monitor, said, linear=net == "linear")
+    for (key, a), b in zip(weights(eager).items(), weights(module).values()):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=f"{key} differs from the eager run")
+    for key in ("divergence", "tangent_gap", "displacement", "ntk_distance", "kappa"):
+        assert monitor.history[-1][key] == pytest.approx(eager_monitor.history[-1][key], rel=1e-6, abs=1e-10), key
 
 
 def test_compiled_dropout_is_reported():
@@ -312,6 +313,24 @@ def test_an_optimizer_that_moves_weights_outside_its_step_is_reported(net, tmp_p
     monitor, said = assert_same_run(make, tmp_path)
     assert_reported(monitor, said, "was written")
     assert "'net.1.weight' (Linear)" in monitor.twin.lost or "'net.0.weight' (Linear)" in monitor.twin.lost
+
+
+class StepsTheInnerOptimizer(Module):
+    """Steps the base optimizer inside Lookahead itself (an optimizer_step override): no step of the optimizer
+    Lightning holds is seen, and the weights move."""
+
+    def __init__(self, net: str, **kwargs) -> None:
+        super().__init__(net, optimizer=_lookahead, **kwargs)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        optimizer.optimizer._base_optimizer.step(closure=optimizer_closure)
+
+
+@pytest.mark.parametrize("net", ["linear", "mlp"])
+def test_a_step_that_bypasses_the_optimizer_s_hooks_is_reported(net, tmp_path):
+    monitor, said = assert_same_run(lambda: StepsTheInnerOptimizer(net), tmp_path)
+    assert_reported(monitor, said, "was written between the optimizer's steps")
+    assert "step() whose step hooks did not run" in monitor.twin.lost
 
 
 # ------------------------------------------------------------------------- gradients between backward and step
