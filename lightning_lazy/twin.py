@@ -185,6 +185,7 @@ class TangentTwin:
         self._handles: list[Any] = []
         self._patched: list[tuple[Any, str, Any]] = []  # (object, attribute, previous value or _ABSENT)
         self._versions: list[int] = []
+        self._fingerprint: list[float] = []
         self._produced: list[Tensor | None] | None = None
         self.steps = 0
         # Why the twin stopped following the real run (None while it follows), and after how many real steps.
@@ -323,12 +324,13 @@ class TangentTwin:
     def _before_real_step(self, optimizer: Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self.lost is not None:
             return None
-        self._check_now(_BETWEEN_STEPS)
+        # args[0] is the optimizer itself (torch passes step's self through its hooks).
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        # Without a closure the forward and backward have run: compare the weights' values too.
+        self._check_now(_BETWEEN_STEPS, values=closure is None)
         if self.lost is not None:
             return None
         self._mirror_groups(optimizer)  # before the step: optimizers that keep state in their groups update it
-        # args[0] is the optimizer itself (torch passes step's self through its hooks).
-        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         if closure is None:
             self._check_gradients()  # the gradients are final (a gradient scaler steps after the closure ran)
             return None
@@ -337,7 +339,7 @@ class TangentTwin:
         def checked() -> Any:
             result = closure()
             if self.lost is None:
-                self._check_now("outside the optimizer's update (in zero_grad, the forward or the backward)")
+                self._check_now("outside the optimizer's update (in zero_grad, the forward or the backward)", values=True)
             if self.lost is None:
                 self._check_gradients()
             return result
@@ -349,7 +351,23 @@ class TangentTwin:
     # ------------------------------------------------------------------------------ what it cannot follow
 
     def _record_versions(self) -> None:
+        """Take the real weights now as those the twin follows: their version counters, and a fingerprint of their
+        values (writes through ``.data`` do not move version counters)."""
         self._versions = [real._version for real, _ in self._param_pairs]
+        self._fingerprint = self._fingerprints()
+
+    def _fingerprints(self) -> list[float]:
+        """The 2-norm of every real parameter (one fused reduction): a write that changes values changes it, a
+        swap that puts the same values back (weight averaging's around validation) does not."""
+        reals = [real.detach() for real, _ in self._param_pairs if real.is_floating_point()]
+        if not reals:
+            return []
+        with torch.no_grad():
+            norms = torch._foreach_norm(reals)
+            try:
+                return torch.stack([n.double() for n in norms]).tolist()
+            except RuntimeError:  # parameters on several devices
+                return [float(n) for n in norms]
 
     def accept_writes(self) -> None:
         """The real weights as they are now were written by something the twin has followed otherwise (e.g. the
@@ -363,10 +381,11 @@ class TangentTwin:
         module's tensors re-registered under other names."""
         if self.lost is not None:
             return None
-        return self._compiled_randomness or self._layout_changed() or self._written("outside the optimizer's step()")
+        return (self._compiled_randomness or self._layout_changed()
+                or self._written("outside the optimizer's step()", values=True))
 
-    def _check_now(self, where: str) -> None:
-        found = self._compiled_randomness or self._layout_changed() or self._written(where)
+    def _check_now(self, where: str, values: bool = False) -> None:
+        found = self._compiled_randomness or self._layout_changed() or self._written(where, values)
         if found is not None:
             self._report(*found)
 
@@ -375,15 +394,23 @@ class TangentTwin:
             self.on_lost(cause, remedy)
         self.lose(cause, self.steps, remedy)  # whatever on_lost did, the twin no longer follows
 
-    def _written(self, where: str) -> tuple[str, str] | None:
+    def _written(self, where: str, values: bool = False) -> tuple[str, str] | None:
+        """A real weight whose values changed since the reference (:meth:`_record_versions`). Looked at when a
+        version counter moved, and always with ``values`` (a write through ``.data`` moves none); a write that put
+        the same values back (a swap for validation and back) is accepted."""
         if not self._versions:
             return None
-        for (real, _), version in zip(self._param_pairs, self._versions):
-            if real._version != version:
-                return (f"the weight {self._describe(real)} was written {where}, which the tangent twin cannot replay",
-                        "Write weights only through the optimizer's step() (or optimizer.train()/eval()) while monitoring, "
-                        "or use an optimizer whose step() runs torch's step hooks.")
-        return None
+        moved = any(real._version != version for (real, _), version in zip(self._param_pairs, self._versions))
+        if not moved and not values:
+            return None
+        reals = [real for real, _ in self._param_pairs if real.is_floating_point()]
+        changed = next((real for real, a, b in zip(reals, self._fingerprints(), self._fingerprint) if a != b), None)
+        if changed is None:
+            self._versions = [real._version for real, _ in self._param_pairs]  # the same values: nothing to follow
+            return None
+        return (f"the weight {self._describe(changed)} was written {where}, which the tangent twin cannot replay",
+                "Write weights only through the optimizer's step() (or optimizer.train()/eval()) while monitoring, "
+                "or use an optimizer whose step() runs torch's step hooks.")
 
     def _layout_changed(self) -> tuple[str, str] | None:
         for real, _ in self._module_pairs:

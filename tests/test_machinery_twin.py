@@ -65,6 +65,10 @@ class Module(pl.LightningModule):
         x, y = batch
         return 0.5 * (self(x) - y).pow(2).sum(1).mean()
 
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", 0.5 * (self(x) - y).pow(2).sum(1).mean())
+
     def configure_optimizers(self):
         return self.make_optimizer([p for p in self.parameters() if p.requires_grad], self.lr)
 
@@ -84,13 +88,15 @@ def fit(module: pl.LightningModule, monitored: bool, tmp_path, *, epochs: int = 
     loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True)
     monitor = (LazyTrainingMonitor("mse", probe=(x[:16], y[:16]), kappa_probe_size=4, ntk_probe_size=4, figure=False)
                if monitored else None)
+    callbacks = callbacks() if callable(callbacks) else callbacks  # a factory: fresh callbacks for every fit
     options = dict(max_epochs=epochs, callbacks=[*([monitor] if monitor else []), *callbacks], accelerator="cpu",
                    devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                    enable_model_summary=False, default_root_dir=str(tmp_path), precision="64-true")
     options.update(trainer_options)
+    val = options.pop("val_dataloaders", None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        pl.Trainer(**options).fit(torch.compile(module) if compiled else module, loader)
+        pl.Trainer(**options).fit(torch.compile(module) if compiled else module, loader, val)
     return monitor, [str(w.message) for w in caught if "LazyTrainingMonitor" in str(w.message)]
 
 
@@ -405,18 +411,42 @@ def test_gradients_changed_between_backward_and_step_are_reported(where, net, tm
 
 
 class Shrinks(Module):
-    """A hook that shrinks a weight in place after each batch (weight decay written by hand)."""
+    """A hook that shrinks a weight in place after each batch (weight decay written by hand), in place under
+    no_grad or through ``.data`` (which moves no version counter)."""
+
+    def __init__(self, net: str, through_data: bool = False, **kwargs) -> None:
+        super().__init__(net, **kwargs)
+        self.through_data = through_data
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.through_data:
+            self.net[-1].weight.data.mul_(0.99)
+            return
         with torch.no_grad():
             self.net[-1].weight.mul_(0.99)
 
 
+@pytest.mark.parametrize("through_data", [False, True], ids=["no_grad", "data"])
 @pytest.mark.parametrize("net", ["linear", "mlp"])
-def test_weights_written_by_a_hook_are_reported(net, tmp_path):
-    monitor, said = assert_same_run(lambda: Shrinks(net), tmp_path)
-    assert_reported(monitor, said, "was written between the optimizer's steps")
+def test_weights_written_by_a_hook_are_reported(net, through_data, tmp_path):
+    monitor, said = assert_same_run(lambda: Shrinks(net, through_data), tmp_path)
+    where = "outside the optimizer's update" if through_data else "was written between the optimizer's steps"
+    assert_reported(monitor, said, where)
+    assert f"'net.{len(monitor._watched.inner.net) - 1}.weight' (Linear)" in monitor.twin.lost
     assert monitor.twin.lost_at == 1
+
+
+@pytest.mark.parametrize("net", ["linear", "mlp"])
+def test_weights_swapped_for_validation_and_back_are_followed(net, tmp_path):
+    # Lightning's EMAWeightAveraging swaps the averaged weights in for validation (through .data) and back after:
+    # the values the optimizer steps from are its own, so the twin follows.
+    from pytorch_lightning.callbacks import EMAWeightAveraging
+
+    x, y = data(2)
+    val = DataLoader(TensorDataset(x[:8], y[:8]), batch_size=8)
+    options = dict(callbacks=lambda: (EMAWeightAveraging(decay=0.5),), val_dataloaders=val)
+    monitor, said = assert_same_run(lambda: Module(net), tmp_path, **options)
+    assert_followed(monitor, said, linear=net == "linear")
 
 
 def test_weights_written_by_the_network_s_own_forward_are_reported():
