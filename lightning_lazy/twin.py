@@ -185,8 +185,8 @@ class TangentTwin:
         self._handles: list[Any] = []
         self._patched: list[tuple[Any, str, Any]] = []  # (object, attribute, previous value or _ABSENT)
         self._versions: list[int] = []
-        self._fingerprint: list[float] = []
-        self._produced: list[Tensor | None] | None = None
+        self._fingerprint: list[float | None] = []
+        self._produced: dict[str, Any] | None = None
         self.steps = 0
         # Why the twin stopped following the real run (None while it follows), and after how many real steps.
         self.lost: str | None = None
@@ -356,18 +356,10 @@ class TangentTwin:
         self._versions = [real._version for real, _ in self._param_pairs]
         self._fingerprint = self._fingerprints()
 
-    def _fingerprints(self) -> list[float]:
+    def _fingerprints(self) -> list[float | None]:
         """The 2-norm of every real parameter (one fused reduction): a write that changes values changes it, a
         swap that puts the same values back (weight averaging's around validation) does not."""
-        reals = [real.detach() for real, _ in self._param_pairs if real.is_floating_point()]
-        if not reals:
-            return []
-        with torch.no_grad():
-            norms = torch._foreach_norm(reals)
-            try:
-                return torch.stack([n.double() for n in norms]).tolist()
-            except RuntimeError:  # parameters on several devices
-                return [float(n) for n in norms]
+        return _norms([real if real.is_floating_point() else None for real, _ in self._param_pairs])
 
     def accept_writes(self) -> None:
         """The real weights as they are now were written by something the twin has followed otherwise (e.g. the
@@ -403,8 +395,8 @@ class TangentTwin:
         moved = any(real._version != version for (real, _), version in zip(self._param_pairs, self._versions))
         if not moved and not values:
             return None
-        reals = [real for real, _ in self._param_pairs if real.is_floating_point()]
-        changed = next((real for real, a, b in zip(reals, self._fingerprints(), self._fingerprint) if a != b), None)
+        changed = next((real for (real, _), a, b in zip(self._param_pairs, self._fingerprints(), self._fingerprint)
+                        if a != b), None)
         if changed is None:
             self._versions = [real._version for real, _ in self._param_pairs]  # the same values: nothing to follow
             return None
@@ -433,14 +425,24 @@ class TangentTwin:
 
     def gradients_produced(self) -> None:
         """The real backward has just run: remember the gradients it produced (with any accumulated before), to
-        compare with those the real optimizer steps with."""
-        if self.lost is None:
-            self._produced = [None if real.grad is None else real.grad.detach().clone() for real, _ in self._param_pairs]
+        compare with those the real optimizer steps with: each tensor's identity, version and norm; and a copy of
+        the values when the real run transforms them before the step (clipping, unscaling), to replay that."""
+        if self.lost is not None:
+            return
+        grads = [real.grad for real, _ in self._param_pairs]
+        self._produced = {
+            "identity": [None if g is None else (id(g), g._version) for g in grads],
+            "norms": _norms(grads),
+            "values": ([None if g is None else g.detach().clone() for g in grads]
+                       if self.clip is not None or self.unscale is not None else None),
+        }
 
     def _check_gradients(self) -> None:
         """The real optimizer is about to step: its gradients must be those backward produced, transformed as the
-        twin replays (``unscale``, ``clip``). Gradient hooks on parameters (``Tensor.register_hook``) edit them
-        inside backward, where nothing can compare: they are reported as found."""
+        twin replays (``unscale``, ``clip``), compared tensor by tensor: untransformed, the same tensors, unwritten
+        (version counters) and of the same norm (a write through ``.data``); transformed, of the norm the replay on
+        the produced values gives. Gradient hooks on parameters (``Tensor.register_hook``) edit them inside
+        backward, where nothing can compare: they are reported as found."""
         for real, _ in self._param_pairs:
             if getattr(real, "_backward_hooks", None):
                 self._report(f"the parameter {self._describe(real)} has a gradient hook (Tensor.register_hook), which "
@@ -450,33 +452,38 @@ class TangentTwin:
         produced, self._produced = self._produced, None
         if produced is None:
             return  # no backward since the last step (training_step returned None): nothing to compare
-        pairs = [(real, grad) for (real, _), grad in zip(self._param_pairs, produced)
-                 if grad is not None and real.grad is not None]
-        if not pairs:
-            return
-        expected = [grad for _, grad in pairs]
-        if self.unscale is not None:
-            inverse = self.unscale()
-            for grad in expected:
-                grad.mul_(inverse)
-        if self.clip is not None:
-            proxies = [torch.zeros_like(grad) for grad in expected]
-            for proxy, grad in zip(proxies, expected):
-                proxy.grad = grad
-            with self._real_gradients_hidden():
-                self.clip(_ProxyOptimizer(proxies))
-            expected = [proxy.grad for proxy in proxies]
-        for (real, _), grad in zip(pairs, expected):
-            # The same routine on the same numbers: round-off at most (half precision capped at 1 %).
-            tolerance = min(1e3 * torch.finfo(grad.dtype).eps, 1e-2) if grad.is_floating_point() else 0.0
-            if not torch.allclose(real.grad, grad, rtol=tolerance, atol=tolerance * float(grad.abs().max())):
-                self._report(f"the gradient of {self._describe(real)} was changed between backward and the optimizer's "
-                             "step (an on_after_backward / on_before_optimizer_step edit, a configure_gradient_clipping "
-                             "that does not clip through self.clip_gradients, or another callback), which the tangent "
-                             "twin cannot replay",
-                             "Clip through Trainer(gradient_clip_val=...) or self.clip_gradients(optimizer, ...) in "
-                             "configure_gradient_clipping, and leave the gradients as they are otherwise.")
-                return
+        reals = [real for real, _ in self._param_pairs]
+        now = [real.grad for real in reals]
+        if produced["values"] is None:
+            identity = [None if g is None else (id(g), g._version) for g in now]
+            changed = [real for real, a, b in zip(reals, identity, produced["identity"]) if a != b]
+            changed += [real for real, a, b in zip(reals, _norms(now), produced["norms"]) if a != b]
+        else:
+            expected = produced["values"]
+            kept = [i for i, (a, b) in enumerate(zip(expected, now)) if a is not None and b is not None]
+            expected = [expected[i] for i in kept]
+            if self.unscale is not None and expected:
+                torch._foreach_mul_(expected, self.unscale())
+            if self.clip is not None and expected:
+                proxies = [torch.zeros_like(grad) for grad in expected]
+                for proxy, grad in zip(proxies, expected):
+                    proxy.grad = grad
+                with self._real_gradients_hidden():
+                    self.clip(_ProxyOptimizer(proxies))
+                expected = [proxy.grad for proxy in proxies]
+            changed = []
+            for i, a, b in zip(kept, _norms(expected), _norms([now[i] for i in kept])):
+                # The same routine on the same numbers: round-off at most (half precision capped at 1 %).
+                tolerance = min(1e3 * torch.finfo(now[i].dtype).eps, 1e-2) if now[i].is_floating_point() else 0.0
+                if abs(a - b) > tolerance * max(abs(a), abs(b)) + 1e-30:
+                    changed.append(reals[i])
+        if changed:
+            self._report(f"the gradient of {self._describe(changed[0])} was changed between backward and the optimizer's "
+                         "step (an on_after_backward / on_before_optimizer_step edit, a configure_gradient_clipping "
+                         "that does not clip through self.clip_gradients, or another callback), which the tangent "
+                         "twin cannot replay",
+                         "Clip through Trainer(gradient_clip_val=...) or self.clip_gradients(optimizer, ...) in "
+                         "configure_gradient_clipping, and leave the gradients as they are otherwise.")
 
     @contextlib.contextmanager
     def _real_gradients_hidden(self) -> Iterator[None]:
@@ -642,6 +649,20 @@ def _copied(value: Any) -> Any:
     if isinstance(value, (list, dict, set)):
         return copy.deepcopy(value)
     return value
+
+
+def _norms(tensors: list[Tensor | None]) -> list[float | None]:
+    """The 2-norm of each tensor (``None`` for ``None``), in one fused reduction and one transfer."""
+    present = [t.detach() for t in tensors if t is not None]
+    if not present:
+        return [None] * len(tensors)
+    with torch.no_grad():
+        norms = torch._foreach_norm(present)
+        try:
+            values = iter(torch.stack([n.double() for n in norms]).tolist())
+        except RuntimeError:  # tensors on several devices
+            values = iter([float(n) for n in norms])
+    return [None if t is None else next(values) for t in tensors]
 
 
 def _grad_state(tensor: Tensor) -> tuple[int, int] | None:
