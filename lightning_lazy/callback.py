@@ -23,7 +23,7 @@ from typing_extensions import override
 
 from lightning_lazy._inputs import as_inputs, inputs_to, num_examples
 from lightning_lazy.objective import WatchLike, resolve_objective, resolve_watched
-from lightning_lazy.probe import LazinessProbe, NtkOutputs
+from lightning_lazy.probe import NTK_OUTPUTS, LazinessProbe, NtkOutputs
 from lightning_lazy.scaling import IGNORE_INDEX, LossLike, check_alpha, resolve_loss
 from lightning_lazy.twin import OutputSelector, TangentTwin, Watched
 
@@ -76,7 +76,8 @@ class LazyTrainingMonitor(Callback):
         model: what to watch: ``None`` (the LightningModule's ``forward``), an attribute path of a
             sub-module (``"model"``, ``"net.backbone"``), or ``callable(pl_module, x) -> output``.
         output: which part of the output is the model output, when it is not a tensor: a key, an attribute
-            (``"logits"``) or ``callable(output) -> Tensor``.
+            (``"logits"``) or ``callable(output) -> Tensor``; default the output itself, or its ``logits`` (a
+            Hugging Face ``ModelOutput``).
         probe: fixed probe inputs ``x`` or ``(x, y)`` (``x`` a tensor or a dict of tensors, ``y`` with −100 at
             positions to ignore), or a Hugging Face batch with ``labels``; default ``probe_size`` examples drawn once,
             with a private generator, from the train set.
@@ -91,7 +92,9 @@ class LazyTrainingMonitor(Callback):
         log_steps: also measure after these global steps: a list, or ``"log"`` for 1, 2, 4, 8, ...
         track_tangent: keep the linearized twin (divergence, tangent gap, tangent losses); ``False`` keeps
             the other measures and costs no training time.
-        batch_to_xy: ``batch -> (x, y)`` or ``(x, y, extra)`` for batches that are not ``(x, y)``.
+        batch_to_xy: ``batch -> (x, y)`` or ``(x, y, extra)`` for batches that are not ``(x, y)``, a dict with
+            ``"x"``/``"y"`` or a Hugging Face batch (read by :func:`default_batch_to_xy`: x the named inputs, with
+            which the model is called as ``model(**x)``, y the ``labels``).
         measure_kappa / measure_ntk: switch the two costliest measures off.
         figure: draw the laziness figure (a TensorBoard image ``lazy/figure`` and ``laziness.png`` in the log
             folder) at each epoch-end measurement and at the end of fit, and log the summary text.
@@ -135,6 +138,9 @@ class LazyTrainingMonitor(Callback):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if isinstance(log_steps, str) and log_steps != "log":
             raise ValueError(f"log_steps must be 'log', a list of steps or None, got {log_steps!r}")
+        if not callable(ntk_outputs) and ntk_outputs not in NTK_OUTPUTS:
+            raise ValueError(f"ntk_outputs must be one of {NTK_OUTPUTS} or a callable(output, y) -> [N, K'], "
+                             f"got {ntk_outputs!r}")
         if model is not None and not isinstance(model, str) and not callable(model):
             raise ValueError(f"model must be None, an attribute path or a callable(pl_module, x), got {model!r}")
         self.loss = None if loss is None else resolve_loss(loss)

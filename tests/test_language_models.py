@@ -144,15 +144,19 @@ def test_hugging_face_batches_are_read_as_named_inputs_and_labels():
     assert default_batch_to_xy({"x": 1, "y": 2}) == (1, 2)  # the older dict convention still wins
 
 
-def test_the_twin_at_learning_rate_zero_is_the_network_and_delta_is_exactly_zero():
-    monitor = LazyTrainingMonitor(loss="cross_entropy", probe_size=8, kappa_probe_size=4, ntk_probe_size=4,
-                                  figure=False)
+@pytest.mark.parametrize("probe", ["drawn", "batch"])
+def test_the_twin_at_learning_rate_zero_is_the_network_and_delta_is_exactly_zero(probe):
+    # The probe drawn from the train set, or given as a Hugging Face batch (labels inside).
+    given = collate(lm_examples(8, seed=5)) if probe == "batch" else None
+    monitor = LazyTrainingMonitor(loss="cross_entropy", probe=given, probe_size=8, kappa_probe_size=4,
+                                  ntk_probe_size=4, figure=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fit(CausalLM(lr=0.0), monitor)
     # At w0 the twin's loss on the first batch is the one training_step returned (no "another objective" warning).
     assert not [w for w in caught if "another objective" in str(w.message)]
-    assert monitor.measures.ntk_outputs == "labels"
+    assert monitor.measures.ntk_outputs == "labels" and monitor.measures.mask is not None
+    assert set(monitor.measures.x) == {"input_ids", "attention_mask"}
     for values in monitor.history:
         for name in ("divergence", "tangent_gap", "displacement", "ntk_distance"):
             assert values[name] == 0.0, name
