@@ -561,6 +561,12 @@ class LazyTrainingMonitor(Callback):
             ) from None
         if num_examples(x) == 0:
             raise ValueError("the probe set is empty: give probe tensors with at least one example")
+        if y is None:
+            rank_zero_warn(
+                "LazyTrainingMonitor: the probe has no targets, so the measures take y* = 0 (the divergence is relative "
+                "to ||alpha h(w0)||, kappa's residual is ||alpha h||): give probe=(x, y), with -100 at the positions the "
+                "loss ignores, to measure against the targets you train on."
+            )
         x, y = trainer.strategy.broadcast((x, y))
         x = inputs_to(x, pl_module.device, self._probe_dtype())
         try:

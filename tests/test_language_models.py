@@ -183,6 +183,15 @@ def test_divergence_leaves_out_the_positions_labelled_minus_100():
     assert float((now - tangent).norm() / (target * kept - at_w0).norm()) != pytest.approx(explicit, rel=1e-3)
 
 
+def test_a_probe_without_targets_is_said_to_measure_against_zero():
+    x, _ = probe_batch(4)
+    monitor = LazyTrainingMonitor(loss="cross_entropy", probe=x, measure_kappa=False, measure_ntk=False, figure=False)
+    with pytest.warns(UserWarning, match="the probe has no targets, so the measures take y\\* = 0"):
+        fit(CausalLM(), monitor, n=8, epochs=1)
+    assert monitor.measures.ntk_outputs == "all" and monitor.measures.mask is None  # no labels: every output
+    assert monitor.history[-1]["divergence"] > 0
+
+
 # ---------------------------------------------------------------------------------------------- the NTK
 
 
