@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning_lazy.cli import make_lightning_cli, resolve_config
+from lightning_lazy.runner import make_lightning_cli, resolve_config
 from lightning_lazy.data.cifar10 import CIFAR10NotFoundError
 
 
