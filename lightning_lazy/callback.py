@@ -18,14 +18,15 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
-from torch import Tensor, nn
+from torch import Tensor
+from typing_extensions import override
 
+from lightning_lazy.objective import WatchLike, resolve_objective, resolve_watched
 from lightning_lazy.probe import LazinessProbe
-from lightning_lazy.scaling import AlphaScaled, LossLike, check_alpha, resolve_loss
+from lightning_lazy.scaling import LossLike, check_alpha, resolve_loss
 from lightning_lazy.twin import OutputSelector, TangentTwin, Watched
 
 BatchToXY = Callable[[Any], tuple]
-WatchLike = str | Callable[[nn.Module, Tensor], Any] | None
 
 _PREFIX = "inner."  # parameter names of the watched network inside its ``Watched`` wrapper
 
@@ -167,78 +168,7 @@ class LazyTrainingMonitor(Callback):
         self._objective_checked = False
         self._warned_no_twin = False
 
-    # ---------------------------------------------------------------------------------------- lifecycle
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        strategy = type(trainer.strategy).__name__
-        if "FSDP" in strategy or "DeepSpeed" in strategy:
-            raise MisconfigurationException(
-                f"LazyTrainingMonitor does not support sharded strategies ({strategy}): its twin and its measures "
-                "need the whole parameter vector on every device. Use a single device or DDP."
-            )
-        if stage == "fit":
-            # A monitor reused for another fit starts afresh; a checkpoint's state (load_state_dict comes after
-            # setup) replaces this.
-            self._release()
-            self._reset_state()
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not pl_module.automatic_optimization:
-            raise MisconfigurationException(
-                "LazyTrainingMonitor follows Lightning's automatic optimization (its twin steps when the trainer "
-                "steps the optimizer); this module uses manual optimization, which it cannot follow."
-            )
-        if len(trainer.optimizers) != 1:
-            raise MisconfigurationException(
-                f"LazyTrainingMonitor needs exactly one optimizer to copy for its twin, found {len(trainer.optimizers)}."
-            )
-        optimizer = trainer.optimizers[0]
-        if isinstance(optimizer, torch.optim.LBFGS) and self.track_tangent:
-            raise MisconfigurationException(
-                "LazyTrainingMonitor cannot follow LBFGS: it re-evaluates its closure several times per step. Use a "
-                "first-order optimizer, or LazyTrainingMonitor(track_tangent=False) to keep the other measures."
-            )
-        self._build(pl_module, optimizer, clip=self._clipper(trainer), reduce_gradients=self._reducer(trainer))
-        self._names = {id(p): name for name, p in self._watched.named_parameters()}
-        self._trained |= {self._names[id(p)] for g in optimizer.param_groups for p in g["params"]
-                          if p.requires_grad and id(p) in self._names}
-        self._hook(optimizer)
-
-    def _build(self, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer, **twin_options: Any) -> None:
-        """Resolve the objective and the watched network, make the twin, and apply a loaded checkpoint state."""
-        self._objective, self._loss_scale = self._resolve_objective(pl_module)
-        self._watched = self._resolve_watched(pl_module)
-        if self.track_tangent:
-            self.twin = TangentTwin(self._watched, optimizer, self._objective, **twin_options)
-        loaded, self._loaded = self._loaded, None
-        if loaded is not None:
-            self._restore(loaded, pl_module)
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # On every rank: under DDP trainer.log_dir is a collective call. Without a logger there is no run folder.
-        self._log_folder = trainer.log_dir if trainer.loggers else None
-        writer = _tensorboard(trainer)
-        if writer is not None and trainer.is_global_zero:
-            from lightning_lazy.report import custom_scalars_layout
-
-            writer.add_custom_scalars(custom_scalars_layout())
-
-    def _measure_at_w0(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Draw the probe and measure at w0, at the first training batch: by then the user's own hooks
-        (``on_train_epoch_start`` putting a frozen backbone in eval, say) have set the modes training uses."""
-        self.measures = self._make_probe(trainer, pl_module)
-        try:
-            self.measures.measure_initial(self._measured_names())
-        except ValueError as error:
-            raise MisconfigurationException(f"LazyTrainingMonitor: {error}") from None
-        if self.measures.initial_relu is None:
-            rank_zero_warn("LazyTrainingMonitor: the model applies no ReLU, so lazy/activation_stability is not logged.")
-        if self.initial_kappa is not None:
-            rank_zero_info(
-                f"LazyTrainingMonitor: alpha = {self._loss_scale ** -0.5:g}, ||Dh(w0)|| = "
-                f"{self.initial_jacobian_norm:.4g}, kappa(w0) = {self.initial_kappa:.4g}; the bound t~^2 kappa(w0) "
-                f"reaches 1 at normalized time t~ = {self.laziness_horizon:.4g}: the predicted laziness horizon."
-            )
+    # ------------------------------------------------------------------------------------------ results
 
     @property
     def initial_kappa(self) -> float | None:
@@ -262,7 +192,91 @@ class LazyTrainingMonitor(Callback):
         """Seconds each measure took: ``{"initial": {...}, "last": {...}}`` (fit start, last measurement)."""
         return {} if self.measures is None else self.measures.timings
 
+    def measure(self, pl_module: pl.LightningModule | None = None) -> dict[str, Any]:
+        """The measures now, as floats (``displacement_per_tensor``: a dict of floats by tensor name)."""
+        if self.measures is None:
+            raise RuntimeError("LazyTrainingMonitor.measure needs the probe: fitting has not started")
+        values = self.measures.measure(self._measured_names(), time=self._time * self._loss_scale, twin=self.twin)
+        values["displacement_per_tensor"] = {_display(k): v for k, v in values["displacement_per_tensor"].items()}
+        return values
+
+    def summary_values(self) -> dict[str, float | None]:
+        """The numbers of the fit-end summary (:func:`lightning_lazy.report.laziness_summary`)."""
+        last = self.history[-1] if self.history else {}
+        return {
+            "alpha": self._loss_scale ** -0.5,
+            "kappa0": self.initial_kappa,
+            "horizon": self.laziness_horizon if self.initial_kappa is not None else None,
+            "normalized_time": last.get("normalized_time"),
+            "divergence": last.get("divergence"),
+            "activation_stability": last.get("activation_stability"),
+            "kernel_alignment": last.get("kernel_alignment"),
+            "displacement": last.get("displacement"),
+            "loss": self._last_train_loss,
+            "tangent_loss": self._last_twin_train_loss,
+        }
+
+    def summary(self) -> str:
+        """The laziness summary printed and logged at the end of fit."""
+        from lightning_lazy.report import laziness_summary
+
+        return laziness_summary(self.summary_values())
+
+    # -------------------------------------------------------------------------- hooks, in lifecycle order
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Refuse sharded strategies; a monitor reused for another fit starts afresh."""
+        strategy = type(trainer.strategy).__name__
+        if "FSDP" in strategy or "DeepSpeed" in strategy:
+            raise MisconfigurationException(
+                f"LazyTrainingMonitor does not support sharded strategies ({strategy}): its twin and its measures "
+                "need the whole parameter vector on every device. Use a single device or DDP."
+            )
+        if stage == "fit":
+            # A monitor reused for another fit starts afresh; a checkpoint's state (load_state_dict comes after
+            # setup) replaces this.
+            self._release()
+            self._reset_state()
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Check the optimization can be followed, resolve what is watched, build the twin, hook the optimizer."""
+        if not pl_module.automatic_optimization:
+            raise MisconfigurationException(
+                "LazyTrainingMonitor follows Lightning's automatic optimization (its twin steps when the trainer "
+                "steps the optimizer); this module uses manual optimization, which it cannot follow."
+            )
+        if len(trainer.optimizers) != 1:
+            raise MisconfigurationException(
+                f"LazyTrainingMonitor needs exactly one optimizer to copy for its twin, found {len(trainer.optimizers)}."
+            )
+        optimizer = trainer.optimizers[0]
+        if isinstance(optimizer, torch.optim.LBFGS) and self.track_tangent:
+            raise MisconfigurationException(
+                "LazyTrainingMonitor cannot follow LBFGS: it re-evaluates its closure several times per step. Use a "
+                "first-order optimizer, or LazyTrainingMonitor(track_tangent=False) to keep the other measures."
+            )
+        self._build(pl_module, optimizer, clip=self._clipper(trainer), reduce_gradients=self._reducer(trainer))
+        self._names = {id(p): name for name, p in self._watched.named_parameters()}
+        self._trained |= {self._names[id(p)] for g in optimizer.param_groups for p in g["params"]
+                          if p.requires_grad and id(p) in self._names}
+        self._hook(optimizer)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Find the run folder (on every rank) and give TensorBoard the custom-scalars layout."""
+        # On every rank: under DDP trainer.log_dir is a collective call. Without a logger there is no run folder.
+        self._log_folder = trainer.log_dir if trainer.loggers else None
+        writer = _tensorboard(trainer)
+        if writer is not None and trainer.is_global_zero:
+            from lightning_lazy.report import custom_scalars_layout
+
+            writer.add_custom_scalars(custom_scalars_layout())
+
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        """Measure at w0 before the first batch; hand the batch to the twin and arm it for the real forward."""
         if self.measures is None:
             self._measure_at_w0(trainer, pl_module)
         if self.twin is None:
@@ -271,11 +285,15 @@ class LazyTrainingMonitor(Callback):
         self._batch = self._read_batch(trainer.precision_plugin.convert_input(batch))
         self.twin.arm()
 
+    @override
     def on_before_zero_grad(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        """The real gradients are cleared: so are the twin's."""
         if self.twin is not None:
             self.twin.zero_grad()
 
+    @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        """Back-propagate the twin's loss on the batch whose real loss is about to be back-propagated."""
         # The real loss of this batch is about to be back-propagated: so is the twin's, and only then (a batch
         # that training_step skips, or that another callback runs forward only, contributes nothing).
         if self.twin is None or self._batch is None:
@@ -291,11 +309,15 @@ class LazyTrainingMonitor(Callback):
             self._check_objective(trainer, real_loss, twin_loss)
         self._batch = None
 
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Measure at the requested global steps."""
         if self._is_log_step(trainer.global_step):
             self._measure_and_log(trainer, pl_module, on_step=True)
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log the epoch's tangent training loss; measure every ``every_n_epochs`` epochs."""
         if self._twin_loss_count:
             self._last_twin_train_loss = self._twin_loss_sum / self._twin_loss_count
             self._last_train_loss = self._real_loss_sum / self._twin_loss_count
@@ -304,29 +326,27 @@ class LazyTrainingMonitor(Callback):
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self._measure_and_log(trainer, pl_module, on_step=False)
 
+    @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Restore the twin from a checkpoint for a validate() run, or say why there is none."""
         self._prepare_evaluation(trainer, pl_module)
 
+    @override
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Accumulate the twin's loss and accuracy on the validation batch."""
         if not trainer.sanity_checking:
             self._evaluate_twin(trainer, batch)
 
+    @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log the twin's validation loss and accuracy."""
         if not trainer.sanity_checking:
             self._log_twin_evaluation(trainer, pl_module, "val")
 
-    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._prepare_evaluation(trainer, pl_module)
-
-    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                          batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate_twin(trainer, batch)
-
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._log_twin_evaluation(trainer, pl_module, "test")
-
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Print and log the laziness summary and draw the final figure."""
         if not self.history:
             return
         text = self.summary()
@@ -338,12 +358,30 @@ class LazyTrainingMonitor(Callback):
                                 trainer.global_step)
             self._draw(trainer)
 
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Restore the twin from a checkpoint for a test() run, or say why there is none."""
+        self._prepare_evaluation(trainer, pl_module)
+
+    @override
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Accumulate the twin's loss and accuracy on the test batch."""
+        self._evaluate_twin(trainer, batch)
+
+    @override
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log the twin's test loss and accuracy."""
+        self._log_twin_evaluation(trainer, pl_module, "test")
+
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Remove the hooks on the optimizer and the network."""
         self._release()
 
-    # ------------------------------------------------------------------------------------ checkpointing
-
+    @override
     def state_dict(self) -> dict[str, Any]:
+        """What was measured at w0, the twin, the counters and the history: all a resumed run needs."""
         if self.measures is None:
             return {}
         return {
@@ -356,10 +394,41 @@ class LazyTrainingMonitor(Callback):
             "twin_loss": (self._twin_loss_sum, self._twin_loss_count),
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the state until the module, its device and the optimizer exist (applied in ``_build``)."""
         # Applied once the module, its device and the optimizer exist: in on_fit_start, or on_validation_start /
         # on_test_start for an evaluation from a checkpoint.
         self._loaded = dict(state_dict) if state_dict else None
+
+    # ------------------------------------------------------------------------------------------ helpers
+
+    def _build(self, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer, **twin_options: Any) -> None:
+        """Resolve the objective and the watched network, make the twin, and apply a loaded checkpoint state."""
+        self._objective, self._loss_scale = resolve_objective(pl_module, self.loss, self.alpha)
+        self._watched = resolve_watched(pl_module, self.model, self.output)
+        if self.track_tangent:
+            self.twin = TangentTwin(self._watched, optimizer, self._objective, **twin_options)
+        loaded, self._loaded = self._loaded, None
+        if loaded is not None:
+            self._restore(loaded, pl_module)
+
+    def _measure_at_w0(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Draw the probe and measure at w0, at the first training batch: by then the user's own hooks
+        (``on_train_epoch_start`` putting a frozen backbone in eval, say) have set the modes training uses."""
+        self.measures = self._make_probe(trainer, pl_module)
+        try:
+            self.measures.measure_initial(self._measured_names())
+        except ValueError as error:
+            raise MisconfigurationException(f"LazyTrainingMonitor: {error}") from None
+        if self.measures.initial_relu is None:
+            rank_zero_warn("LazyTrainingMonitor: the model applies no ReLU, so lazy/activation_stability is not logged.")
+        if self.initial_kappa is not None:
+            rank_zero_info(
+                f"LazyTrainingMonitor: alpha = {self._loss_scale ** -0.5:g}, ||Dh(w0)|| = "
+                f"{self.initial_jacobian_norm:.4g}, kappa(w0) = {self.initial_kappa:.4g}; the bound t~^2 kappa(w0) "
+                f"reaches 1 at normalized time t~ = {self.laziness_horizon:.4g}: the predicted laziness horizon."
+            )
 
     def _restore(self, state: dict[str, Any], pl_module: pl.LightningModule) -> None:
         self._trained = set(state["trained"])
@@ -380,58 +449,6 @@ class LazyTrainingMonitor(Callback):
         self.history = list(state["history"])
         self._twin_loss_sum, self._twin_loss_count = state["twin_loss"]
         self._objective_checked = True
-
-    # --------------------------------------------------------------------------------- resolution
-
-    def _resolve_objective(self, pl_module: pl.LightningModule) -> tuple[Callable[..., Tensor], float]:
-        scaled = [m for m in pl_module.modules() if isinstance(m, AlphaScaled)]
-        if len(scaled) > 1 and self.alpha is None:
-            raise MisconfigurationException(
-                f"the module holds {len(scaled)} AlphaScaled models, so the monitor cannot tell which alpha "
-                "scales the watched output; pass LazyTrainingMonitor(alpha=...)"
-            )
-        if scaled and self.alpha is not None and not math.isclose(scaled[0].alpha, self.alpha) and len(scaled) == 1:
-            raise MisconfigurationException(
-                f"LazyTrainingMonitor(alpha={self.alpha:g}) contradicts the module's AlphaScaled(alpha={scaled[0].alpha:g})"
-            )
-        alpha = self.alpha if self.alpha is not None else (scaled[0].alpha if scaled else 1.0)
-        loss = self.loss or (scaled[0].loss if len(scaled) == 1 else None)
-        if loss is None:
-            raise MisconfigurationException(
-                "LazyTrainingMonitor does not know the loss the model is trained on: pass "
-                "LazyTrainingMonitor(loss='mse' | 'cross_entropy' | callable), or give AlphaScaled(..., loss=...)"
-            )
-        scale = 1.0 / alpha**2
-
-        def objective(output: Tensor, target: Any, **extra: Any) -> Tensor:
-            return loss(output, target, **extra) * scale
-
-        return objective, scale
-
-    def _resolve_watched(self, pl_module: pl.LightningModule) -> Watched:
-        if callable(self.model):
-            return Watched(pl_module, call=self.model, output=self.output)
-        module: Any = pl_module
-        for part in (self.model.split(".") if self.model else []):
-            if not hasattr(module, part):
-                raise MisconfigurationException(
-                    f"LazyTrainingMonitor(model={self.model!r}): {type(module).__name__} has no attribute {part!r}"
-                )
-            module = getattr(module, part)
-        if not isinstance(module, nn.Module):
-            raise MisconfigurationException(
-                f"LazyTrainingMonitor(model={self.model!r}) names a {type(module).__name__}, not an nn.Module"
-            )
-        if self.model is None and type(pl_module).forward.__qualname__ in ("LightningModule.forward",
-                                                                          "Module._forward_unimplemented"):
-            # LightningModule.forward is nn.Module's: it raises a bare "missing forward" error.
-            raise MisconfigurationException(
-                f"{type(pl_module).__name__} has no forward(), so LazyTrainingMonitor cannot call it: say what to "
-                "watch, LazyTrainingMonitor(model='model') for the sub-module training_step calls, or "
-                "model=lambda module, x: module.model(x)"
-            )
-        return Watched(module, output=self.output)
-
 
     def _read_batch(self, batch: Any) -> tuple[Tensor, Any, dict]:
         read = self.batch_to_xy(batch)
@@ -502,8 +519,6 @@ class LazyTrainingMonitor(Callback):
         if self.twin is not None:
             self.twin.release()
 
-    # ------------------------------------------------------------------------------------------ probe
-
     def _make_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> LazinessProbe:
         """The probe, drawn once (the same on every rank), with the watched network's w0."""
         if self.probe is not None:
@@ -545,20 +560,10 @@ class LazyTrainingMonitor(Callback):
             batch = loader.collate_fn([dataset[i] for i in indices])
         return self._read_batch(batch)
 
-    # -------------------------------------------------------------------------------------- measures
-
     def _measured_names(self) -> tuple[str, ...]:
         """Parameters the measures differentiate: those trainable now or at any point of the run."""
         trainable = {name for name, p in self._watched.named_parameters() if p.requires_grad}
         return tuple(name for name in self.measures.initial if name in trainable | self._trained)
-
-    def measure(self, pl_module: pl.LightningModule | None = None) -> dict[str, Any]:
-        """The measures now, as floats (``displacement_per_tensor``: a dict of floats by tensor name)."""
-        if self.measures is None:
-            raise RuntimeError("LazyTrainingMonitor.measure needs the probe: fitting has not started")
-        values = self.measures.measure(self._measured_names(), time=self._time * self._loss_scale, twin=self.twin)
-        values["displacement_per_tensor"] = {_display(k): v for k, v in values["displacement_per_tensor"].items()}
-        return values
 
     def _measure_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, on_step: bool) -> None:
         if self.measures is None:
@@ -599,30 +604,6 @@ class LazyTrainingMonitor(Callback):
             imsave(os.path.join(self._log_folder, "laziness.png"), pixels)
         if writer is not None:
             writer.add_image("lazy/figure", pixels, trainer.global_step, dataformats="HWC")
-
-    def summary_values(self) -> dict[str, float | None]:
-        """The numbers of the fit-end summary (:func:`lightning_lazy.report.laziness_summary`)."""
-        last = self.history[-1] if self.history else {}
-        return {
-            "alpha": self._loss_scale ** -0.5,
-            "kappa0": self.initial_kappa,
-            "horizon": self.laziness_horizon if self.initial_kappa is not None else None,
-            "normalized_time": last.get("normalized_time"),
-            "divergence": last.get("divergence"),
-            "activation_stability": last.get("activation_stability"),
-            "kernel_alignment": last.get("kernel_alignment"),
-            "displacement": last.get("displacement"),
-            "loss": self._last_train_loss,
-            "tangent_loss": self._last_twin_train_loss,
-        }
-
-    def summary(self) -> str:
-        """The laziness summary printed and logged at the end of fit."""
-        from lightning_lazy.report import laziness_summary
-
-        return laziness_summary(self.summary_values())
-
-    # ------------------------------------------------------------------------------------ evaluation
 
     def _prepare_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Before validate/test: restore the twin from a checkpoint if one was loaded, or say why there is none."""

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_lazy import diagnostics as D
+from lightning_lazy.diagnostics.ntk.structured import _LayerRecorder, _plan_structured
 
 from helpers_core import explicit_jacobian, mlp
 
@@ -151,10 +152,10 @@ def test_fast_implementations_equal_products(name):
 def _plan(model: nn.Module, x: torch.Tensor, params: dict | None = None) -> set[str]:
     """Names of the parameters the structured path covers (the rest go through the generic path)."""
     params = params or {k: v.detach() for k, v in model.named_parameters()}
-    pilot = D._LayerRecorder(params)
+    pilot = _LayerRecorder(params)
     with torch.no_grad(), pilot:
         torch.func.functional_call(model.eval(), params, (x,))
-    plan = D._plan_structured(pilot, params, 3, len(x), len(x), False, 1 << 20)
+    plan = _plan_structured(pilot, params, 3, len(x), len(x), False, 1 << 20)
     return {name for w, b, _ in plan.taps.values() for name in (w, b) if name is not None}
 
 

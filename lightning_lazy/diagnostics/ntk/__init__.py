@@ -1,0 +1,132 @@
+"""The empirical neural tangent kernel: one function, its implementations behind one switch.
+
+One module per implementation (as neural-tangents' ``empirical.py`` with its ``NtkImplementation``):
+:mod:`.products` (Jacobian products, the exact reference), :mod:`.structured` (structured derivatives of
+dense, convolution and BatchNorm layers, Novak et al. 2022) and :mod:`.jacobian` (per-example Jacobians,
+and the driver that combines them with the structured features under a memory budget).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+
+from torch import Tensor
+
+from lightning_lazy.diagnostics._common import (
+    DEFAULT_MEMORY_BUDGET,
+    ModelLike,
+    Params,
+    _check_probe,
+    _evaluating,
+    _trainable_params,
+)
+from lightning_lazy.diagnostics.ntk.jacobian import _ntk_fast
+from lightning_lazy.diagnostics.ntk.products import _ntk_products
+
+
+class NtkImplementation(str, enum.Enum):
+    """Which implementation :func:`empirical_ntk` uses (a ``str``: ``"structured"`` is accepted as well)."""
+
+    AUTO = "auto"
+    STRUCTURED = "structured"
+    JACOBIAN = "jacobian"
+    PRODUCTS = "products"
+
+
+NTK_IMPLEMENTATIONS = tuple(member.value for member in NtkImplementation)
+
+
+def _products(model: ModelLike, x1: Tensor, x2: Tensor, symmetric: bool, params: Params, implementation: str,
+              chunk_size: int | None, trace: bool, budget: int) -> Tensor:
+    return _ntk_products(model, x1, x2, params, list(params), chunk_size, trace, budget)
+
+
+# The dispatch table: every implementation takes the same arguments.
+_IMPLEMENTATIONS: dict[NtkImplementation, Callable[..., Tensor]] = {
+    NtkImplementation.AUTO: _ntk_fast,
+    NtkImplementation.STRUCTURED: _ntk_fast,
+    NtkImplementation.JACOBIAN: _ntk_fast,
+    NtkImplementation.PRODUCTS: _products,
+}
+
+
+def empirical_ntk(
+    model: ModelLike,
+    x1: Tensor,
+    x2: Tensor | None = None,
+    params: Params | None = None,
+    *,
+    chunk_size: int | None = None,
+    implementation: str | NtkImplementation = NtkImplementation.AUTO,
+    trace: bool = False,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> Tensor:
+    """The empirical neural tangent kernel Θ(x1, x2) = J(x1) J(x2)ᵀ, J = ∂h(x; w)/∂w at ``params``.
+
+    Shapes: ``[N1·K, N2·K]`` (rows and columns ordered example-major, entry ((i, k), (j, l)) =
+    ⟨∂h_k(x1_i)/∂w, ∂h_l(x2_j)/∂w⟩); with ``trace=True`` the output-traced ``[N1, N2]`` kernel
+    Σ_k Θ((i, k), (j, k)) (neural-tangents' ``trace_axes=(-1,)`` up to its convention; no 1/K factor).
+    Unnormalized, as neural-tangents' empirical kernel; dtype and device of the output. ``x2=None``
+    means x2 = x1 (then only the blocks on and above the diagonal are computed).
+
+    ``implementation`` (as neural-tangents' ``NtkImplementation``):
+
+    - ``"structured"`` — Novak, Sohl-Dickstein & Schoenholz, "Fast Finite Width Neural Tangent Kernel"
+      (ICML 2022), structured derivatives. One forward of the probe under a ``TorchFunctionMode`` records,
+      for every ``F.linear``, ``F.conv1d/2d/3d`` (``groups=1``) and eval-mode ``F.batch_norm`` call whose
+      weight or bias is one of ``params``, the layer input x and, by K backward passes (one per output
+      unit), the cotangent g at its output. A dense weight's block is then
+      Σ_{s,t} ⟨g_ik,s, g_jl,t⟩⟨x_i,s, x_j,t⟩ (s, t: positions sharing the weight, the im2col patches of a
+      convolution) — computed either in that form or through the per-example weight Jacobian
+      Σ_s g_ik,s ⊗ x_i,s, whichever costs fewer multiply-adds (the choice neural-tangents makes per
+      layer); biases and BatchNorm affine parameters through their (small) per-example Jacobians. No
+      parameter Jacobian of a wide dense layer is ever formed. Every other parameter — embeddings,
+      LayerNorm/GroupNorm, depthwise convolutions, tied weights used in more than one call, parameters
+      that reach the output through any other op (e.g. inside ``nn.MultiheadAttention``, whose projections
+      are applied by one fused function) — goes through the generic path.
+    - ``"jacobian"`` — the generic path for every parameter: per-example Jacobians
+      ``vmap(jacrev)`` over examples, chunked over examples and over parameter tensors, contracted.
+    - ``"products"`` — the reference: column blocks Jᵀ(x2)E (vmapped vjp of unit cotangents) then J(x1)
+      applied to them (vmapped jvp). Cost: N2·K backward passes through the whole probe, so quadratic in
+      the number of inputs; memory ``chunk_size`` parameter-sized vectors. Exact whatever the model does.
+    - ``"auto"`` (default) — ``"structured"``; ``"products"`` when the examples of the probe interact
+      (a ``F.batch_norm`` call in training mode, e.g. a functional model that keeps BatchNorm on batch
+      statistics), and for a generic parameter group on which ``vmap`` fails.
+
+    ``"structured"`` and ``"jacobian"`` assume each output row depends on its own input row only (true in
+    eval mode; an ``nn.Module`` is always evaluated in eval mode here); they raise ``ValueError`` when a
+    training-mode BatchNorm shows otherwise. Their cost is linear in N1 + N2 (K backward passes of the
+    probe plus per-layer contractions) as long as the per-example features fit the budget.
+
+    ``memory_budget`` (numbers, i.e. tensor elements; default 2^27 = 1 GiB in float64): the features kept
+    for the kernel (layer inputs and cotangents, per-example Jacobians) use at most half of it and the
+    recording pass (activations, K cotangents, im2col patches) the other half, by chunking over examples;
+    if the features of all inputs do not fit, x2's are recomputed for each block of x1 (cost then grows
+    like N1·N2 / block). Estimates are from the shapes seen on the first examples; the kernel itself
+    (N1·K·N2·K numbers) and the model's parameters are not counted. For ``"products"`` a quarter of it
+    bounds the vjp chunk (``chunk_size`` parameter-sized vectors). A single generic parameter tensor
+    whose per-example Jacobian alone exceeds the budget is handled by ``"products"`` for that tensor.
+
+    ``chunk_size``: for ``"products"`` the number of cotangents per vmapped vjp; otherwise the maximal
+    number of examples per recording pass. Raises ``ValueError`` on an empty probe, a non-finite output,
+    an unknown implementation or a non-positive budget.
+    """
+    _check_probe(x1)
+    symmetric = x2 is None
+    x2 = x1 if symmetric else x2
+    _check_probe(x2)
+    if implementation not in NTK_IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {NTK_IMPLEMENTATIONS}, got {implementation!r}")
+    implementation = NtkImplementation(implementation)
+    if memory_budget < 1:
+        raise ValueError(f"memory_budget is a number of tensor elements and must be positive, got {memory_budget}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    params = _trainable_params(model, params)
+    with _evaluating(model):
+        return _IMPLEMENTATIONS[implementation](model, x1, x2, symmetric, params, implementation.value, chunk_size,
+                                                trace, memory_budget)
+
+
+__all__ = ["NTK_IMPLEMENTATIONS", "NtkImplementation", "empirical_ntk"]

@@ -1,0 +1,89 @@
+"""What a monitor watches in a LightningModule: the objective the model is trained on and the watched network.
+
+Lightning glue (errors are Lightning's ``MisconfigurationException``), kept out of ``callback.py`` so that the
+callback only wires hooks. :func:`resolve_objective` finds the loss R and the scale α (the twin's objective is
+R(output)/α², as for an :class:`~lightning_lazy.scaling.AlphaScaled`); :func:`resolve_watched` finds the
+network whose output the loss reads, as a :class:`~lightning_lazy.twin.Watched` module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from torch import Tensor, nn
+
+from lightning_lazy.scaling import AlphaScaled, LossLike
+from lightning_lazy.twin import OutputSelector, Watched
+
+WatchLike = str | Callable[[nn.Module, Tensor], Any] | None
+Objective = Callable[..., Tensor]
+
+
+def resolve_objective(pl_module: pl.LightningModule, loss: LossLike | None,
+                      alpha: float | None) -> tuple[Objective, float]:
+    """``(objective(output, y, **extra) = R(output, y) / α², 1/α²)``.
+
+    R is ``loss`` (already resolved) or the loss of the one ``AlphaScaled`` inside ``pl_module``; α is ``alpha``
+    or that ``AlphaScaled``'s, else 1. Raises ``MisconfigurationException`` when several ``AlphaScaled`` leave
+    α ambiguous, ``alpha`` contradicts the module's, or no loss is known.
+    """
+    scaled = [m for m in pl_module.modules() if isinstance(m, AlphaScaled)]
+    if len(scaled) > 1 and alpha is None:
+        raise MisconfigurationException(
+            f"the module holds {len(scaled)} AlphaScaled models, so the monitor cannot tell which alpha "
+            "scales the watched output; pass LazyTrainingMonitor(alpha=...)"
+        )
+    if scaled and alpha is not None and not math.isclose(scaled[0].alpha, alpha) and len(scaled) == 1:
+        raise MisconfigurationException(
+            f"LazyTrainingMonitor(alpha={alpha:g}) contradicts the module's AlphaScaled(alpha={scaled[0].alpha:g})"
+        )
+    alpha = alpha if alpha is not None else (scaled[0].alpha if scaled else 1.0)
+    loss = loss or (scaled[0].loss if len(scaled) == 1 else None)
+    if loss is None:
+        raise MisconfigurationException(
+            "LazyTrainingMonitor does not know the loss the model is trained on: pass "
+            "LazyTrainingMonitor(loss='mse' | 'cross_entropy' | callable), or give AlphaScaled(..., loss=...)"
+        )
+    scale = 1.0 / alpha**2
+
+    def objective(output: Tensor, target: Any, **extra: Any) -> Tensor:
+        return loss(output, target, **extra) * scale
+
+    return objective, scale
+
+
+def resolve_watched(pl_module: pl.LightningModule, model: WatchLike,
+                    output: str | OutputSelector | None) -> Watched:
+    """The network the monitor watches: ``pl_module`` itself (``model=None``), the sub-module at the attribute
+    path ``model``, or ``model(pl_module, x)``; its output read by ``output``. Raises
+    ``MisconfigurationException`` for a path that does not exist or names no module, and for a module
+    without ``forward()`` when nothing else is named."""
+    if callable(model):
+        return Watched(pl_module, call=model, output=output)
+    module: Any = pl_module
+    for part in (model.split(".") if model else []):
+        if not hasattr(module, part):
+            raise MisconfigurationException(
+                f"LazyTrainingMonitor(model={model!r}): {type(module).__name__} has no attribute {part!r}"
+            )
+        module = getattr(module, part)
+    if not isinstance(module, nn.Module):
+        raise MisconfigurationException(
+            f"LazyTrainingMonitor(model={model!r}) names a {type(module).__name__}, not an nn.Module"
+        )
+    if model is None and type(pl_module).forward.__qualname__ in ("LightningModule.forward",
+                                                                 "Module._forward_unimplemented"):
+        # LightningModule.forward is nn.Module's: it raises a bare "missing forward" error.
+        raise MisconfigurationException(
+            f"{type(pl_module).__name__} has no forward(), so LazyTrainingMonitor cannot call it: say what to "
+            "watch, LazyTrainingMonitor(model='model') for the sub-module training_step calls, or "
+            "model=lambda module, x: module.model(x)"
+        )
+    return Watched(module, output=output)
+
+
+__all__ = ["Objective", "WatchLike", "resolve_objective", "resolve_watched"]
