@@ -47,6 +47,8 @@ def _usage() -> str:
         "  lightning-lazy fit --config vgg11_wide_lazy --trainer.max_epochs 100 --data.data_dir ~/data",
         "  lightning-lazy fit --config resnet18_wide_standard --print_config",
         "  lightning-lazy sweep --config vgg11_wide_lazy --alphas 1 10 100 1e3 1e4 1e5 1e6 1e7 --output sweeps/vgg",
+        "  lightning-lazy sweep --config mnist1d_cnn_standard --modes standard lazy linearized kernel \\",
+        "      --alphas 1 10 100 1000 10000 --output mnist1d_sweep       (MNIST-1D on a CPU, data made locally)",
         "Run `lightning-lazy <command> --help` for a command's options.",
     ]
     return "\n".join(lines)
