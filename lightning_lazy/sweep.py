@@ -405,13 +405,13 @@ def write_table(runs: list[SweepRun], path: Path) -> None:
     """
     points = _points(runs)
     lines = ["# Linear vs lazy vs deep", "",
-             "Train and test accuracy (%) per model: *deep* = standard training, *lazy* = alpha-scaled training at "
-             "each alpha of the sweep, *linear* = the exact tangent model (alpha -> infinity), *kernel* = the tangent "
-             "model's kernel predictor at infinite time (no training). Delta = the monitor's last divergence between "
-             "the run and its tangent twin, NTK distance = |K_t - K_0| / |K_0| (n/a: not measured). Where a "
-             "learning-rate grid was run, each point uses the lr with the best validation accuracy.", "",
-             "| model | mode | alpha | lr | train acc | test acc | stable activations | Delta | NTK distance "
-             "| seconds |",
+             ("Train and test accuracy (%) per model: *deep* = standard training, *lazy* = alpha-scaled training "
+              "at each alpha of the sweep, *linear* = the exact tangent model (alpha -> infinity), *kernel* = the "
+              "tangent model's kernel predictor at infinite time (no training). Delta = the monitor's last divergence "
+              "between the run and its tangent twin, NTK distance = |K_t - K_0| / |K_0| (n/a: not measured). Where a "
+              "learning-rate grid was run, each point uses the lr with the best validation accuracy."), "",
+             ("| model | mode | alpha | lr | train acc | test acc | stable activations | Delta | NTK distance "
+              "| seconds |"),
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for config in dict.fromkeys(r.config for r in runs):
         rows = []

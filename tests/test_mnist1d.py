@@ -44,13 +44,15 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def small(tmp_path: Path, num_samples: int = SMALL) -> list[str]:
-    """LightningCLI options that shrink a packaged MNIST-1D config to a test: few examples, small probes."""
+    """LightningCLI options that shrink a packaged MNIST-1D config to a test: few examples, small probes, the
+    monitor measuring after every epoch (the configs: every 5th) since the tests train one or two."""
     return [
         f"--data.data_dir={tmp_path / 'data'}", f"--data.num_samples={num_samples}", "--data.val_size=20",
         "--data.batch_size=20", f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         f"--trainer.default_root_dir={tmp_path}", "--trainer.callbacks.probe_size=16",
         "--trainer.callbacks.kappa_probe_size=4", "--trainer.callbacks.ntk_probe_size=4",
+        "--trainer.callbacks.every_n_epochs=1",
     ]
 
 
@@ -67,7 +69,7 @@ def test_data_is_generated_once_cached_and_standardized(tmp_path: Path, offline:
     # make_dataset seeds numpy's and Python's global generators: the caller's are given back untouched.
     assert random.getstate() == py_state and np.all(np.random.get_state()[1] == np_state[1])
     x, y = dm.split("train")
-    xv, yv = dm.split("val")
+    xv, _ = dm.split("val")
     xt, yt = dm.split("test")
     assert x.shape == (140, 40) and xv.shape == (20, 40) and xt.shape == (40, 40)
     assert x.dtype == torch.float32 and y.dtype == torch.int64 and set(y.tolist()) <= set(range(10))
@@ -218,7 +220,8 @@ def test_kernel_train_size_takes_a_subset(tmp_path: Path, offline: None) -> None
     out = tmp_path / "sweep"
     assert main(["sweep", "--config", "mnist1d_cnn_standard", "--modes", "kernel", "--kernel_train_size", "50",
                  "--output", str(out), *small(tmp_path)]) == 0
-    row = next(csv.DictReader(open(out / "sweep.csv")))
+    with open(out / "sweep.csv") as f:
+        row = next(csv.DictReader(f))
     assert float(row["kernel/train_size"]) == 50 and float(row["train_acc"]) == 1.0
     assert main(["sweep", "--config", "mnist1d_cnn_standard", "--modes", "kernel", "--kernel_train_size", "0",
                  "--output", str(out)]) == 2
