@@ -120,7 +120,7 @@ def test_cnn1d_is_the_published_convbase_with_a_width_factor() -> None:
     assert net(torch.randn(3, 40)).shape == (3, 10) and net(torch.randn(3, 1, 40)).shape == (3, 10)
     wide = CNN1D(width=2)
     assert wide.features[0].out_channels == 50 and wide.classifier.in_features == 250
-    assert all(float(m.bias.abs().max()) == 0 for m in net.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Linear)))
+    assert all(float(m.bias.detach().abs().max()) == 0 for m in net.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Linear)))
     with pytest.raises(ValueError, match="length"):
         net(torch.randn(3, 32))
 
