@@ -21,6 +21,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_lazy._forward_ad import as_forward_ad_error
 from lightning_lazy.objective import WatchLike, resolve_objective, resolve_watched
 from lightning_lazy.probe import LazinessProbe
 from lightning_lazy.scaling import LossLike, check_alpha, resolve_loss
@@ -299,7 +300,14 @@ class LazyTrainingMonitor(Callback):
         if self.twin is None or self._batch is None:
             return
         x, y, extra = self._batch
-        twin_loss = float(self.twin.accumulate(x, y, extra, weight=1.0 / trainer.accumulate_grad_batches))
+        try:
+            twin_loss = float(self.twin.accumulate(x, y, extra, weight=1.0 / trainer.accumulate_grad_batches))
+        except (RuntimeError, NotImplementedError) as error:
+            # The twin's backward runs outside forward_ad_safe: a missing rule surfaces here, as one line.
+            one_line = as_forward_ad_error(error, "LazyTrainingMonitor, the tangent twin's backward")
+            if one_line is None:
+                raise
+            raise one_line from None
         real_loss = self._real_loss(trainer, loss)
         self._twin_loss_sum += twin_loss / self._loss_scale
         self._real_loss_sum += real_loss / self._loss_scale
@@ -422,13 +430,27 @@ class LazyTrainingMonitor(Callback):
         except ValueError as error:
             raise MisconfigurationException(f"LazyTrainingMonitor: {error}") from None
         if self.measures.initial_relu is None:
-            rank_zero_warn("LazyTrainingMonitor: the model applies no ReLU, so lazy/activation_stability is not logged.")
+            self._warn_no_activation_stability()
         if self.initial_kappa is not None:
             rank_zero_info(
                 f"LazyTrainingMonitor: alpha = {self._loss_scale ** -0.5:g}, ||Dh(w0)|| = "
                 f"{self.initial_jacobian_norm:.4g}, kappa(w0) = {self.initial_kappa:.4g}; the bound t~^2 kappa(w0) "
                 f"reaches 1 at normalized time t~ = {self.laziness_horizon:.4g}: the predicted laziness horizon."
             )
+
+    def _warn_no_activation_stability(self) -> None:
+        """Say why lazy/activation_stability is missing: name the smooth activations found, and what to read."""
+        from lightning_lazy.diagnostics import recording_activation_states
+
+        with recording_activation_states() as states:  # one forward of a few probe points, once
+            self.measures.output(self.measures.x[:8])
+        found = (f"its activations ({', '.join(states.smooth)}) are smooth, with no linear pieces for a unit to "
+                 "switch between" if states.smooth else "it applies no activation the monitor recognizes")
+        rank_zero_warn(
+            f"LazyTrainingMonitor: the model has no piecewise-linear unit (ReLU, ReLU6, LeakyReLU, Hardtanh, "
+            f"Hardswish, ...): {found}, so lazy/activation_stability is not logged. Read how far each layer's "
+            "features moved instead: lazy/layers/<module>/feature_movement (and lazy/kernel_alignment)."
+        )
 
     def _restore(self, state: dict[str, Any], pl_module: pl.LightningModule) -> None:
         self._trained = set(state["trained"])
