@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_lazy._forward_ad import as_forward_ad_error
+from lightning_lazy._optim import adaptive_optimizer
 from lightning_lazy.objective import WatchLike, resolve_objective, resolve_watched
 from lightning_lazy.probe import LazinessProbe
 from lightning_lazy.scaling import LossLike, check_alpha, resolve_loss
@@ -74,19 +76,25 @@ class LazyTrainingMonitor(Callback):
         kappa_probe_size: the first examples of the probe used for κ, ‖Dh‖, ‖D²h‖.
         ntk_probe_size: the first examples of the probe used for the empirical NTK.
         every_n_epochs: measure at the end of every n-th training epoch.
-        log_steps: also measure after these global steps: a list, or ``"log"`` for 1, 2, 4, 8, ...
+        log_steps: also measure after these global steps: ``"log"`` (the default) for 1, 2, 4, 8, ..., so the
+            early phase, which often already passes the horizon, is seen; a list; or ``None`` (epoch ends only).
         track_tangent: keep the linearized twin (divergence, tangent gap, tangent losses); ``False`` keeps
             the other measures and costs no training time.
         batch_to_xy: ``batch -> (x, y)`` or ``(x, y, extra)`` for batches that are not ``(x, y)``.
         measure_kappa / measure_ntk: switch the two costliest measures off.
         figure: draw the laziness figure (a TensorBoard image ``lazy/figure`` and ``laziness.png`` in the log
-            folder) at each epoch-end measurement and at the end of fit, and log the summary text.
+            folder) at the end of fit and at epoch ends while its cost stays under 5 % of the fit (it takes
+            about a second to draw), and log the summary text.
 
-    Logged under ``lazy/``: ``divergence`` Δ, ``bound`` (= t̃²·κ(w0)), ``kappa``, ``jacobian_norm``,
+    Logged under ``lazy/``: ``regime`` (1 lazy, 0.5 in between, 0 feature learning:
+    :data:`lightning_lazy.report.REGIME_CODES`), ``divergence`` Δ, ``bound`` (= t̃²·κ(w0); only for gradient
+    descent and SGD with momentum, see :mod:`lightning_lazy._optim`), ``kappa``, ``jacobian_norm``,
     ``hessian_norm``, ``displacement``, ``tangent_gap``, ``ntk_distance``, ``kernel_alignment``,
     ``activation_stability``, ``normalized_time``, ``tangent/train_loss``, ``tangent/val_loss``
     (``test_loss`` under ``trainer.test``) and, for integer targets, ``tangent/val_acc`` / ``test_acc``.
-    The losses logged are R (without the 1/α² factor), comparable across α.
+    The losses logged are R (without the 1/α² factor), comparable across α. At the end of fit the regime and
+    the last measures also go to TensorBoard's HParams tab (``log_hyperparams(params, metrics)``), and one
+    line names the log folder and the figure.
 
     What the measures compare: the network and its twin as functions of the weights alone, on the probe,
     with dropout off and each BatchNorm that trains normalizing by the probe's own batch statistics (as in
@@ -106,7 +114,7 @@ class LazyTrainingMonitor(Callback):
         kappa_probe_size: int = 16,
         ntk_probe_size: int = 16,
         every_n_epochs: int = 1,
-        log_steps: str | Sequence[int] | None = None,
+        log_steps: str | Sequence[int] | None = "log",
         track_tangent: bool = True,
         batch_to_xy: BatchToXY | None = None,
         measure_kappa: bool = True,
@@ -154,6 +162,9 @@ class LazyTrainingMonitor(Callback):
         self._steps = 0
         self.history: list[dict[str, float]] = []
         self._drawn = 0  # measurements in the figure last drawn
+        self._draw_seconds = 1.0  # what a drawing took (before the first: about a second), and when it ended
+        self._drawn_at = time.perf_counter()
+        self._adaptive: str | None = None  # the optimizer's class name when the bound does not hold for it
         self._log_folder: str | None = None
         self._last_per_tensor: dict[str, float] = {}
         self._twin_loss_sum = 0.0
@@ -198,6 +209,8 @@ class LazyTrainingMonitor(Callback):
         if self.measures is None:
             raise RuntimeError("LazyTrainingMonitor.measure needs the probe: fitting has not started")
         values = self.measures.measure(self._measured_names(), time=self._time * self._loss_scale, twin=self.twin)
+        if self._adaptive is not None:
+            values.pop("bound", None)  # the theorem behind it speaks of gradient descent only
         values["displacement_per_tensor"] = {_display(k): v for k, v in values["displacement_per_tensor"].items()}
         return values
 
@@ -206,8 +219,9 @@ class LazyTrainingMonitor(Callback):
         last = self.history[-1] if self.history else {}
         return {
             "alpha": self._loss_scale ** -0.5,
+            "adaptive_optimizer": self._adaptive,
             "kappa0": self.initial_kappa,
-            "horizon": self.laziness_horizon if self.initial_kappa is not None else None,
+            "horizon": self.laziness_horizon if self.initial_kappa is not None and self._adaptive is None else None,
             "normalized_time": last.get("normalized_time"),
             "divergence": last.get("divergence"),
             "activation_stability": last.get("activation_stability"),
@@ -258,6 +272,7 @@ class LazyTrainingMonitor(Callback):
                 "LazyTrainingMonitor cannot follow LBFGS: it re-evaluates its closure several times per step. Use a "
                 "first-order optimizer, or LazyTrainingMonitor(track_tangent=False) to keep the other measures."
             )
+        self._adaptive = adaptive_optimizer(optimizer)
         self._build(pl_module, optimizer, clip=self._clipper(trainer), reduce_gradients=self._reducer(trainer))
         self._names = {id(p): name for name, p in self._watched.named_parameters()}
         self._trained |= {self._names[id(p)] for g in optimizer.param_groups for p in g["params"]
@@ -364,7 +379,12 @@ class LazyTrainingMonitor(Callback):
             if writer is not None and self.figure:
                 writer.add_text("lazy/summary", "\n".join("    " + line for line in text.splitlines()),
                                 trainer.global_step)
+            self._log_hparams(trainer)
             self._draw(trainer)
+            if self._log_folder is not None:
+                figure = os.path.join(self._log_folder, "laziness.png")
+                rank_zero_info(f"LazyTrainingMonitor: logs in {self._log_folder} (tensorboard --logdir "
+                               f"{self._log_folder})" + (f", figure {figure}" if os.path.exists(figure) else ""))
 
     @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -431,7 +451,13 @@ class LazyTrainingMonitor(Callback):
             raise MisconfigurationException(f"LazyTrainingMonitor: {error}") from None
         if self.measures.initial_relu is None:
             self._warn_no_activation_stability()
-        if self.initial_kappa is not None:
+        if self.initial_kappa is not None and self._adaptive is not None:
+            rank_zero_info(
+                f"LazyTrainingMonitor: alpha = {self._loss_scale ** -0.5:g}, kappa(w0) = {self.initial_kappa:.4g}; "
+                f"the bound t~^2 kappa(w0) and its horizon hold for gradient descent (SGD, with or without momentum), "
+                f"not for {self._adaptive}: neither is stated, the measures are."
+            )
+        elif self.initial_kappa is not None:
             rank_zero_info(
                 f"LazyTrainingMonitor: alpha = {self._loss_scale ** -0.5:g}, ||Dh(w0)|| = "
                 f"{self.initial_jacobian_norm:.4g}, kappa(w0) = {self.initial_kappa:.4g}; the bound t~^2 kappa(w0) "
@@ -595,6 +621,11 @@ class LazyTrainingMonitor(Callback):
         self._last_per_tensor = per_tensor
         self.history.append({"step": float(trainer.global_step), "epoch": float(trainer.current_epoch), **values})
         scalars = {f"lazy/{name}": value for name, value in values.items()}
+        from lightning_lazy.report import regime_code
+
+        code = regime_code(values)
+        if math.isfinite(code):
+            scalars["lazy/regime"] = code
         if on_step:
             # Straight to the loggers: pl_module.log from a batch hook would repeat the value at every step.
             # Lightning writes what is logged after k optimizer steps at step k - 1; so do we.
@@ -604,8 +635,10 @@ class LazyTrainingMonitor(Callback):
         else:
             for name, value in scalars.items():
                 pl_module.log(name, value, sync_dist=True)  # equal on every rank: quiets Lightning's advice
-        if trainer.is_global_zero and not on_step:
-            self._draw(trainer)  # rendering costs about a second: at epoch ends (and fit end), not at log steps
+        # Rendering costs about a second: at epoch ends (never at log steps) while that stays under 5 % of the
+        # time since the last drawing, and at fit end.
+        if trainer.is_global_zero and not on_step and time.perf_counter() - self._drawn_at >= 19 * self._draw_seconds:
+            self._draw(trainer)
 
     def _draw(self, trainer: pl.Trainer) -> None:
         """The laziness figure, rendered once: a TensorBoard image and ``laziness.png`` in the log folder."""
@@ -615,17 +648,37 @@ class LazyTrainingMonitor(Callback):
         if self._log_folder is None and writer is None:
             return  # no logger: no run folder to save it in
         self._drawn = len(self.history)
+        started = time.perf_counter()
         from matplotlib.image import imsave
 
         from lightning_lazy.report import figure_to_array, laziness_figure
 
-        horizon = self.laziness_horizon if self.initial_kappa is not None else None
-        pixels = figure_to_array(laziness_figure(self.history, horizon=horizon, per_tensor=self._last_per_tensor))
+        horizon = self.summary_values()["horizon"]
+        pixels = figure_to_array(laziness_figure(self.history, horizon=horizon, per_tensor=self._last_per_tensor,
+                                                 alpha=self._loss_scale ** -0.5))
         if self._log_folder is not None:
             os.makedirs(self._log_folder, exist_ok=True)
             imsave(os.path.join(self._log_folder, "laziness.png"), pixels)
         if writer is not None:
             writer.add_image("lazy/figure", pixels, trainer.global_step, dataformats="HWC")
+        self._drawn_at = time.perf_counter()
+        self._draw_seconds = self._drawn_at - started
+
+    def _log_hparams(self, trainer: pl.Trainer) -> None:
+        """The regime and the last measures as HParams metrics of the TensorBoard loggers: runs compare there."""
+        from lightning_lazy.report import regime_code
+
+        last = self.history[-1]
+        metrics = {f"lazy/{key}": float(last[key]) for key in ("divergence", "activation_stability", "kernel_alignment")
+                   if key in last and math.isfinite(float(last[key]))}
+        code = regime_code(last)
+        if math.isfinite(code):
+            metrics["lazy/regime"] = code
+        params = {"lazy/alpha": self._loss_scale ** -0.5, "lazy/optimizer": type(trainer.optimizers[0]).__name__
+                  if trainer.optimizers else "none"}
+        for logger in trainer.loggers:
+            if metrics and any(cls.__name__ == "TensorBoardLogger" for cls in type(logger).__mro__):
+                logger.log_hyperparams(params, metrics, step=max(trainer.global_step - 1, 0))  # the last measurement's step
 
     def _prepare_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Before validate/test: restore the twin from a checkpoint if one was loaded, or say why there is none."""
