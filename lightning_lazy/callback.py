@@ -93,7 +93,8 @@ class LazyTrainingMonitor(Callback):
     ``activation_stability``, ``normalized_time``, ``tangent/train_loss``, ``tangent/val_loss``
     (``test_loss`` under ``trainer.test``) and, for integer targets, ``tangent/val_acc`` / ``test_acc``.
     The losses logged are R (without the 1/α² factor), comparable across α. At the end of fit the regime and
-    the last measures also go to TensorBoard's HParams tab (``log_hyperparams(params, metrics)``), and one
+    the last measures also go to TensorBoard's HParams tab (the summaries of ``log_hyperparams(params, metrics)``,
+    params ``lazy/alpha`` and ``lazy/optimizer``), and one
     line names the log folder and the figure.
 
     What the measures compare: the network and its twin as functions of the weights alone, on the probe,
@@ -676,9 +677,16 @@ class LazyTrainingMonitor(Callback):
             metrics["lazy/regime"] = code
         params = {"lazy/alpha": self._loss_scale ** -0.5, "lazy/optimizer": type(trainer.optimizers[0]).__name__
                   if trainer.optimizers else "none"}
-        for logger in trainer.loggers:
-            if metrics and any(cls.__name__ == "TensorBoardLogger" for cls in type(logger).__mro__):
-                logger.log_hyperparams(params, metrics, step=max(trainer.global_step - 1, 0))  # the last measurement's step
+        writer = _tensorboard(trainer)
+        if writer is None or not metrics:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        # What TensorBoardLogger.log_hyperparams(params, metrics) writes, less its logging of the metrics again:
+        # the HParams tab reads their values from the scalars already logged, which a repeat would duplicate.
+        file_writer = writer._get_file_writer()
+        for summary in hparams(params, metrics):
+            file_writer.add_summary(summary, trainer.global_step)
 
     def _prepare_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Before validate/test: restore the twin from a checkpoint if one was loaded, or say why there is none."""

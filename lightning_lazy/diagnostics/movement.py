@@ -169,8 +169,9 @@ class _ActivationRecorder(TorchFunctionMode):
         piecewise = _PIECEWISE.get(func)
         if piecewise is not None and args and isinstance(args[0], Tensor):
             name, rule = piecewise
-            self.states.append(_piece(args[0].detach(), rule(args, kwargs)))  # before the call: in-place overwrites
-            self.states.names.append(name)
+            kinks = rule(args, kwargs)
+            self.states.append(_piece(args[0].detach(), kinks))  # before the call: in-place overwrites
+            self.states.names.append("relu6" if name == "hardtanh" and kinks == (0.0, 6.0) else name)  # nn.ReLU6
         elif func in _SMOOTH and _SMOOTH[func] not in self.states.smooth:
             self.states.smooth.append(_SMOOTH[func])
         return func(*args, **kwargs)
