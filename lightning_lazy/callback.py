@@ -215,7 +215,7 @@ class LazyTrainingMonitor(Callback):
         values["displacement_per_tensor"] = {_display(k): v for k, v in values["displacement_per_tensor"].items()}
         return values
 
-    def summary_values(self) -> dict[str, float | None]:
+    def summary_values(self) -> dict[str, float | str | None]:
         """The numbers of the fit-end summary (:func:`lightning_lazy.report.laziness_summary`)."""
         last = self.history[-1] if self.history else {}
         return {

@@ -373,7 +373,7 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}"
 
 
-def laziness_summary(values: dict[str, float | None]) -> str:
+def laziness_summary(values: Mapping[str, float | str | None]) -> str:
     """A short plain-text summary of a run, for the terminal and TensorBoard's text tab.
 
     ``values``: any of ``"alpha"``, ``"adaptive_optimizer"`` (the optimizer's class name when the bound does
