@@ -132,6 +132,7 @@ for _name, _functions in (
 ):
     for _function in _functions:
         _SMOOTH[_function] = _name
+del _name, _functions, _rule, _function
 
 
 class ActivationStates(list):
