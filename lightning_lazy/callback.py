@@ -269,7 +269,7 @@ class LazyTrainingMonitor(Callback):
 
         text = laziness_summary(self.summary_values())
         if self.twin is not None and self.twin.lost is not None:
-            text += (f"\n  The tangent twin stopped following the run after step {self.twin.lost_at}: {self.twin.lost}; "
+            text += (f"\n  The tangent twin stopped following the run at step {self.twin.lost_at}: {self.twin.lost}; "
                      "divergence, tangent gap and tangent losses are not measured from then on.")
         return text
 
@@ -476,16 +476,18 @@ class LazyTrainingMonitor(Callback):
 
     # ------------------------------------------------------------------------------------------ helpers
 
-    def _twin_lost(self, cause: str, remedy: str = "Switch it off while monitoring to keep the divergence.") -> None:
+    def _twin_lost(self, cause: str, remedy: str = "Switch it off while monitoring to keep the divergence.",
+                   measuring: bool = False) -> None:
         """The twin cannot follow what the real run did (``cause``: the module, hook or optimizer; ``remedy``: what
         the user can do): warn once, and stop logging the twin-based measures (divergence, tangent gap, tangent
-        losses); the others go on.
+        losses); the others go on. Found while ``measuring`` (after the last step), nothing is logged from this
+        step on; found during the run (the twin's hooks), from the step under way.
 
         Never a wrong number: rather than log a divergence from a path the real run did not take, log none.
         """
         if self.twin is None or self.twin.lost is not None:
             return
-        self.twin.lose(cause, self._steps, remedy)
+        self.twin.lose(cause, self._steps if measuring else self._steps + 1, remedy)
         self._twin_loss_sum, self._real_loss_sum, self._twin_loss_count = 0.0, 0.0, 0
         self._last_twin_train_loss = self._last_train_loss = None  # (both were averaged over the twin's batches)
         self._warn_lost()
@@ -507,7 +509,7 @@ class LazyTrainingMonitor(Callback):
             return
         found = twin.check()
         if found is not None:
-            self._twin_lost(*found)
+            self._twin_lost(*found, measuring=True)
 
     def _build(self, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer, **twin_options: Any) -> None:
         """Resolve the objective and the watched network, make the twin, and apply a loaded checkpoint state."""

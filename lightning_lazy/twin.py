@@ -378,7 +378,7 @@ class TangentTwin:
         if self.lost is not None:
             return None
         return (self._compiled_randomness or self._layout_changed()
-                or self._written("outside the optimizer's step()", values=True))
+                or self._written(_BETWEEN_STEPS, values=True))
 
     def _check_now(self, where: str, values: bool = False) -> None:
         found = self._compiled_randomness or self._layout_changed() or self._written(where, values)
