@@ -30,9 +30,12 @@ from lightning_lazy.diagnostics.curvature import (
     kappa,
 )
 from lightning_lazy.diagnostics.kernels import (
+    Spectrum,
     gradient_descent_mse,
     kernel_alignment,
+    kernel_velocity,
     ntk_distance,
+    ntk_spectrum,
     target_alignment,
 )
 from lightning_lazy.diagnostics.lanczos import extreme_eigenpair
@@ -40,7 +43,11 @@ from lightning_lazy.diagnostics.movement import (
     Displacement,
     activation_stability,
     displacement,
+    feature_movement,
+    layer_displacement,
+    parameter_owning_modules,
     path_divergence,
+    recording_module_outputs,
     recording_relu_states,
     relu_states,
 )
@@ -48,6 +55,7 @@ from lightning_lazy.diagnostics.ntk import (
     NTK_IMPLEMENTATIONS,
     NtkImplementation,
     empirical_ntk,
+    owning_module,
 )
 
 __all__ = [
@@ -60,6 +68,14 @@ __all__ = [
     "extreme_eigenpair",
     "gradient_descent_mse",
     "target_alignment",
+    "Spectrum",
+    "ntk_spectrum",
+    "kernel_velocity",
+    "owning_module",
+    "layer_displacement",
+    "feature_movement",
+    "recording_module_outputs",
+    "parameter_owning_modules",
     "Displacement",
     "Kappa",
     "activation_stability",

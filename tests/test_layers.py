@@ -1,0 +1,163 @@
+"""Per-layer laziness: per-module NTK blocks, spectrum, kernel velocity, per-module movement, and the monitor's
+per-layer tags, heat map and kernel baseline."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev
+
+from lightning_lazy import diagnostics as D
+
+
+class _Net(nn.Module):
+    """Conv, BatchNorm (eval), a frozen Linear, a trained Linear owning weight and bias, a root-owned scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.norm = nn.BatchNorm2d(3)
+        self.body = nn.Sequential(nn.Linear(3 * 4 * 4, 5), nn.Tanh(), nn.Linear(5, 3))
+        self.scale = nn.Parameter(torch.tensor(1.5))
+        self.body[0].requires_grad_(False)  # frozen: no block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.norm(self.conv(x)))
+        return self.scale * self.body(h.flatten(1))
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    net = _Net().double()
+    with torch.no_grad():
+        net.norm.running_mean.uniform_(-0.2, 0.2)
+        net.norm.running_var.uniform_(0.5, 1.5)
+    return net.eval()
+
+
+def _jacobian_blocks(net: nn.Module, x1: torch.Tensor, x2: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Θ_l = J_l(x1) J_l(x2)ᵀ from per-module Jacobians by jacrev (the explicit reference)."""
+    params = {k: v.detach() for k, v in net.named_parameters() if v.requires_grad}
+    blocks: dict[str, torch.Tensor] = {}
+    for module in dict.fromkeys(D.owning_module(k) for k in params):
+        mine = {k: v for k, v in params.items() if D.owning_module(k) == module}
+        others = {k: v for k, v in params.items() if k not in mine}
+
+        def jac(x: torch.Tensor) -> torch.Tensor:
+            j = jacrev(lambda p: functional_call(net, {**others, **p}, (x,)).reshape(-1))(mine)
+            return torch.cat([t.reshape(t.shape[0], -1) for t in j.values()], dim=1)
+
+        blocks[module] = jac(x1) @ jac(x2).T
+    return blocks
+
+
+@pytest.mark.parametrize("implementation", ["structured", "jacobian", "products", "auto"])
+@pytest.mark.parametrize("trace", [False, True])
+def test_per_layer_blocks_are_the_per_module_jacobian_grams(implementation, trace):
+    net = _net()
+    torch.manual_seed(1)
+    x1, x2 = torch.randn(4, 2, 4, 4, dtype=torch.float64), torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    for a, b in ((x1, None), (x1, x2)):
+        blocks = D.empirical_ntk(net, a, b, implementation=implementation, trace=trace, per_layer=True)
+        expected = _jacobian_blocks(net, a, a if b is None else b)
+        assert list(blocks) == ["", "conv", "norm", "body.2"]  # named_parameters order; the frozen body.0 has none
+        whole = D.empirical_ntk(net, a, b, implementation=implementation, trace=trace)
+        for name, block in blocks.items():
+            reference = expected[name]
+            if trace:
+                n1, n2 = reference.shape[0] // 3, reference.shape[1] // 3
+                reference = reference.reshape(n1, 3, n2, 3).diagonal(dim1=1, dim2=3).sum(-1)
+            assert block.shape == whole.shape
+            torch.testing.assert_close(block, reference, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(sum(blocks.values()), whole, rtol=1e-9, atol=1e-12)
+
+
+def test_per_layer_on_a_functional_model_groups_by_name_and_splits_a_bias_of_another_group():
+    torch.manual_seed(2)
+    params = {"a.w": torch.randn(4, 3, dtype=torch.float64), "b.bias": torch.randn(4, dtype=torch.float64),
+              "c.w": torch.randn(2, 4, dtype=torch.float64)}
+
+    def fn(p, x):
+        return torch.nn.functional.linear(torch.tanh(torch.nn.functional.linear(x, p["a.w"], p["b.bias"])), p["c.w"])
+
+    x = torch.randn(5, 3, dtype=torch.float64)
+    blocks = D.empirical_ntk(fn, x, params=params, per_layer=True)
+    reference = D.empirical_ntk(fn, x, params=params, implementation="products", per_layer=True)
+    assert list(blocks) == ["a", "b", "c"]
+    for name in blocks:
+        torch.testing.assert_close(blocks[name], reference[name])
+
+
+def test_spectrum_against_an_explicit_eigendecomposition():
+    torch.manual_seed(3)
+    a = torch.randn(6, 4, dtype=torch.float64)
+    kernel = a @ a.T
+    y = torch.randn(6, 2, dtype=torch.float64)
+    values, vectors = torch.linalg.eigh(kernel)
+    result = D.ntk_spectrum(kernel, y)
+    torch.testing.assert_close(result.top_eigenvalue, values[-1])
+    torch.testing.assert_close(result.effective_rank, values.clamp_min(0).sum() ** 2 / (values.clamp_min(0) ** 2).sum())
+    top = vectors[:, -2:]  # top_k defaults to the 2 target columns
+    torch.testing.assert_close(result.target_energy, (top @ top.T @ y).norm() ** 2 / y.norm() ** 2)
+    assert float(D.ntk_spectrum(kernel, y, top_k=6).target_energy) == pytest.approx(1.0)
+    # Rank one: effective rank 1 and all the energy of a target in its range in the top direction.
+    v = torch.randn(6, 1, dtype=torch.float64)
+    one = D.ntk_spectrum(v @ v.T, 3 * v, top_k=1)
+    assert float(one.effective_rank) == pytest.approx(1.0) and float(one.target_energy) == pytest.approx(1.0)
+    assert float(D.ntk_spectrum(torch.eye(5, dtype=torch.float64)).effective_rank) == pytest.approx(5.0)
+    # Class labels on a traced kernel are one-hot; a full [N·K, N·K] kernel takes the targets flattened.
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    torch.testing.assert_close(D.ntk_spectrum(kernel, labels).target_energy,
+                               D.ntk_spectrum(kernel, torch.nn.functional.one_hot(labels).double()).target_energy)
+    full = torch.kron(kernel, torch.eye(2, dtype=torch.float64))
+    f = D.ntk_spectrum(full, y, top_k=4)
+    torch.testing.assert_close(f.target_energy, result.target_energy)  # Θ ⊗ I: the same directions per output
+    with pytest.raises(ValueError, match="fit neither"):
+        D.ntk_spectrum(kernel, torch.randn(4, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="top_k"):
+        D.ntk_spectrum(kernel, y, top_k=0)
+
+
+def test_kernel_velocity():
+    k0 = torch.eye(3, dtype=torch.float64)
+    k1 = k0 + 0.3 * torch.ones(3, 3, dtype=torch.float64)
+    torch.testing.assert_close(D.kernel_velocity(k1, k0, 0.5), (k1 - k0).norm() / k0.norm() / 0.5)
+    assert float(D.kernel_velocity(k0, k0, 2.0)) == 0.0
+    with pytest.raises(ValueError, match="positive"):
+        D.kernel_velocity(k1, k0, 0.0)
+
+
+def test_layer_displacement_and_feature_movement_against_the_weights_and_the_outputs():
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 2)).double()
+    x = torch.randn(7, 3, dtype=torch.float64)
+    names = D.parameter_owning_modules(net)
+    assert names == ["0", "2"]
+    w0 = {k: v.detach().clone() for k, v in net.named_parameters()}
+    with torch.no_grad(), D.recording_module_outputs(net, names, rows=5) as before:
+        net(x)
+    assert before["0"][0].shape == (5, 4)
+    expected_first = torch.nn.functional.linear(x[:5], net[0].weight, net[0].bias)
+    torch.testing.assert_close(before["0"][0], expected_first)  # kept before the in-place ReLU
+    with torch.no_grad():
+        net[2].weight.add_(0.1)
+    w = {k: v.detach() for k, v in net.named_parameters()}
+    moved = D.layer_displacement(w, w0)
+    assert float(moved["0"]) == 0.0
+    expected = (0.1 * torch.ones(2, 4)).norm() / torch.cat([w0["2.weight"].flatten(), w0["2.bias"]]).norm()
+    assert float(moved["2"]) == pytest.approx(float(expected))
+    with torch.no_grad(), D.recording_module_outputs(net, names, rows=5) as after:
+        net(x)
+    features = D.feature_movement(after, before)
+    assert float(features["0"]) == 0.0
+    out0, out1 = before["2"][0], after["2"][0]
+    assert float(features["2"]) == pytest.approx(float((out1 - out0).norm() / out0.norm()))
+    grouped = D.feature_movement(after, before, groups={"0": "all", "2": "all"})
+    both = torch.sqrt(((out1 - out0) ** 2).sum() / ((out0**2).sum() + (before["0"][0] ** 2).sum()))
+    assert float(grouped["all"]) == pytest.approx(float(both))
+    with pytest.raises(ValueError, match="no module named"):
+        with D.recording_module_outputs(net, ["nope"]):
+            pass
