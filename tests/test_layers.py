@@ -161,3 +161,137 @@ def test_layer_displacement_and_feature_movement_against_the_weights_and_the_out
     with pytest.raises(ValueError, match="no module named"):
         with D.recording_module_outputs(net, ["nope"]):
             pass
+
+
+# ------------------------------------------------------------------------------------------- the monitor
+
+import glob  # noqa: E402
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+from lightning_lazy.callback import LazyTrainingMonitor  # noqa: E402
+from lightning_lazy.probe import layer_groups  # noqa: E402
+
+from lightning_helpers import Regressor, loaders, regression_data, trainer  # noqa: E402
+
+
+def _events(tmp_path) -> EventAccumulator:
+    (path,) = glob.glob(str(tmp_path / "runs" / "version_0" / "events.out.tfevents.*"))
+    accumulator = EventAccumulator(path, size_guidance={"scalars": 0, "images": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def _fit(tmp_path, lr: float, **options):
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = Regressor(alpha=None, width=8, lr=lr, scheduler=False)
+        w0 = {k: v.detach().clone() for k, v in model.named_parameters()}
+        train, val = loaders(n=64, dtype=torch.float64)
+        x, y = regression_data(64, dtype=torch.float64)
+        monitor = LazyTrainingMonitor(loss="mse", probe=(x[:24], y[:24]), ntk_probe_size=6, measure_kappa=False,
+                                      layer_probe_size=10, **options)
+        trainer(tmp_path, [monitor], max_epochs=2).fit(model, train, val)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    return model, w0, monitor, x[:24]
+
+
+def _initial(model, w0) -> nn.Module:
+    """The model's network at w0."""
+    import copy
+
+    net = copy.deepcopy(model.model).requires_grad_(False)
+    for name, p in net.named_parameters():
+        p.copy_(w0[f"model.{name}"])
+    return net
+
+
+def test_per_layer_tags_are_the_trained_weights_and_the_module_outputs_on_the_probe(tmp_path):
+    model, w0, monitor, probe = _fit(tmp_path, lr=0.05)
+    net = model.model
+    layers = monitor.layer_history[-1]["layers"]
+    assert list(layers) == ["model.0", "model.2", "model.4"]
+    for name, measures in layers.items():
+        module = dict(model.named_modules())[name]
+        moved = torch.cat([(p.detach() - w0[f"{name}.{k}"]).flatten() for k, p in module.named_parameters()])
+        scale = torch.cat([w0[f"{name}.{k}"].flatten() for k, _ in module.named_parameters()])
+        assert measures["displacement"] == pytest.approx(float(moved.norm() / scale.norm()), rel=1e-9)
+        prefix = net[: int(name.split(".")[1]) + 1]
+        now = prefix(probe[:10]).detach()
+        then = _initial(model, w0)[: int(name.split(".")[1]) + 1](probe[:10]).detach()
+        assert measures["feature_movement"] == pytest.approx(float((now - then).norm() / then.norm()), rel=1e-9)
+        assert 0 < measures["feature_movement"] and 0 < measures["ntk_distance"]
+    # NTK shares and distances from per-module blocks computed independently (Jacobian products).
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    now = D.empirical_ntk(net, probe[:6], params=params, implementation="products", per_layer=True)
+    then = D.empirical_ntk(net, probe[:6], params={k.removeprefix("model."): v for k, v in w0.items()},
+                           implementation="products", per_layer=True)
+    total = sum(b.trace() for b in now.values())
+    for name in now:
+        assert layers[f"model.{name}"]["ntk_share"] == pytest.approx(float(now[name].trace() / total), rel=1e-9)
+        assert layers[f"model.{name}"]["ntk_distance"] == pytest.approx(
+            float((now[name] - then[name]).norm() / then[name].norm()), rel=1e-8)
+    assert sum(v["ntk_share"] for v in layers.values()) == pytest.approx(1.0)
+    last = monitor.history[-1]
+    for key in ("target_alignment", "ntk_top_eigenvalue", "ntk_effective_rank", "ntk_target_energy", "kernel_velocity"):
+        assert math.isfinite(last[key]), key
+    events = _events(tmp_path)
+    scalars = set(events.Tags()["scalars"])
+    for name in layers:
+        for measure in ("displacement", "feature_movement", "ntk_share", "ntk_distance"):
+            tag = f"lazy/layers/{name}/{measure}"
+            assert tag in scalars, tag
+            assert events.Scalars(tag)[-1].value == pytest.approx(layers[name][measure], rel=1e-6)
+    for tag in ("lazy/target_alignment", "lazy/ntk_effective_rank", "lazy/kernel_velocity"):
+        assert tag in scalars
+    images = events.Images("lazy/layers")
+    assert len(images) == 2 and images[-1].width > 100 and images[-1].height > 100
+    line = next(line for line in monitor.summary().splitlines() if "layers that moved most (feature movement)" in line)
+    top = max(layers, key=lambda name: layers[name]["feature_movement"])
+    assert line.split(")")[-1].split()[0] == top
+
+
+def test_per_layer_distances_are_exactly_zero_at_lr_zero(tmp_path):
+    _, _, monitor, _ = _fit(tmp_path, lr=0.0)
+    for entry in monitor.layer_history:
+        for measures in entry["layers"].values():
+            assert measures["displacement"] == 0.0
+            assert measures["feature_movement"] == 0.0
+            assert measures["ntk_distance"] == 0.0
+    assert "kernel_velocity" not in monitor.history[-1]  # no time passed: no velocity
+
+
+def test_layer_groups_keep_hundreds_of_modules_readable():
+    few = [f"inner.net.{i}" for i in range(5)]
+    assert layer_groups(few, 32) == {m: m for m in few}
+    deep = [f"inner.layer{b}.{i}.conv" for b in range(1, 5) for i in range(60)] + ["inner.fc"]
+    groups = layer_groups(deep, 32)
+    assert sorted(set(groups.values())) == ["inner.fc", "inner.layer1", "inner.layer2", "inner.layer3", "inner.layer4"]
+    flat = [f"inner.{i}" for i in range(300)]
+    merged = layer_groups(flat, 10)
+    assert len(set(merged.values())) == 10 and merged["inner.0"] == "inner.0_to_29"
+
+
+def test_kernel_baseline_is_the_explicit_kernel_regression(tmp_path):
+    model, w0, monitor, _ = _fit(tmp_path, lr=0.05, kernel_baseline=20)
+    assert monitor.kernel_baseline_values is not None
+    net = _initial(model, w0)
+    x, y = regression_data(64, dtype=torch.float64)
+    index = torch.randperm(64, generator=torch.Generator().manual_seed(1))[:20]
+    xt, yt = x[index], y[index]
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def jac(inputs):
+        j = jacrev(lambda p: functional_call(net, p, (inputs,)))(params)
+        return torch.cat([t.reshape(len(inputs), 2, -1) for t in j.values()], dim=2)  # [n, K, P]
+
+    jt, jv = jac(xt), jac(x[:32])
+    k_tt = torch.einsum("akp,bkp->ab", jt, jt)  # output-traced
+    k_vt = torch.einsum("akp,bkp->ab", jv, jt)
+    ridge = k_tt + 1e-6 * k_tt.diagonal().mean() * torch.eye(20, dtype=torch.float64)
+    prediction = net(x[:32]) + k_vt @ torch.linalg.solve(ridge, yt - net(xt))
+    expected = 0.5 * ((prediction - y[:32]) ** 2).sum(1).mean()
+    assert monitor.kernel_baseline_values["val_loss"] == pytest.approx(float(expected), rel=1e-8)
+    events = _events(tmp_path)
+    assert events.Scalars("lazy/kernel/val_loss")[0].value == pytest.approx(float(expected), rel=1e-6)
