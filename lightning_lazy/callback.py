@@ -222,13 +222,14 @@ class LazyTrainingMonitor(Callback):
         return {} if self.measures is None else self.measures.timings
 
     def measure(self, pl_module: pl.LightningModule | None = None) -> dict[str, Any]:
-        """The measures now, as floats (``displacement_per_tensor``: a dict of floats by tensor name)."""
+        """The measures now, as floats (``displacement_per_tensor``: a dict of floats by tensor name; the per-layer
+        measures as ``"layers/<layer>/<measure>"``)."""
         if self.measures is None:
             raise RuntimeError("LazyTrainingMonitor.measure needs the probe: fitting has not started")
         values = self.measures.measure(self._measured_names(), time=self._time * self._loss_scale, twin=self.twin)
         values["displacement_per_tensor"] = {_display(k): v for k, v in values["displacement_per_tensor"].items()}
-        if "layers" in values:
-            values["layers"] = {_layer_name(k): v for k, v in values["layers"].items()}
+        for layer, measures in values.pop("layers", {}).items():
+            values.update({f"layers/{_layer_name(layer)}/{name}": value for name, value in measures.items()})
         return values
 
     def summary_values(self) -> dict[str, Any]:
@@ -612,14 +613,15 @@ class LazyTrainingMonitor(Callback):
         values = self.measure(pl_module)
         per_tensor = values.pop("displacement_per_tensor")
         self._last_per_tensor = per_tensor
-        layers = values.pop("layers", None)
-        self.history.append({"step": float(trainer.global_step), "epoch": float(trainer.current_epoch), **values})
         scalars = {f"lazy/{name}": value for name, value in values.items()}
-        if layers is not None:
+        layers: dict[str, dict[str, float]] = {}
+        for key in [key for key in values if key.startswith("layers/")]:  # kept apart from the history
+            layer, name = key[len("layers/"):].rsplit("/", 1)
+            layers.setdefault(layer, {})[name] = values.pop(key)
+        self.history.append({"step": float(trainer.global_step), "epoch": float(trainer.current_epoch), **values})
+        if layers:
             self.layer_history.append({"step": float(trainer.global_step), "normalized_time": values["normalized_time"],
                                        "layers": layers})
-            scalars.update({f"lazy/layers/{layer}/{name}": value
-                            for layer, measures in layers.items() for name, value in measures.items()})
         if on_step:
             # Straight to the loggers: pl_module.log from a batch hook would repeat the value at every step.
             # Lightning writes what is logged after k optimizer steps at step k - 1; so do we.
