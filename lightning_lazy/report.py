@@ -257,6 +257,10 @@ def _per_tensor_panel(ax: Axes, per_tensor: Mapping[str, float]) -> None:
     ax.set_title("(e) displacement per parameter tensor (last measurement)", fontsize=10)
 
 
+# The colour range of the feature-movement heat map: 0.1 % of the initial output (dark) to 10 times it (bright).
+FEATURE_MOVEMENT_SCALE = (1e-3, 10.0)
+
+
 def layers_figure(layer_history: Sequence[Mapping[str, object]], *, title: str = "") -> Figure:
     """The per-layer heat map: which layers learn features, and when.
 
@@ -266,8 +270,10 @@ def layers_figure(layer_history: Sequence[Mapping[str, object]], *, title: str =
         title: the figure's title.
 
     Two panels, layers as rows (in the network's order, top to bottom), measurements as columns (labelled by t̃):
-    (a) feature movement ‖φ_l − φ_l(w0)‖/‖φ_l(w0)‖ of each layer's output on the probe, on a log colour scale
-    (a cell at exactly 0, e.g. at lr = 0, is white); (b) each layer's share tr Θ_l / tr Θ of the tangent kernel.
+    (a) feature movement ‖φ_l − φ_l(w0)‖/‖φ_l(w0)‖ of each layer's output on the probe, on a fixed log colour
+    scale :data:`FEATURE_MOVEMENT_SCALE` (values beyond are drawn at its ends; a cell at exactly 0, e.g. at
+    lr = 0, is white); (b) each layer's share tr Θ_l / tr Θ of the tangent kernel, from 0 to 1. Fixed scales: two
+    runs' heat maps compare by colour.
     How to read it: a layer whose row stays dark in (a) computes what it computed at w0 (lazy); a row that
     brightens is learning features, from the column where it does. (b) says which layers the kernel (hence
     gradient descent in the lazy regime) mostly moves; a share that shifts over time is the kernel changing its
@@ -300,17 +306,16 @@ def layers_figure(layer_history: Sequence[Mapping[str, object]], *, title: str =
             continue
         cmap = _colormap("magma" if log else "viridis", bad="lightgray")
         if log:
-            positive = finite[finite > 0]
-            top = positive.max() if positive.size else 1.0
-            norm = LogNorm(vmin=max(positive.min(), top * 1e-4) if positive.size else 1e-4, vmax=top * (1 + 1e-9))
-            shown = np.ma.masked_invalid(np.where(grid > 0, np.maximum(grid, norm.vmin), np.nan))
+            # One fixed scale for every run, so that runs compare at a glance (lazy dark, feature learning bright).
+            norm = LogNorm(vmin=FEATURE_MOVEMENT_SCALE[0], vmax=FEATURE_MOVEMENT_SCALE[1], clip=True)
+            shown = np.ma.masked_invalid(np.where(grid > 0, np.clip(grid, *FEATURE_MOVEMENT_SCALE), np.nan))
             zero = np.ma.masked_where(~(grid == 0), np.ones_like(grid))
             ax.imshow(zero, aspect="auto", cmap=_colormap("Greys"), vmin=0, vmax=10, interpolation="nearest")
         else:
-            norm = Normalize(vmin=0.0, vmax=max(float(finite.max()), 1e-12))
+            norm = Normalize(vmin=0.0, vmax=1.0)
             shown = np.ma.masked_invalid(grid)
         image = ax.imshow(shown, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
-        fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02)
+        fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02, extend="both" if log else "neither")
         ax.set_yticks(range(len(layers)), labels=layers, fontsize=7 if len(layers) > 20 else 8)
         every = max(1, math.ceil(columns / 12))
         ticks = list(range(0, columns, every))
@@ -320,9 +325,10 @@ def layers_figure(layer_history: Sequence[Mapping[str, object]], *, title: str =
         if len(layers) <= 24 and columns <= 12:
             for (row, column), value in np.ndenumerate(grid):
                 if np.isfinite(value):
-                    ax.text(column, row, f"{value:.2g}", ha="center", va="center", fontsize=6, color="white"
-                            if (norm(max(value, norm.vmin)) if log else norm(value)) < 0.6 else "black")
-    fig.tight_layout()
+                    shade = float(norm(min(max(value, norm.vmin), norm.vmax))) if log else float(norm(value))
+                    ax.text(column, row, f"{value:.2g}", ha="center", va="center", fontsize=6,
+                            color="white" if shade < 0.6 else "black")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / height) if title else (0, 0, 1, 1))
     if title:
         fig.suptitle(title, fontsize=12)
     return fig
