@@ -91,7 +91,9 @@ class LazyTrainingMonitor(Callback):
             training examples, drawn once, in closed form: :meth:`LazinessProbe.kernel_regression`) and log its
             loss R and accuracy on the validation set as ``lazy/kernel/val_loss`` / ``lazy/kernel/val_acc`` (on
             the probe when the fit has no validation data). The number the network must beat to have learned
-            anything its initial kernel could not. Cost: the NTK between the subset and every validation example.
+            anything its initial kernel could not. Cost: the NTK between the subset and every validation example
+            (structured derivatives: about K backward passes, K outputs, per validation example, plus the
+            subset's once per 4·``kernel_baseline`` validation examples), once per fit.
 
     Logged under ``lazy/``: ``divergence`` Δ, ``bound`` (= t̃²·κ(w0)), ``kappa``, ``jacobian_norm``,
     ``hessian_norm``, ``displacement``, ``tangent_gap``, ``ntk_distance``, ``kernel_alignment``,
@@ -694,28 +696,41 @@ class LazyTrainingMonitor(Callback):
         loader = (loaders[0] if isinstance(loaders, (list, tuple)) and loaders else
                   next(iter(loaders.values()), None) if isinstance(loaders, dict) else loaders)
         if loader is not None:
-            devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-            with torch.random.fork_rng(devices=devices):  # random transforms must not move the run's RNG
-                batches = [self._read_batch(trainer.precision_plugin.convert_input(b)) for b in loader]
+            batches = (self._read_batch(trainer.precision_plugin.convert_input(batch)) for batch in loader)
+        elif self.measures.y.ne(0).any():
+            batches = iter([(self.measures.x, self._probe_targets(), {})])
         else:
-            probe_y = self.measures.y if self.measures.y.ne(0).any() else None
-            if probe_y is None:
-                rank_zero_warn("LazyTrainingMonitor: no validation data and a probe without targets: the kernel "
-                               "baseline lazy/kernel/* is not logged.")
-                return
-            batches = [(self.measures.x, self._probe_targets(), {})]
-        loss_sum, correct, count, classes = 0.0, 0.0, 0, False
-        for xb, yb, extra in batches:
-            xb = xb.to(pl_module.device)
-            xb = xb.to(self._probe_dtype()) if xb.is_floating_point() else xb
-            yb = yb.to(pl_module.device) if isinstance(yb, Tensor) else yb
-            output = predict(xb)
-            with torch.no_grad():
-                loss_sum += float(self._objective(output, yb, **extra)) / self._loss_scale * len(xb)
-            if isinstance(yb, Tensor) and not yb.is_floating_point() and yb.shape == output.shape[:-1]:
-                correct += float((output.argmax(-1) == yb).float().sum())
-                classes = True
-            count += len(xb)
+            rank_zero_warn("LazyTrainingMonitor: no validation data and a probe without targets: the kernel "
+                           "baseline lazy/kernel/* is not logged.")
+            return
+        sums = [0.0, 0.0, 0]  # loss R · examples, correct predictions, examples
+        classes = False
+        pending: list[tuple[Tensor, Any, dict]] = []
+
+        def evaluate() -> None:
+            # Batches predicted together: the training subset's kernel features are recomputed once per call.
+            nonlocal classes
+            outputs = predict(torch.cat([xb for xb, _, _ in pending])).split([len(xb) for xb, _, _ in pending])
+            for output, (xb, yb, extra) in zip(outputs, pending):
+                with torch.no_grad():
+                    sums[0] += float(self._objective(output, yb, **extra)) / self._loss_scale * len(xb)
+                if isinstance(yb, Tensor) and not yb.is_floating_point() and yb.shape == output.shape[:-1]:
+                    sums[1] += float((output.argmax(-1) == yb).float().sum())
+                    classes = True
+                sums[2] += len(xb)
+            pending.clear()
+
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices):  # random transforms must not move the run's RNG
+            for xb, yb, extra in batches:
+                xb = xb.to(pl_module.device)
+                xb = xb.to(self._probe_dtype()) if xb.is_floating_point() else xb
+                pending.append((xb, yb.to(pl_module.device) if isinstance(yb, Tensor) else yb, extra))
+                if sum(len(p[0]) for p in pending) >= 4 * len(x):
+                    evaluate()
+            if pending:
+                evaluate()
+        loss_sum, correct, count = sums
         totals = trainer.strategy.reduce(torch.tensor([loss_sum, correct, count], dtype=torch.float64,
                                                       device=pl_module.device), reduce_op="sum")
         values = {"val_loss": float(totals[0] / totals[2])}

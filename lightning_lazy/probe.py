@@ -81,8 +81,9 @@ class LazinessProbe:
         self.per_layer, self.layer_probe_size, self.max_layers = per_layer, layer_probe_size, max_layers
         # The layers: modules owning trainable parameters directly; their outputs on the probe at w0 are kept
         # from the constructor's forward (feature movement), as the ReLU states are.
+        modules = dict(network.named_modules())
         self.layer_modules: list[str] = [name for name in diagnostics.parameter_owning_modules(network) if any(
-            p.requires_grad for p in dict(network.named_modules())[name].parameters(recurse=False))] if per_layer else []
+            p.requires_grad for p in modules[name].parameters(recurse=False))] if per_layer else []
         self.initial_features: dict[str, list[Tensor]] | None = None
         self.initial_blocks: dict[str, Tensor] | None = None
         self.previous_kernel: Tensor | None = None  # the NTK at the last measurement, and its t̃ (kernel velocity)

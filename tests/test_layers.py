@@ -295,3 +295,50 @@ def test_kernel_baseline_is_the_explicit_kernel_regression(tmp_path):
     assert monitor.kernel_baseline_values["val_loss"] == pytest.approx(float(expected), rel=1e-8)
     events = _events(tmp_path)
     assert events.Scalars("lazy/kernel/val_loss")[0].value == pytest.approx(float(expected), rel=1e-6)
+
+
+class _Classifier(__import__("pytorch_lightning").LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_kernel_baseline_accuracy_on_the_probe_without_validation_data(tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(40, 4, generator=generator, dtype=torch.float64)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    model = _Classifier()
+    net = _initial_of(model)
+    monitor = LazyTrainingMonitor(loss="cross_entropy", probe=(x[:16], y[:16]), kernel_baseline=12,
+                                  measure_kappa=False, ntk_probe_size=4)
+    trainer(tmp_path, [monitor], max_epochs=1, limit_val_batches=0).fit(
+        model, DataLoader(TensorDataset(x, y), batch_size=8))
+    index = torch.randperm(40, generator=torch.Generator().manual_seed(1))[:12]
+    params = {k: v for k, v in net.named_parameters()}
+    k_tt = D.empirical_ntk(net, x[index], params=params, trace=True, implementation="products")
+    k_pt = D.empirical_ntk(net, x[:16], x[index], params=params, trace=True, implementation="products")
+    ridge = k_tt + 1e-6 * k_tt.diagonal().mean() * torch.eye(12, dtype=torch.float64)
+    targets = nn.functional.one_hot(y[index], 3).double()
+    with torch.no_grad():
+        prediction = net(x[:16]) + k_pt @ torch.linalg.solve(ridge, targets - net(x[index]))
+    values = monitor.kernel_baseline_values
+    assert values["val_acc"] == pytest.approx(float((prediction.argmax(1) == y[:16]).double().mean()))
+    assert values["val_loss"] == pytest.approx(float(nn.functional.cross_entropy(prediction, y[:16])), rel=1e-8)
+
+
+def _initial_of(model) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model.net).requires_grad_(False)
