@@ -530,4 +530,7 @@ def print_ntk(name: str, contenders: dict, args) -> None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(ROOT))  # this tree's lightning_lazy, whatever is installed
     main()

@@ -297,7 +297,9 @@ class LazinessProbe:
 
         ``time``: Σ of the learning rates of the steps taken, times the objective's 1/α² (so that
         t̃ = time·‖Dh(w0)‖²). ``twin``: a :class:`~lightning_lazy.twin.TangentTwin` of the network, for Δ and
-        the tangent gap. ``displacement_per_tensor`` is a dict of floats by tensor name.
+        the tangent gap. ``displacement_per_tensor`` is a dict of floats by tensor name; with the NTK, the
+        values of :meth:`kernel_measures`; with ``per_layer``, ``layers`` = :meth:`layer_measures`, a dict by
+        layer of dicts of floats.
         """
         started = perf_counter()
         names = tuple(names)
@@ -397,8 +399,10 @@ class LazinessProbe:
         - ``ntk_share`` tr Θ_l / tr Θ (the layer's part of the kernel's trace, summing to 1 over the layers) and
           ``ntk_distance`` ‖Θ_l − Θ_l(w0)‖_F / ‖Θ_l(w0)‖_F, from the per-module blocks of the NTK (with ``measure_ntk``).
 
-        A value without a scale (w_l0, φ_l(w0) or Θ_l(w0) all zero) is left out. All are exactly 0 while the weights
-        stay at w0. Dimensionless.
+        A value without a scale (w_l0, φ_l(w0) or Θ_l(w0) all zero) is left out, as is the feature movement of a
+        module that was frozen when the probe was made (its outputs at w0 were not kept). All are exactly 0 while
+        the weights stay at w0. Dimensionless. Cost: the copies of the outputs in the probe forward, and norms;
+        the NTK blocks come with the kernel (the structured NTK sums per-layer Gram terms anyway).
         """
         modules = list(dict.fromkeys(diagnostics.owning_module(name) for name in params))
         groups = layer_groups(modules, self.max_layers)
