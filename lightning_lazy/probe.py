@@ -381,10 +381,10 @@ class LazinessProbe:
             values["ntk_target_energy"] = spectrum.target_energy.item()
             if bool((y != y[:1]).any()):  # targets constant over the probe have no centred alignment
                 values["target_alignment"] = diagnostics.target_alignment(traced, y).item()
-        if self.previous_kernel is not None and self.previous_kernel.shape == kernel.shape:
-            if normalized_time > self.previous_time:
-                values["kernel_velocity"] = diagnostics.kernel_velocity(
-                    kernel, self.previous_kernel, normalized_time - self.previous_time).item()
+        previous = self.previous_kernel
+        if previous is not None and previous.shape == kernel.shape and normalized_time > self.previous_time:
+            values["kernel_velocity"] = diagnostics.kernel_velocity(kernel, previous,
+                                                                    normalized_time - self.previous_time).item()
         self.previous_kernel, self.previous_time = kernel, normalized_time
         return values
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.axis import Axis
+from matplotlib.colors import Colormap
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullLocator
@@ -334,7 +335,7 @@ def layers_figure(layer_history: Sequence[Mapping[str, object]], *, title: str =
     return fig
 
 
-def _colormap(name: str, bad: str | None = None):  # noqa: ANN202 - a matplotlib Colormap
+def _colormap(name: str, bad: str | None = None) -> Colormap:
     """Matplotlib's colour map ``name``, with the colour ``bad`` for masked cells."""
     from matplotlib import colormaps
 

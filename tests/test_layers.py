@@ -3,14 +3,23 @@ per-layer tags, heat map and kernel baseline."""
 
 from __future__ import annotations
 
+import copy
+import glob
 import math
 
 import pytest
+import pytorch_lightning as pl
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.func import functional_call, jacrev
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lazy import diagnostics as D
+from lightning_lazy.callback import LazyTrainingMonitor
+from lightning_lazy.probe import layer_groups
+
+from lightning_helpers import Regressor, loaders, regression_data, trainer
 
 
 class _Net(nn.Module):
@@ -46,7 +55,7 @@ def _jacobian_blocks(net: nn.Module, x1: torch.Tensor, x2: torch.Tensor) -> dict
         mine = {k: v for k, v in params.items() if D.owning_module(k) == module}
         others = {k: v for k, v in params.items() if k not in mine}
 
-        def jac(x: torch.Tensor) -> torch.Tensor:
+        def jac(x: torch.Tensor, mine: dict = mine, others: dict = others) -> torch.Tensor:
             j = jacrev(lambda p: functional_call(net, {**others, **p}, (x,)).reshape(-1))(mine)
             return torch.cat([t.reshape(t.shape[0], -1) for t in j.values()], dim=1)
 
@@ -158,21 +167,12 @@ def test_layer_displacement_and_feature_movement_against_the_weights_and_the_out
     grouped = D.feature_movement(after, before, groups={"0": "all", "2": "all"})
     both = torch.sqrt(((out1 - out0) ** 2).sum() / ((out0**2).sum() + (before["0"][0] ** 2).sum()))
     assert float(grouped["all"]) == pytest.approx(float(both))
-    with pytest.raises(ValueError, match="no module named"):
-        with D.recording_module_outputs(net, ["nope"]):
-            pass
+    with pytest.raises(ValueError, match="no module named"), D.recording_module_outputs(net, ["nope"]):
+        pass
 
 
 # ------------------------------------------------------------------------------------------- the monitor
 
-import glob  # noqa: E402
-
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
-
-from lightning_lazy.callback import LazyTrainingMonitor  # noqa: E402
-from lightning_lazy.probe import layer_groups  # noqa: E402
-
-from lightning_helpers import Regressor, loaders, regression_data, trainer  # noqa: E402
 
 
 def _events(tmp_path) -> EventAccumulator:
@@ -199,8 +199,6 @@ def _fit(tmp_path, lr: float, **options):
 
 def _initial(model, w0) -> nn.Module:
     """The model's network at w0."""
-    import copy
-
     net = copy.deepcopy(model.model).requires_grad_(False)
     for name, p in net.named_parameters():
         p.copy_(w0[f"model.{name}"])
@@ -297,7 +295,7 @@ def test_kernel_baseline_is_the_explicit_kernel_regression(tmp_path):
     assert events.Scalars("lazy/kernel/val_loss")[0].value == pytest.approx(float(expected), rel=1e-6)
 
 
-class _Classifier(__import__("pytorch_lightning").LightningModule):
+class _Classifier(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
@@ -314,8 +312,6 @@ class _Classifier(__import__("pytorch_lightning").LightningModule):
 
 
 def test_kernel_baseline_accuracy_on_the_probe_without_validation_data(tmp_path):
-    from torch.utils.data import DataLoader, TensorDataset
-
     generator = torch.Generator().manual_seed(5)
     x = torch.randn(40, 4, generator=generator, dtype=torch.float64)
     y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
@@ -339,6 +335,4 @@ def test_kernel_baseline_accuracy_on_the_probe_without_validation_data(tmp_path)
 
 
 def _initial_of(model) -> nn.Module:
-    import copy
-
     return copy.deepcopy(model.net).requires_grad_(False)
