@@ -232,8 +232,11 @@ def test_per_layer_tags_are_the_trained_weights_and_the_module_outputs_on_the_pr
             float((now[name] - then[name]).norm() / then[name].norm()), rel=1e-8)
     assert sum(v["ntk_share"] for v in layers.values()) == pytest.approx(1.0)
     last = monitor.history[-1]
-    for key in ("target_alignment", "ntk_top_eigenvalue", "ntk_effective_rank", "ntk_target_energy", "kernel_velocity"):
+    for key in ("target_alignment", "ntk_top_eigenvalue", "ntk_effective_rank", "ntk_target_energy"):
         assert math.isfinite(last[key]), key
+    # Logged where t̃ advanced since the previous measurement (not at an epoch end that follows a log step).
+    velocities = [entry["kernel_velocity"] for entry in monitor.history if "kernel_velocity" in entry]
+    assert velocities and all(math.isfinite(v) and v > 0 for v in velocities)
     events = _events(tmp_path)
     scalars = set(events.Tags()["scalars"])
     for name in layers:
@@ -244,7 +247,8 @@ def test_per_layer_tags_are_the_trained_weights_and_the_module_outputs_on_the_pr
     for tag in ("lazy/target_alignment", "lazy/ntk_effective_rank", "lazy/kernel_velocity"):
         assert tag in scalars
     images = events.Images("lazy/layers")
-    assert len(images) == 2 and images[-1].width > 100 and images[-1].height > 100
+    # Drawn with the laziness figure (at epoch ends while drawing stays under 5 % of the fit, and at fit end).
+    assert len(images) >= 1 and images[-1].width > 100 and images[-1].height > 100
     line = next(line for line in monitor.summary().splitlines() if "layers that moved most (feature movement)" in line)
     top = max(layers, key=lambda name: layers[name]["feature_movement"])
     assert line.split(")")[-1].split()[0] == top
@@ -257,7 +261,7 @@ def test_per_layer_distances_are_exactly_zero_at_lr_zero(tmp_path):
             assert measures["displacement"] == 0.0
             assert measures["feature_movement"] == 0.0
             assert measures["ntk_distance"] == 0.0
-    assert "kernel_velocity" not in monitor.history[-1]  # no time passed: no velocity
+    assert not any("kernel_velocity" in entry for entry in monitor.history)  # no time passed: no velocity
 
 
 def test_layer_groups_keep_hundreds_of_modules_readable():

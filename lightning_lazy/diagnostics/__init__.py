@@ -40,13 +40,16 @@ from lightning_lazy.diagnostics.kernels import (
 )
 from lightning_lazy.diagnostics.lanczos import extreme_eigenpair
 from lightning_lazy.diagnostics.movement import (
+    ActivationStates,
     Displacement,
     activation_stability,
+    activation_states,
     displacement,
     feature_movement,
     layer_displacement,
     parameter_owning_modules,
     path_divergence,
+    recording_activation_states,
     recording_module_outputs,
     recording_relu_states,
     relu_states,
@@ -78,7 +81,9 @@ __all__ = [
     "parameter_owning_modules",
     "Displacement",
     "Kappa",
+    "ActivationStates",
     "activation_stability",
+    "activation_states",
     "displacement",
     "empirical_ntk",
     "hessian_norm",
@@ -88,6 +93,7 @@ __all__ = [
     "kernel_alignment",
     "ntk_distance",
     "path_divergence",
+    "recording_activation_states",
     "recording_relu_states",
     "relu_states",
 ]
