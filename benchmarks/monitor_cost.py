@@ -11,6 +11,10 @@ by the probe itself (``LazinessProbe.timings``), as ``lightning_lazy/callback.py
     python benchmarks/monitor_cost.py --output benchmarks/results/monitor_cost-cpu.json
     python benchmarks/monitor_cost.py --quick                      # seconds: tiny models, for the smoke test
     python benchmarks/monitor_cost.py --ntk-only --models mlp,vgg11_8 --products
+    OMP_NUM_THREADS=1 python benchmarks/monitor_cost.py --ntk-models '' --repeats 3   # + per-layer cost ratio
+
+The per-layer cost (``per_layer`` in the JSON, on unless ``--no-per-layer``): the probe's measures at fit start
+and at an epoch's end with and without the per-layer measures, measured alternately in the same run.
 
 neural-tangents runs, when ``--nt-python`` (default ``/work/nt-venv/bin/python``) exists, in its own process
 (its own virtual environment with JAX; see ``benchmarks/README.md``), on the same weights and inputs. This file is also that worker (``--nt-worker``):
@@ -194,6 +198,65 @@ def monitor_measures(model, args, device) -> dict:
     return {"seconds": {"fit_start": fit_start, "epoch_end": epoch_end}, "values": values}
 
 
+def per_layer_cost(model, args, device) -> dict:
+    """The monitor's measures with and without the per-layer ones (``LazinessProbe(per_layer=...)``: per-module
+    displacement, feature movement from the probe forward's hooks, NTK share and distance from the per-module
+    kernel blocks), in one run: the two probes are built and measured alternately, ``args.repeats`` times, at fit
+    start (``measure_initial``, constructor's forward included) and at moved weights (``measure``, with a twin).
+    Seconds are medians of the process's CPU time (one thread: the work done, whatever else the machine runs) and
+    of wall time; ``ratio`` = with / without, in CPU time (``wall_ratio`` in wall time)."""
+    import torch
+
+    from lightning_lazy.probe import LazinessProbe
+    from lightning_lazy.scaling import half_squared_error
+    from lightning_lazy.twin import TangentTwin
+
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(args.probe_size, 3, 32, 32, generator=generator).to(device)
+    y = torch.randint(0, 10, (args.probe_size,), generator=generator).to(device)
+    model.train()
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    w0 = {k: v.detach().clone() for k, v in model.named_parameters()}
+    torch.manual_seed(3)
+    moved = {k: v + 1e-3 * v.norm() / max(v.numel(), 1) ** 0.5 * torch.randn_like(v) for k, v in w0.items()}
+    twin = TangentTwin(model, torch.optim.SGD(model.parameters(), lr=0.0), half_squared_error)
+    with torch.no_grad():
+        for name, p in twin.model.module.named_parameters():
+            p.copy_(moved[name])
+
+    def set_weights(weights):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(weights[name])
+
+    times = {key: {"without": [], "with": []} for key in ("fit_start", "epoch_end")}
+    walls = {key: {"without": [], "with": []} for key in ("fit_start", "epoch_end")}
+    options = dict(kappa_probe_size=args.kappa_probe_size, ntk_probe_size=args.ntk_probe_size)
+    for repeat in range(max(args.repeats, 1)):
+        order = ("without", "with") if repeat % 2 == 0 else ("with", "without")  # alternate who goes first
+        for label in order:
+            set_weights(w0)
+            started, cpu = time.perf_counter(), time.process_time()
+            probe = LazinessProbe(model, x, y, per_layer=label == "with", **options)
+            probe.measure_initial(names)
+            times["fit_start"][label].append(time.process_time() - cpu)
+            walls["fit_start"][label].append(time.perf_counter() - started)
+            set_weights(moved)
+            started, cpu = time.perf_counter(), time.process_time()
+            probe.measure(names, time=1.0, twin=twin)
+            times["epoch_end"][label].append(time.process_time() - cpu)
+            walls["epoch_end"][label].append(time.perf_counter() - started)
+    set_weights(w0)
+    result = {}
+    for key, pair in times.items():
+        without, with_ = statistics.median(pair["without"]), statistics.median(pair["with"])
+        wall_without, wall_with = statistics.median(walls[key]["without"]), statistics.median(walls[key]["with"])
+        result[key] = {"without": without, "with": with_, "ratio": with_ / without, "samples": pair,
+                       "wall_without": wall_without, "wall_with": wall_with, "wall_ratio": wall_with / wall_without,
+                       "wall_samples": walls[key]}
+    return result
+
+
 def accuracy_study(model, args, device) -> dict:
     """Accuracy against cost of the κ settings on the κ probe. ‖D²h‖ searches: at w0 from a random start (the
     search at fit start), then at moved weights warm-started from the monitor's fit-start direction (the
@@ -352,6 +415,8 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny models and probes: seconds")
     parser.add_argument("--accuracy-study", action="store_true",
                         help="instead of the monitor's measures: accuracy against cost of the ‖D²h‖ and ‖Dh‖ settings")
+    parser.add_argument("--per-layer", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the measures with and without the per-layer ones (default on)")
     parser.add_argument("--output", help="write the results as JSON here")
     parser.add_argument("--nt-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -395,6 +460,8 @@ def main(argv=None) -> dict:
             target = torch.randint(0, 10, (len(batch),), generator=generator).to(device)
             before = plain_step_seconds(model, batch, target, max(args.repeats, 3))
             record = accuracy_study(model, args, device) if args.accuracy_study else monitor_measures(model, args, device)
+            if not args.accuracy_study and args.per_layer:
+                record["per_layer"] = per_layer_cost(model, args, device)
             after = plain_step_seconds(model, batch, target, max(args.repeats, 3))  # load drift check
             # The unit: the mean of the plain step timed just before and just after the measures.
             step = (before + after) / 2
@@ -431,6 +498,11 @@ def print_monitor(name: str, record: dict) -> None:
             print(f"  {bucket + ': ' + measure:<42} | {seconds:8.3f} | {seconds / step:11.2f}")
         print(f"  {bucket + ': TOTAL':<42} | {sum(record['seconds'][bucket].values()):8.3f} | "
               f"{record['total_in_steps'][bucket]:11.2f}")
+    if "per_layer" in record:
+        for bucket, cost in record["per_layer"].items():
+            print(f"  per-layer measures, {bucket}: CPU {cost['without']:.3f} s without, {cost['with']:.3f} s with: "
+                  f"{cost['ratio']:.3f}x (wall {cost['wall_without']:.3f} / {cost['wall_with']:.3f} s: "
+                  f"{cost['wall_ratio']:.3f}x)")
 
 
 def print_study(name: str, record: dict) -> None:
@@ -458,4 +530,7 @@ def print_ntk(name: str, contenders: dict, args) -> None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(ROOT))  # this tree's lightning_lazy, whatever is installed
     main()

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     train, val = digits_loaders()
     trainer = pl.Trainer(
         max_epochs=args.epochs,
-        callbacks=[LazyTrainingMonitor(loss="cross_entropy")],  # <- the one added line
+        callbacks=[LazyTrainingMonitor(loss="cross_entropy", kernel_baseline=512)],  # <- the one added line
         logger=TensorBoardLogger(args.log_dir, name="existing_trainer"),
         log_every_n_steps=10,  # an epoch is 22 steps
         enable_model_summary=False,

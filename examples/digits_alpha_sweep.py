@@ -118,7 +118,8 @@ def train_one(args: argparse.Namespace, alpha: float, lr: float, seed: int, trai
     test_loader = DataLoader(test_set, batch_size=len(test_set))
     x_test, y_test = test_set.tensors
     # Measures on the held-out images, 3 times per run (each costs a κ: a few Lanczos runs).
-    monitor = LazyTrainingMonitor(probe=(x_test, y_test), every_n_epochs=max(1, args.epochs // 3))
+    # kernel_baseline: the tangent model at w0 trained to convergence on 512 training images (lazy/kernel/val_*).
+    monitor = LazyTrainingMonitor(probe=(x_test, y_test), every_n_epochs=max(1, args.epochs // 3), kernel_baseline=512)
     logger = TensorBoardLogger(str(args.log_dir), name=f"alpha_{alpha:g}", version=f"lr_{lr:g}_seed_{seed}",
                                default_hp_metric=False) if log else False
     trainer = pl.Trainer(

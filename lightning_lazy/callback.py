@@ -103,6 +103,20 @@ class LazyTrainingMonitor(Callback):
         figure: draw the laziness figure (a TensorBoard image ``lazy/figure`` and ``laziness.png`` in the log
             folder) at the end of fit and at epoch ends while its cost stays under 5 % of the fit (it takes
             about a second to draw), and log the summary text.
+            With ``per_layer``, also the per-layer heat map (image ``lazy/layers``, ``layers.png``).
+        per_layer: log the per-layer measures (below): per module displacement, feature movement, share and
+            distance of its NTK block.
+        layer_probe_size: the first examples of the probe whose module outputs are kept for feature movement.
+        max_layers: per-layer entries logged at most: beyond, modules are grouped by the watched network's
+            top-level child (then consecutive groups merged), see :func:`lightning_lazy.probe.layer_groups`.
+        kernel_baseline: ``None`` (default) or a number of training examples (512 is a good start): at the start
+            of fit, fit the kernel predictor at w0 (the tangent model trained to convergence on that many
+            training examples, drawn once, in closed form: :meth:`LazinessProbe.kernel_regression`) and log its
+            loss R and accuracy on the validation set as ``lazy/kernel/val_loss`` / ``lazy/kernel/val_acc`` (on
+            the probe when the fit has no validation data). The number the network must beat to have learned
+            anything its initial kernel could not. Cost: the NTK between the subset and every validation example
+            (structured derivatives: about K backward passes, K outputs, per validation example, plus the
+            subset's once per 4·``kernel_baseline`` validation examples), once per fit.
 
     Logged under ``lazy/``: ``regime`` (1 lazy, 0.5 in between, 0 feature learning:
     :data:`lightning_lazy.report.REGIME_CODES`), ``divergence`` Δ, ``bound`` (= t̃²·κ(w0); only for gradient
@@ -114,6 +128,11 @@ class LazyTrainingMonitor(Callback):
     the last measures also go to TensorBoard's HParams tab (the summaries of ``log_hyperparams(params, metrics)``,
     params ``lazy/alpha`` and ``lazy/optimizer``), and one
     line names the log folder and the figure.
+    From the NTK: ``target_alignment``, ``ntk_top_eigenvalue``, ``ntk_effective_rank``, ``ntk_target_energy``,
+    ``kernel_velocity`` (:meth:`LazinessProbe.kernel_measures`). Per layer ``l`` (a module owning trained
+    parameters, named as in the watched network's ``named_modules()``): ``layers/<l>/displacement``,
+    ``feature_movement``, ``ntk_share``, ``ntk_distance`` (:meth:`LazinessProbe.layer_measures`), all exactly 0
+    while the weights stay at w0.
 
     What the measures compare: the network and its twin as functions of the weights alone, on the probe,
     with dropout off and each BatchNorm that trains normalizing by the probe's own batch statistics (as in
@@ -146,10 +165,15 @@ class LazyTrainingMonitor(Callback):
         measure_kappa: bool = True,
         measure_ntk: bool = True,
         figure: bool = True,
+        per_layer: bool = True,
+        layer_probe_size: int = 64,
+        max_layers: int = 32,
+        kernel_baseline: int | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("probe_size", probe_size), ("kappa_probe_size", kappa_probe_size),
-                            ("ntk_probe_size", ntk_probe_size), ("every_n_epochs", every_n_epochs)):
+                            ("ntk_probe_size", ntk_probe_size), ("every_n_epochs", every_n_epochs),
+                            ("layer_probe_size", layer_probe_size), ("max_layers", max_layers)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if isinstance(log_steps, str) and log_steps != "log":
@@ -175,6 +199,12 @@ class LazyTrainingMonitor(Callback):
         self.measure_kappa = measure_kappa
         self.measure_ntk = measure_ntk
         self.figure = figure
+        self.per_layer = per_layer
+        self.layer_probe_size = layer_probe_size
+        self.max_layers = max_layers
+        if kernel_baseline is not None and (not isinstance(kernel_baseline, int) or kernel_baseline < 1):
+            raise ValueError(f"kernel_baseline must be None or a positive number of training examples, got {kernel_baseline!r}")
+        self.kernel_baseline = kernel_baseline
         self._loaded: dict[str, Any] | None = None
         self._reset_state()
 
@@ -209,6 +239,8 @@ class LazyTrainingMonitor(Callback):
         self._batch: tuple | None = None
         self._objective_checked = False
         self._warned_no_twin = False
+        self.layer_history: list[dict[str, Any]] = []  # per measurement: step, t̃ and {layer: {measure: value}}
+        self.kernel_baseline_values: dict[str, float] | None = None  # lazy/kernel/val_{loss,acc}
 
     # ------------------------------------------------------------------------------------------ results
 
@@ -235,7 +267,8 @@ class LazyTrainingMonitor(Callback):
         return {} if self.measures is None else self.measures.timings
 
     def measure(self, pl_module: pl.LightningModule | None = None) -> dict[str, Any]:
-        """The measures now, as floats (``displacement_per_tensor``: a dict of floats by tensor name)."""
+        """The measures now, as floats (``displacement_per_tensor``: a dict of floats by tensor name; the per-layer
+        measures as ``"layers/<layer>/<measure>"``)."""
         if self.measures is None:
             raise RuntimeError("LazyTrainingMonitor.measure needs the probe: fitting has not started")
         self._check_twin()
@@ -244,9 +277,11 @@ class LazyTrainingMonitor(Callback):
         if self._adaptive is not None:
             values.pop("bound", None)  # the theorem behind it speaks of gradient descent only
         values["displacement_per_tensor"] = {_display(k): v for k, v in values["displacement_per_tensor"].items()}
+        for layer, measures in values.pop("layers", {}).items():
+            values.update({f"layers/{_layer_name(layer)}/{name}": value for name, value in measures.items()})
         return values
 
-    def summary_values(self) -> dict[str, float | str | None]:
+    def summary_values(self) -> dict[str, Any]:
         """The numbers of the fit-end summary (:func:`lightning_lazy.report.laziness_summary`)."""
         last = self.history[-1] if self.history else {}
         return {
@@ -261,6 +296,7 @@ class LazyTrainingMonitor(Callback):
             "displacement": last.get("displacement"),
             "loss": self._last_train_loss,
             "tangent_loss": self._last_twin_train_loss,
+            "moved_layers": self._moved_layers(),
         }
 
     def summary(self) -> str:
@@ -464,6 +500,7 @@ class LazyTrainingMonitor(Callback):
             "time": self._time,
             "steps": self._steps,
             "history": list(self.history),
+            "layer_history": list(self.layer_history),
             "twin_loss": (self._twin_loss_sum, self._twin_loss_count),
         }
 
@@ -534,6 +571,8 @@ class LazyTrainingMonitor(Callback):
             raise MisconfigurationException(f"LazyTrainingMonitor: {error}") from None
         if self.measures.initial_relu is None:
             self._warn_no_activation_stability()
+        if self.kernel_baseline:
+            self._fit_kernel_baseline(trainer, pl_module)
         if self.initial_kappa is not None and self._adaptive is not None:
             rank_zero_info(
                 f"LazyTrainingMonitor: alpha = {self._loss_scale ** -0.5:g}, kappa(w0) = {self.initial_kappa:.4g}; "
@@ -577,11 +616,12 @@ class LazyTrainingMonitor(Callback):
         self.measures = LazinessProbe(self._watched, inputs_to(saved["x"], pl_module.device), y.to(pl_module.device),
                                       kappa_probe_size=self.kappa_probe_size, ntk_probe_size=self.ntk_probe_size,
                                       measure_kappa=self.measure_kappa, measure_ntk=self.measure_ntk,
-                                      ntk_outputs=self.ntk_outputs)
+                                      ntk_outputs=self.ntk_outputs, **self._layer_options())
         self.measures.load_state_dict(saved)  # w0 and what was measured there, not the resumed weights
         self._time = state["time"]
         self._steps = state["steps"]
         self.history = list(state["history"])
+        self.layer_history = list(state.get("layer_history", []))  # absent from older checkpoints
         self._twin_loss_sum, self._twin_loss_count = state["twin_loss"]
         self._objective_checked = True
 
@@ -664,6 +704,9 @@ class LazyTrainingMonitor(Callback):
         if self.twin is not None:
             self.twin.release()
 
+    def _layer_options(self) -> dict[str, Any]:
+        return {"per_layer": self.per_layer, "layer_probe_size": self.layer_probe_size, "max_layers": self.max_layers}
+
     def _make_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> LazinessProbe:
         """The probe, drawn once (the same on every rank), with the watched network's w0."""
         if isinstance(self.probe, Mapping) and "labels" in self.probe:
@@ -693,11 +736,11 @@ class LazyTrainingMonitor(Callback):
             return LazinessProbe(self._watched, x, None if y is None else y.to(pl_module.device),
                                  kappa_probe_size=self.kappa_probe_size, ntk_probe_size=self.ntk_probe_size,
                                  measure_kappa=self.measure_kappa, measure_ntk=self.measure_ntk,
-                                 ntk_outputs=self.ntk_outputs)
+                                 ntk_outputs=self.ntk_outputs, **self._layer_options())
         except ValueError as error:
             raise MisconfigurationException(f"LazyTrainingMonitor: {error}") from None
 
-    def _probe_from_train_set(self, trainer: pl.Trainer) -> tuple[Tensor, Any, dict]:
+    def _probe_from_train_set(self, trainer: pl.Trainer, size: int | None = None, seed: int = 0) -> tuple[Tensor, Any, dict]:
         loader = trainer.train_dataloader
         dataset = getattr(loader, "dataset", None)
         if dataset is None or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
@@ -705,8 +748,8 @@ class LazyTrainingMonitor(Callback):
                 "LazyTrainingMonitor draws its probe from the train DataLoader's dataset, which must be indexable; "
                 "pass LazyTrainingMonitor(probe=(x, y)) instead"
             )
-        generator = torch.Generator().manual_seed(0)
-        indices = torch.randperm(len(dataset), generator=generator)[: self.probe_size].tolist()
+        generator = torch.Generator().manual_seed(seed)
+        indices = torch.randperm(len(dataset), generator=generator)[: size or self.probe_size].tolist()
         # Random transforms draw from the global RNG: fork it, so a run with the monitor trains exactly as one
         # without (the probe is augmented once, then fixed).
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
@@ -725,8 +768,16 @@ class LazyTrainingMonitor(Callback):
         values = self.measure(pl_module)
         per_tensor = values.pop("displacement_per_tensor")
         self._last_per_tensor = per_tensor
-        self.history.append({"step": float(trainer.global_step), "epoch": float(trainer.current_epoch), **values})
         scalars = {f"lazy/{name}": value for name, value in values.items()}
+        layers: dict[str, dict[str, float]] = {}
+        for key in [key for key in values if key.startswith("layers/")]:  # kept apart from the history
+            layer, name = key[len("layers/"):].rsplit("/", 1)
+            layers.setdefault(layer, {})[name] = values.pop(key)
+        self.history.append({"step": float(trainer.global_step), "epoch": float(trainer.current_epoch), **values})
+        if layers:
+            self.layer_history.append({"step": float(trainer.global_step), "normalized_time": values["normalized_time"],
+                                       "layers": layers})
+
         from lightning_lazy.report import regime_code
 
         code = regime_code(values)
@@ -767,8 +818,102 @@ class LazyTrainingMonitor(Callback):
             imsave(os.path.join(self._log_folder, "laziness.png"), pixels)
         if writer is not None:
             writer.add_image("lazy/figure", pixels, trainer.global_step, dataformats="HWC")
+        self._draw_layers(writer, imsave)
         self._drawn_at = time.perf_counter()
         self._draw_seconds = self._drawn_at - started
+
+    def _draw_layers(self, writer: Any, imsave: Callable) -> None:
+        """The per-layer heat map (feature movement and NTK share, layers × measurements): a TensorBoard image
+        ``lazy/layers`` and ``layers.png`` in the log folder."""
+        if not self.layer_history:
+            return
+        from lightning_lazy.report import figure_to_array, layers_figure
+
+        pixels = figure_to_array(layers_figure(self.layer_history))
+        if self._log_folder is not None:
+            imsave(os.path.join(self._log_folder, "layers.png"), pixels)
+        if writer is not None:
+            writer.add_image("lazy/layers", pixels, int(self.layer_history[-1]["step"]), dataformats="HWC")
+
+    def _moved_layers(self, count: int = 3) -> list[tuple[str, str, float]]:
+        """The ``count`` layers that moved most at the last measurement, by feature movement (else displacement):
+        ``[(layer, measure, value)]``."""
+        if not self.layer_history:
+            return []
+        layers = self.layer_history[-1]["layers"]
+        measure = "feature_movement" if any("feature_movement" in v for v in layers.values()) else "displacement"
+        ranked = sorted(((name, v[measure]) for name, v in layers.items() if measure in v), key=lambda item: -item[1])
+        return [(name, measure, value) for name, value in ranked[:count]]
+
+    def _fit_kernel_baseline(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The kernel predictor at w0 on ``kernel_baseline`` training examples, evaluated on the validation
+        data (the probe without), logged as ``lazy/kernel/val_loss`` and ``lazy/kernel/val_acc``."""
+        x, y, _ = self._probe_from_train_set(trainer, size=self.kernel_baseline, seed=1)
+        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+            raise MisconfigurationException("LazyTrainingMonitor(kernel_baseline=...) needs batches read as (x, y) tensors")
+        x, y = x.to(pl_module.device), y.to(pl_module.device)
+        x = x.to(self._probe_dtype()) if x.is_floating_point() else x
+        try:
+            predict = self.measures.kernel_regression(self._measured_names(), x, y)
+        except ValueError as error:
+            raise MisconfigurationException(f"LazyTrainingMonitor: {error}") from None
+        loaders = trainer.val_dataloaders
+        loader = (loaders[0] if isinstance(loaders, (list, tuple)) and loaders else
+                  next(iter(loaders.values()), None) if isinstance(loaders, dict) else loaders)
+        if loader is not None:
+            batches = (self._read_batch(trainer.precision_plugin.convert_input(batch)) for batch in loader)
+        elif self.measures.y.ne(0).any():
+            batches = iter([(self.measures.x, self._probe_targets(), {})])
+        else:
+            rank_zero_warn("LazyTrainingMonitor: no validation data and a probe without targets: the kernel "
+                           "baseline lazy/kernel/* is not logged.")
+            return
+        sums = [0.0, 0.0, 0]  # loss R · examples, correct predictions, examples
+        classes = False
+        pending: list[tuple[Tensor, Any, dict]] = []
+
+        def evaluate() -> None:
+            # Batches predicted together: the training subset's kernel features are recomputed once per call.
+            nonlocal classes
+            outputs = predict(torch.cat([xb for xb, _, _ in pending])).split([len(xb) for xb, _, _ in pending])
+            for output, (xb, yb, extra) in zip(outputs, pending):
+                with torch.no_grad():
+                    sums[0] += float(self._objective(output, yb, **extra)) / self._loss_scale * len(xb)
+                if isinstance(yb, Tensor) and not yb.is_floating_point() and yb.shape == output.shape[:-1]:
+                    sums[1] += float((output.argmax(-1) == yb).float().sum())
+                    classes = True
+                sums[2] += len(xb)
+            pending.clear()
+
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices):  # random transforms must not move the run's RNG
+            for xb, yb, extra in batches:
+                xb = xb.to(pl_module.device)
+                xb = xb.to(self._probe_dtype()) if xb.is_floating_point() else xb
+                pending.append((xb, yb.to(pl_module.device) if isinstance(yb, Tensor) else yb, extra))
+                if sum(len(p[0]) for p in pending) >= 4 * len(x):
+                    evaluate()
+            if pending:
+                evaluate()
+        loss_sum, correct, count = sums
+        totals = trainer.strategy.reduce(torch.tensor([loss_sum, correct, count], dtype=torch.float64,
+                                                      device=pl_module.device), reduce_op="sum")
+        values = {"val_loss": float(totals[0] / totals[2])}
+        if classes:
+            values["val_acc"] = float(totals[1] / totals[2])
+        self.kernel_baseline_values = values
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({f"lazy/kernel/{k}": v for k, v in values.items()}, step=trainer.global_step)
+        rank_zero_info(f"LazyTrainingMonitor: kernel baseline (the tangent model at w0 trained to convergence on "
+                       f"{len(x)} training examples): " + ", ".join(f"{k} = {v:.4g}" for k, v in values.items()))
+
+    def _probe_targets(self) -> Tensor:
+        """The probe's targets as given (class indices stay indices), for the kernel baseline without validation data."""
+        y = self.probe[1] if isinstance(self.probe, (tuple, list)) else None
+        if isinstance(y, Tensor):
+            return y.to(self.measures.x.device)
+        return self.measures.y  # drawn from the train set and one-hot encoded: regression targets
 
     def _log_hparams(self, trainer: pl.Trainer) -> None:
         """The regime and the last measures as HParams metrics of the TensorBoard loggers: runs compare there."""
@@ -844,6 +989,11 @@ class LazyTrainingMonitor(Callback):
 
 def _display(name: str) -> str:
     return name[len(_PREFIX):] if name.startswith(_PREFIX) else name
+
+
+def _layer_name(name: str) -> str:
+    """A layer's name in the tags: its name in the watched network; ``root`` for parameters it owns itself."""
+    return "root" if name == _PREFIX[:-1] else _display(name)
 
 
 __all__ = ["LazyTrainingMonitor", "default_batch_to_xy"]

@@ -5,7 +5,9 @@ output scales α, each on the objective R(α h)/α² with the same learning rate
 ``LazyTrainingMonitor`` trains the linearized twin beside each run and logs to TensorBoard; the table
 printed at the end gives, per α, the predictor κ(w0) and the horizon t̃* it predicts, then what happened:
 the divergence Δ from the tangent model, the share of ReLU units still in their initial state, the
-alignment of the tangent kernel with its initial value, and the test losses of the network and its twin.
+alignment of the tangent kernel with its initial value, the test losses of the network and its twin, and the
+kernel baseline: the validation loss of the kernel predictor at w0 (the tangent model trained to convergence on
+512 training examples), the loss the network must beat to have learned more than its initial kernel.
 """
 
 from __future__ import annotations
@@ -187,8 +189,9 @@ def _run_one(args: argparse.Namespace, alpha: float, version: str, index: int, t
     jacobian_norm = diagnostics.jacobian_norm(relu_mlp(args.d, args.width, DEPTH, args.seed), x, tol=1e-4).item()
     model = TeacherStudentRegressor(d=args.d, width=args.width, alpha=alpha, lr=args.step / jacobian_norm**2,
                                     seed=args.seed, step=args.step)
-    # Measured at every epoch end and after steps 1, 2, 4, 8, ...: log-spaced points show the early phase.
-    monitor = LazyTrainingMonitor(log_steps="log")
+    # Measured at every epoch end and after steps 1, 2, 4, 8, ...: log-spaced points show the early phase. The
+    # kernel baseline: the tangent model at w0 trained to convergence on 512 training examples, on the val set.
+    monitor = LazyTrainingMonitor(log_steps="log", kernel_baseline=512)
     # demo/version_N/alpha_A: one folder per run of the demo, all its α side by side in TensorBoard.
     logger = TensorBoardLogger(args.log_dir, name="demo", version=f"{version}/alpha_{alpha:g}",
                                default_hp_metric=False)
@@ -213,6 +216,7 @@ def _run_one(args: argparse.Namespace, alpha: float, version: str, index: int, t
         "kernel_alignment": float(last.get("kernel_alignment", math.nan)),
         "test_loss": float(tested["test_loss"]),
         "tangent_test_loss": float(tested.get("lazy/tangent/test_loss", math.nan)),
+        "kernel_val_loss": (monitor.kernel_baseline_values or {}).get("val_loss", math.nan),
         "seconds": seconds,
     }
     row["regime"] = classify_regime(row)
@@ -232,6 +236,7 @@ COLUMNS = [  # (key, header, format)
     ("kernel_alignment", "kernel alignment", "{:.4f}"),
     ("test_loss", "test loss", "{:.3g}"),
     ("tangent_test_loss", "tangent test loss", "{:.3g}"),
+    ("kernel_val_loss", "kernel val loss", "{:.3g}"),
     ("seconds", "time", "{:.1f}s"),
     ("regime", "regime", "{}"),
 ]

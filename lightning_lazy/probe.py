@@ -15,6 +15,7 @@ weights do not move nothing measured moves, although BatchNorm running statistic
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from time import perf_counter  # not time.perf_counter: measure() has an argument named time
@@ -27,7 +28,7 @@ from lightning_lazy import diagnostics
 from lightning_lazy._forward_ad import forward_ad_safe
 from lightning_lazy._params import functional_call, probe_mode
 from lightning_lazy._inputs import Inputs, inputs_device, num_examples, take
-from lightning_lazy.scaling import IGNORE_INDEX, regression_target_and_mask
+from lightning_lazy.scaling import IGNORE_INDEX, as_regression_target, regression_target_and_mask
 
 #: What the empirical NTK is taken of (:class:`LazinessProbe`'s ``ntk_outputs``): a name or
 #: ``callable(output, y) -> [n, K']`` (row i a function of output row i and target row i only).
@@ -71,6 +72,10 @@ class LazinessProbe:
             row i only (it is also called on single examples). ``"auto"`` (default): ``"labels"`` when the output
             has a sequence dimension (``[N, T, V]``) and the targets are class indices ``[N, T]``, else ``"all"``.
             A kernel other than ``"all"``'s is not the network's NTK, so ‖Dh‖ is then found by Lanczos.
+        per_layer: the per-layer measures (:meth:`layer_measures`): per module displacement, feature movement on
+            the first ``layer_probe_size`` examples, and with ``measure_ntk`` the share and the distance of its
+            NTK block.
+        max_layers: at most this many per-layer entries (see :func:`layer_groups`).
 
     Raises ``ValueError`` when the output has not one row per example, the targets do not fit the output,
     the network has no parameter, or the NTK would hold more than
@@ -92,8 +97,21 @@ class LazinessProbe:
 
     def __init__(self, network: nn.Module, x: Inputs, y: Tensor | None, *, kappa_probe_size: int = 16,
                  ntk_probe_size: int = 16, measure_kappa: bool = True, measure_ntk: bool = True,
-                 ntk_outputs: NtkOutputs = "auto") -> None:
+                 ntk_outputs: NtkOutputs = "auto", per_layer: bool = True, layer_probe_size: int = 64,
+                 max_layers: int = 32) -> None:
         self.network = network
+        self.per_layer, self.layer_probe_size, self.max_layers = per_layer, layer_probe_size, max_layers
+        # The layers: modules owning trainable parameters directly; their outputs on the probe at w0 are kept
+        # from the constructor's forward (feature movement), as the ReLU states are.
+        modules = dict(network.named_modules())
+        self.layer_modules: list[str] = [name for name in diagnostics.parameter_owning_modules(network) if any(
+            p.requires_grad for p in modules[name].parameters(recurse=False))] if per_layer else []
+        self.initial_features: dict[str, list[Tensor]] | None = None
+        self.initial_blocks: dict[str, Tensor] | None = None
+        self.previous_kernel: Tensor | None = None  # the NTK at the last measurement, and its t̃ (kernel velocity)
+        self.previous_time = 0.0
+        self._features: dict[str, list[Tensor]] | None = None
+        self._blocks: dict[str, Tensor] | None = None
         self.kappa_probe_size, self.ntk_probe_size = kappa_probe_size, ntk_probe_size
         self.measure_kappa, self.measure_ntk = measure_kappa, measure_ntk
         self.initial = {name: p.detach().clone() for name, p in network.named_parameters()}
@@ -108,6 +126,7 @@ class LazinessProbe:
         started = perf_counter()
         output, states = self._output_and_states(x, flatten=False)  # one forward: the output and the ReLU states
         self._first_forward_seconds = perf_counter() - started
+        self.initial_features = self._features
         if y is None:
             y = torch.zeros_like(output)
         # The class indices (with their -100s), for the "labels" kernel; state_dict saves them.
@@ -187,9 +206,12 @@ class LazinessProbe:
 
     def _output_and_states(self, x: Inputs, flatten: bool = True) -> tuple[Tensor, list[Tensor]]:
         """:meth:`output` and the ReLU states of that same forward (:func:`diagnostics.recording_relu_states`)."""
+        recording = (diagnostics.recording_module_outputs(self.network, self.layer_modules, rows=self.layer_probe_size)
+                     if self.layer_modules and x is self.x else contextlib.nullcontext())
         with (torch.no_grad(), probe_mode(self.network), forward_ad_safe(self.network, "LazyTrainingMonitor"),
-              diagnostics.recording_relu_states() as states):
+              diagnostics.recording_relu_states() as states, recording as features):
             output = self.network(x)
+        self._features = features  # the layers' outputs when x is the probe (per-layer feature movement)
         n = num_examples(x)
         if output.dim() == 0 or output.shape[0] != n:
             raise ValueError(f"the measures need one output row per example; the model returned "
@@ -254,6 +276,7 @@ class LazinessProbe:
         if self.measure_ntk:
             self.initial_kernel, exact = self._timed("initial", "ntk", lambda: self._kernel(initial))
             self.kernel_names = names
+            self.initial_blocks, self.previous_kernel, self.previous_time = self._blocks, self.initial_kernel, 0.0
         if self.measure_kappa:
             result = self._kappa(initial, "initial", careful=True, kernel=self.initial_kernel, exact=exact)
             self.initial_kappa = result.value.item()
@@ -319,7 +342,8 @@ class LazinessProbe:
         statistics = self._batch_statistics(params, x)
         if not statistics:
             # Only the kernel of every output is the network's own NTK (its top eigenvalue gives ‖Dh‖).
-            return diagnostics.empirical_ntk(self.function(kernel=True), x, params=params), self.ntk_outputs == "all"
+            kernel = diagnostics.empirical_ntk(self.function(kernel=True), x, params=params, per_layer=self.per_layer)
+            return self._summed(kernel), self.ntk_outputs == "all"
         network, layers = self.network, [layer for layer, _ in statistics.values()]
 
         def forward(p: dict[str, Tensor], inputs: Inputs) -> Tensor:
@@ -329,7 +353,17 @@ class LazinessProbe:
                 tensors = {**p, **{name: value for _, buffers in statistics.values() for name, value in buffers}}
                 return functional_call(network, tensors, (inputs,))
 
-        return diagnostics.empirical_ntk(self._functional(forward, kernel=True), x, params=params), False
+        return self._summed(diagnostics.empirical_ntk(self._functional(forward, kernel=True), x, params=params,
+                                                      per_layer=self.per_layer)), False
+
+    def _summed(self, kernel: Tensor | dict[str, Tensor]) -> Tensor:
+        """The kernel from :func:`diagnostics.empirical_ntk`; its per-module blocks, when asked for, kept in
+        ``self._blocks`` (they sum to it: the per-layer NTK costs no second kernel)."""
+        if not isinstance(kernel, dict):
+            self._blocks = None
+            return kernel
+        self._blocks = kernel
+        return sum(kernel.values())
 
     def _batch_statistics(self, params: dict[str, Tensor], x: Tensor) -> dict[str, tuple[nn.Module, list]]:
         """``{layer name: (layer, [(buffer name, batch mean / biased variance of its input on x)])}`` for the
@@ -361,7 +395,9 @@ class LazinessProbe:
 
         ``time``: Σ of the learning rates of the steps taken, times the objective's 1/α² (so that
         t̃ = time·‖Dh(w0)‖²). ``twin``: a :class:`~lightning_lazy.twin.TangentTwin` of the network, for Δ and
-        the tangent gap. ``displacement_per_tensor`` is a dict of floats by tensor name.
+        the tangent gap. ``displacement_per_tensor`` is a dict of floats by tensor name; with the NTK, the
+        values of :meth:`kernel_measures`; with ``per_layer``, ``layers`` = :meth:`layer_measures`, a dict by
+        layer of dicts of floats.
         """
         started = perf_counter()
         names = tuple(names)
@@ -381,7 +417,7 @@ class LazinessProbe:
             )
         values["displacement"] = moved.total.item()
         values["displacement_per_tensor"] = {name: float(v) for name, v in moved.per_tensor.items()}
-        if twin is not None or self.initial_relu is not None:
+        if twin is not None or self.initial_relu is not None or self.initial_features:
             # One forward of the probe gives the divergence its output and activation stability its states.
             output, states = timed("output_and_activation_states", lambda: self._output_and_states(self.x))
         if twin is not None:
@@ -400,9 +436,11 @@ class LazinessProbe:
             if names != self.kernel_names:
                 # Parameters were unfrozen: compare kernels over the same parameters, the new set at w0.
                 self.initial_kernel, self.kernel_names = self.kernel(initial), names
+                self.initial_blocks, self.previous_kernel = self._blocks, None
             kernel, exact = timed("ntk", lambda: self._kernel(params))
             values["ntk_distance"] = diagnostics.ntk_distance(kernel, self.initial_kernel).item()
             values["kernel_alignment"] = diagnostics.kernel_alignment(kernel, self.initial_kernel).item()
+            values.update(timed("spectrum", lambda: self.kernel_measures(kernel, normalized_time)))
         if self.measure_kappa:
             if moved.total.item() == 0.0 and self.initial_kappa_parts is not None:
                 # At w0 itself: the numbers measured there (a warm-started ‖D²h‖ search could refine its lower
@@ -414,14 +452,136 @@ class LazinessProbe:
                               hessian_norm=result.hessian_norm.item())
         if self.initial_relu is not None:
             values["activation_stability"] = _stability(states, self.initial_relu)
+        if self.per_layer:
+            values["layers"] = timed("layers", lambda: self.layer_measures(params, initial))
         self.timings["last"]["total"] = perf_counter() - started
         return values
+
+    # ----------------------------------------------------------------------- kernel and per-layer measures
+
+    def kernel_measures(self, kernel: Tensor, normalized_time: float) -> dict[str, float]:
+        """The NTK's spectrum, its alignment with the targets and its velocity, from the kernel ``kernel`` on the
+        NTK probe (``[n·K, n·K]``) measured at normalized time ``normalized_time``.
+
+        ``ntk_top_eigenvalue``, ``ntk_effective_rank`` (participation ratio (Σλ)²/Σλ²) and ``ntk_target_energy``
+        (share of the probe targets' energy in the top-K eigenvectors, K outputs) of the output-traced kernel
+        Σ_k Θ_kk (:func:`diagnostics.ntk_spectrum`); ``target_alignment`` its centred kernel–target alignment
+        (:func:`diagnostics.target_alignment`); the last two only with targets that are not all zero (not
+        constant), and only for the kernel of every output (``ntk_outputs="all"``: the targets are the kernel's
+        outputs'; positions whose target is −100 are 0 in both). ``kernel_velocity``: NTK distance from the previous measurement's kernel (the one at w0 first)
+        per unit of t̃ (:func:`diagnostics.kernel_velocity`), only when t̃ moved since.
+        """
+        n = min(self.ntk_probe_size, num_examples(self.x))
+        k = kernel.shape[0] // n
+        traced = kernel.reshape(n, k, n, k).diagonal(dim1=1, dim2=3).sum(-1)
+        y = self.y[:n] if self.mask is None else self.y[:n] * self.mask[:n]
+        has_targets = self.ntk_outputs == "all" and bool(y.ne(0).any())
+        spectrum = diagnostics.ntk_spectrum(traced, y if has_targets else None)
+        values = {"ntk_top_eigenvalue": spectrum.top_eigenvalue.item(), "ntk_effective_rank": spectrum.effective_rank.item()}
+        if spectrum.target_energy is not None:
+            values["ntk_target_energy"] = spectrum.target_energy.item()
+            if bool((y != y[:1]).any()):  # targets constant over the probe have no centred alignment
+                values["target_alignment"] = diagnostics.target_alignment(traced, y).item()
+        previous = self.previous_kernel
+        if previous is not None and previous.shape == kernel.shape and normalized_time > self.previous_time:
+            values["kernel_velocity"] = diagnostics.kernel_velocity(kernel, previous,
+                                                                    normalized_time - self.previous_time).item()
+        self.previous_kernel, self.previous_time = kernel, normalized_time
+        return values
+
+    def layer_measures(self, params: dict[str, Tensor], initial: dict[str, Tensor]) -> dict[str, dict[str, float]]:
+        """Per layer (module owning trained parameters, or group of them: :func:`layer_groups` with
+        ``max_layers``), how far it moved from w0: ``{name: {"displacement", "feature_movement", "ntk_share",
+        "ntk_distance"}}`` (as in :meth:`measure`, which calls it after its probe forward and its NTK).
+
+        - ``displacement`` ‖w_l − w_l0‖/‖w_l0‖ over the layer's trained parameters (:func:`diagnostics.layer_displacement`);
+        - ``feature_movement`` ‖φ_l(w) − φ_l(w0)‖/‖φ_l(w0)‖, φ_l the layer's outputs on the first ``layer_probe_size``
+          probe examples, recorded by forward hooks during the probe forward (:func:`diagnostics.feature_movement`);
+        - ``ntk_share`` tr Θ_l / tr Θ (the layer's part of the kernel's trace, summing to 1 over the layers) and
+          ``ntk_distance`` ‖Θ_l − Θ_l(w0)‖_F / ‖Θ_l(w0)‖_F, from the per-module blocks of the NTK (with ``measure_ntk``).
+
+        A value without a scale (w_l0, φ_l(w0) or Θ_l(w0) all zero) is left out, as is the feature movement of a
+        module that was frozen when the probe was made (its outputs at w0 were not kept). All are exactly 0 while
+        the weights stay at w0. Dimensionless. Cost: the copies of the outputs in the probe forward, and norms;
+        the NTK blocks come with the kernel (the structured NTK sums per-layer Gram terms anyway).
+        """
+        modules = list(dict.fromkeys(diagnostics.owning_module(name) for name in params))
+        groups = layer_groups(modules, self.max_layers)
+        result: dict[str, dict[str, float]] = {group: {} for group in dict.fromkeys(groups.values())}
+        by_parameter = {name: groups[diagnostics.owning_module(name)] for name in params}
+        for group, value in diagnostics.layer_displacement(params, initial, by_parameter).items():
+            result[group]["displacement"] = value.item()
+        if self.initial_features and self._features is not None:
+            then = {m: self.initial_features[m] for m in modules if m in self.initial_features}
+            now = {m: self._features.get(m, []) for m in then}
+            for group, value in diagnostics.feature_movement(now, then, {m: groups[m] for m in then}).items():
+                result[group]["feature_movement"] = value.item()
+        if self._blocks is not None and self.initial_blocks is not None:
+            now_blocks, then_blocks = _sum_by_group(self._blocks, groups), _sum_by_group(self.initial_blocks, groups)
+            total = sum(block.diagonal().sum() for block in now_blocks.values())
+            for group, block in now_blocks.items():
+                if float(total) > 0:
+                    result[group]["ntk_share"] = (block.diagonal().sum() / total).item()
+                then = then_blocks.get(group)
+                if then is not None and float(then.norm()) > 0:
+                    result[group]["ntk_distance"] = diagnostics.ntk_distance(block, then).item()
+        return result
+
+    def kernel_regression(self, names: Sequence[str], x_train: Tensor, y_train: Tensor, *,
+                          diag_reg: float = 1e-6) -> Callable[[Tensor], Tensor]:
+        """The kernel predictor at w0: the tangent model trained to convergence on ``(x_train, y_train)`` by
+        gradient flow on the squared error, f(x) = f0(x) + Θ(x, X)(Θ(X, X) + ε·I)⁻¹(Y − f0(X)) (Lee et al. 2019,
+        eq. 10; :func:`diagnostics.gradient_descent_mse` at ``t=None``), Θ the output-traced empirical NTK at w0
+        (acting alike on every output, neural-tangents' default ``trace_axes=(-1,)``), over the parameters
+        ``names``, ε = ``diag_reg``·tr Θ/N (a rank-deficient kernel still gives the minimal-norm fit). Class
+        indices are one-hot targets. BatchNorm layers that normalize by batch statistics use those of ``x_train``,
+        held fixed for every input (so a prediction does not depend on its batch). The solve runs in float64.
+
+        Returns ``predict(x)``: the predictions on ``x``, in the network's output shape and dtype.
+        Cost: the NTK of ``x_train`` once, then per call the NTK between ``x`` and ``x_train`` (structured
+        derivatives: linear in their numbers of examples).
+        """
+        if self._indexed:
+            raise ValueError("the kernel baseline needs tensor inputs, targets without -100 and the kernel of every "
+                             "output (ntk_outputs='all'); leave kernel_baseline=None for this model")
+        params = {name: self.initial[name] for name in names}
+        statistics = self._batch_statistics(params, x_train)
+        network, layers = self.network, [layer for layer, _ in statistics.values()]
+        held = {name: value for _, buffers in statistics.values() for name, value in buffers}
+
+        def fn(p: dict[str, Tensor], inputs: Tensor, flatten: bool = True) -> Tensor:
+            with probe_mode(network), forward_ad_safe(network, "LazyTrainingMonitor"):
+                for layer in layers:
+                    layer.training = False  # normalize by the training subset's statistics, given below
+                output = functional_call(network, {**p, **held}, (inputs,))
+            return output.reshape(len(inputs), -1) if flatten else output
+
+        with torch.no_grad():
+            raw = fn(params, x_train, flatten=False)
+        try:
+            targets = as_regression_target(raw, y_train if not y_train.is_floating_point() else y_train.reshape(raw.shape))
+        except (ValueError, RuntimeError) as error:
+            raise ValueError(f"the kernel baseline's targets {tuple(y_train.shape)} do not fit the output "
+                             f"{tuple(raw.shape)}: {error}") from None
+        f0 = raw.reshape(len(x_train), -1).double()
+        kernel = diagnostics.empirical_ntk(fn, x_train, params=params, trace=True).double()
+        predict = diagnostics.gradient_descent_mse(kernel, targets.reshape(len(x_train), -1).double(), diag_reg=diag_reg)
+
+        def predictor(x: Tensor) -> Tensor:
+            with torch.no_grad():
+                f0_x = fn(params, x)
+            k_x = diagnostics.empirical_ntk(fn, x, x_train, params=params, trace=True).double()
+            return predict(None, f0, f0_x.double(), k_x)[1].to(f0_x.dtype).reshape(len(x), *raw.shape[1:])
+
+        return predictor
 
     # ------------------------------------------------------------------------------------- state
 
     _STATE = ("initial", "x", "y", "labels", "mask", "initial_output", "initial_kernel", "kernel_names", "initial_kappa",
               "initial_jacobian_norm", "initial_kappa_parts", "initial_relu", "hessian_direction", "hessian_names",
-              "jacobian_direction")
+              "jacobian_direction", "initial_features", "initial_blocks", "previous_kernel", "previous_time")
+    _OPTIONAL_STATE = ("jacobian_direction", "labels", "mask", "initial_features", "initial_blocks", "previous_kernel",
+                       "previous_time")
 
     def state_dict(self) -> dict[str, Any]:
         return {key: _to_device(getattr(self, key), "cpu") for key in self._STATE}
@@ -430,8 +590,47 @@ class LazinessProbe:
         device = next(iter(self.initial.values())).device
         for key in self._STATE:
             # Absent from older checkpoints:
-            value = state.get(key) if key in ("jacobian_direction", "labels", "mask") else state[key]
+            value = state.get(key, getattr(self, key)) if key in self._OPTIONAL_STATE else state[key]
             setattr(self, key, tuple(value) if key.endswith("names") else _to_device(value, device))
+
+
+def layer_groups(modules: Sequence[str], max_layers: int) -> dict[str, str]:
+    """Which entry each layer is reported under: ``{module name: group name}``.
+
+    Up to ``max_layers`` modules, each is its own entry. Beyond, modules are grouped by the top-level child of the
+    network they sit in (the first name after the prefix all the names share, e.g. ``layer1`` of a ResNet, whose
+    per-layer values then run over all its modules' parameters, outputs and kernel blocks); if there are still more
+    than ``max_layers`` groups, consecutive groups are merged into ``max_layers`` runs named ``first_to_last``.
+    So a network of hundreds of modules logs a readable handful of per-layer tags.
+    """
+    if max_layers < 1:
+        raise ValueError(f"max_layers must be a positive integer, got {max_layers}")
+    if len(modules) <= max_layers:
+        return {m: m for m in modules}
+    parts = [m.split(".") if m else [] for m in modules]
+    depth = 0  # the components every name shares (the monitor's wrapper, say)
+    while all(len(p) > depth + 1 for p in parts) and len({p[depth] for p in parts}) == 1:
+        depth += 1
+    top = {m: ".".join(p[: depth + 1]) for m, p in zip(modules, parts)}
+    names = list(dict.fromkeys(top.values()))
+    if len(names) <= max_layers:
+        return top
+    prefix = ".".join(parts[0][:depth]) + "." if depth else ""
+    size = math.ceil(len(names) / max_layers)
+    merged = {}
+    for start in range(0, len(names), size):
+        run = names[start : start + size]
+        label = run[0] if len(run) == 1 else f"{run[0]}_to_{run[-1][len(prefix):]}"
+        merged.update({name: label for name in run})
+    return {m: merged[top[m]] for m in modules}
+
+
+def _sum_by_group(blocks: dict[str, Tensor], groups: dict[str, str]) -> dict[str, Tensor]:
+    summed: dict[str, Tensor] = {}
+    for name, block in blocks.items():
+        group = groups.get(name, name)
+        summed[group] = block if group not in summed else summed[group] + block
+    return summed
 
 
 def _stability(now: list[Tensor] | None, then: list[Tensor]) -> float:
@@ -451,4 +650,4 @@ def _to_device(value: Any, device: Any) -> Any:
     return value
 
 
-__all__ = ["LazinessProbe"]
+__all__ = ["LazinessProbe", "layer_groups"]

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.axis import Axis
+from matplotlib.colors import Colormap
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullLocator
@@ -271,6 +272,90 @@ def _per_tensor_panel(ax: Axes, per_tensor: Mapping[str, float]) -> None:
     ax.set_title("(e) displacement per parameter tensor (last measurement)", fontsize=10)
 
 
+# The colour range of the feature-movement heat map: 0.1 % of the initial output (dark) to 10 times it (bright).
+FEATURE_MOVEMENT_SCALE = (1e-3, 10.0)
+
+
+def layers_figure(layer_history: Sequence[Mapping[str, object]], *, title: str = "") -> Figure:
+    """The per-layer heat map: which layers learn features, and when.
+
+    Args:
+        layer_history: one entry per measurement, in time order: ``{"normalized_time": t̃, "layers": {layer:
+            {"feature_movement": …, "ntk_share": …, …}}}`` (the monitor's ``layer_history``).
+        title: the figure's title.
+
+    Two panels, layers as rows (in the network's order, top to bottom), measurements as columns (labelled by t̃):
+    (a) feature movement ‖φ_l − φ_l(w0)‖/‖φ_l(w0)‖ of each layer's output on the probe, on a fixed log colour
+    scale :data:`FEATURE_MOVEMENT_SCALE` (values beyond are drawn at its ends; a cell at exactly 0, e.g. at
+    lr = 0, is white); (b) each layer's share tr Θ_l / tr Θ of the tangent kernel, from 0 to 1. Fixed scales: two
+    runs' heat maps compare by colour.
+    How to read it: a layer whose row stays dark in (a) computes what it computed at w0 (lazy); a row that
+    brightens is learning features, from the column where it does. (b) says which layers the kernel (hence
+    gradient descent in the lazy regime) mostly moves; a share that shifts over time is the kernel changing its
+    make-up. Missing values (no scale, or not measured) are grey.
+
+    Returns a ``matplotlib.figure.Figure`` with an Agg canvas.
+    """
+    from matplotlib.colors import LogNorm, Normalize
+
+    layers: list[str] = []
+    for entry in layer_history:
+        for name in entry.get("layers", {}):  # type: ignore[union-attr]
+            if name not in layers:
+                layers.append(name)
+    columns = len(layer_history)
+    height = max(3.0, 0.28 * len(layers) + 1.8)
+    label_width = max([len(n) for n in layers] + [4]) * 0.075
+    fig = Figure(figsize=(2 * (label_width + max(3.0, 0.45 * columns) + 1.6), height))
+    FigureCanvasAgg(fig)
+    times = [_value(entry, "normalized_time") for entry in layer_history]  # type: ignore[arg-type]
+    panels = (("feature_movement", "(a) feature movement |φ_l - φ_l(w0)| / |φ_l(w0)|", True),
+              ("ntk_share", "(b) share of the tangent kernel tr Θ_l / tr Θ", False))
+    for index, (key, label, log) in enumerate(panels):
+        ax = fig.add_subplot(1, 2, index + 1)
+        grid = np.array([[_value(entry.get("layers", {}).get(name, {}), key)  # type: ignore[union-attr]
+                          for entry in layer_history] for name in layers], dtype=float).reshape(len(layers), columns)
+        finite = grid[np.isfinite(grid)]
+        if not finite.size:
+            _no_data(ax, label)
+            continue
+        cmap = _colormap("magma" if log else "viridis", bad="lightgray")
+        if log:
+            # One fixed scale for every run, so that runs compare at a glance (lazy dark, feature learning bright).
+            norm = LogNorm(vmin=FEATURE_MOVEMENT_SCALE[0], vmax=FEATURE_MOVEMENT_SCALE[1], clip=True)
+            shown = np.ma.masked_invalid(np.where(grid > 0, np.clip(grid, *FEATURE_MOVEMENT_SCALE), np.nan))
+            zero = np.ma.masked_where(~(grid == 0), np.ones_like(grid))
+            ax.imshow(zero, aspect="auto", cmap=_colormap("Greys"), vmin=0, vmax=10, interpolation="nearest")
+        else:
+            norm = Normalize(vmin=0.0, vmax=1.0)
+            shown = np.ma.masked_invalid(grid)
+        image = ax.imshow(shown, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+        fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02, extend="both" if log else "neither")
+        ax.set_yticks(range(len(layers)), labels=layers, fontsize=7 if len(layers) > 20 else 8)
+        every = max(1, math.ceil(columns / 12))
+        ticks = list(range(0, columns, every))
+        ax.set_xticks(ticks, labels=[f"{times[i]:.3g}" for i in ticks], fontsize=7, rotation=45)
+        ax.set_xlabel("normalized time t̃ of the measurement")
+        ax.set_title(label, fontsize=10)
+        if len(layers) <= 24 and columns <= 12:
+            for (row, column), value in np.ndenumerate(grid):
+                if np.isfinite(value):
+                    shade = float(norm(min(max(value, norm.vmin), norm.vmax))) if log else float(norm(value))
+                    ax.text(column, row, f"{value:.2g}", ha="center", va="center", fontsize=6,
+                            color="white" if shade < 0.6 else "black")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / height) if title else (0, 0, 1, 1))
+    if title:
+        fig.suptitle(title, fontsize=12)
+    return fig
+
+
+def _colormap(name: str, bad: str | None = None) -> Colormap:
+    """Matplotlib's colour map ``name``, with the colour ``bad`` for masked cells."""
+    from matplotlib import colormaps
+
+    return colormaps[name].with_extremes(bad=bad) if bad else colormaps[name]
+
+
 def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
     """Write ``fig`` as a PNG at ``path`` (parent folders made); returns the path."""
     path = Path(path)
@@ -380,7 +465,8 @@ def laziness_summary(values: Mapping[str, float | str | None]) -> str:
     not hold for it, :func:`lightning_lazy._optim.adaptive_optimizer`), ``"kappa0"`` (κ(w0)), ``"horizon"``
     (t̃*), ``"normalized_time"`` (t̃ at the end), ``"divergence"``, ``"activation_stability"``,
     ``"kernel_alignment"``, ``"displacement"``, ``"loss"`` (the model's last training loss),
-    ``"tangent_loss"`` (the twin's); missing, None or NaN values are left out. The first line is
+    ``"tangent_loss"`` (the twin's), ``"moved_layers"`` (``[(layer, measure, value)]``, the layers that moved
+    most); missing, None or NaN values are left out. The first line is
     :func:`regime`'s sentence (TensorBoard's Text tab shows it first, uncut). With an adaptive optimizer
     the horizon is not stated, and a line says why: the theorem's time is that of gradient descent.
     """
@@ -420,6 +506,11 @@ def laziness_summary(values: Mapping[str, float | str | None]) -> str:
         rows.append(("train loss: model / tangent model",
                      f"{_fmt(loss) if loss is not None else 'n/a'} / "
                      f"{_fmt(tangent_loss) if tangent_loss is not None else 'n/a'}"))
+    moved = values.get("moved_layers") or []
+    if moved:
+        measure = str(moved[0][1]).replace("_", " ")
+        rows.append((f"layers that moved most ({measure})",
+                     ", ".join(f"{name} {_fmt(float(value))}" for name, _, value in moved)))
     width = max((len(name) for name, _ in rows), default=0)
     return "\n".join([regime(values), "Laziness summary"] + [f"  {name:<{width}}  {text}" for name, text in rows])
 
@@ -444,6 +535,13 @@ TAG_KINDS: dict[str, str] = {
     "lazy/tangent/val_loss": "loss",
     "lazy/tangent/val_acc": "accuracy",
     "lazy/normalized_time": "normalized time",
+    "lazy/target_alignment": "cosine",
+    "lazy/ntk_top_eigenvalue": "kernel eigenvalue",
+    "lazy/ntk_effective_rank": "effective rank",
+    "lazy/ntk_target_energy": "share of target energy",
+    "lazy/kernel_velocity": "kernel velocity",
+    "lazy/kernel/val_loss": "loss",
+    "lazy/kernel/val_acc": "accuracy",
 }
 
 
@@ -470,6 +568,13 @@ def custom_scalars_layout() -> dict[str, dict[str, list]]:
         "tangent model losses": ["lazy/tangent/train_loss", "lazy/tangent/val_loss"],
         "tangent model accuracy": ["lazy/tangent/val_acc"],
         "normalized time t~": ["lazy/normalized_time"],
+        "kernel-target alignment (centred)": ["lazy/target_alignment"],
+        "top NTK eigenvalue": ["lazy/ntk_top_eigenvalue"],
+        "NTK effective rank (sum l)^2 / sum l^2": ["lazy/ntk_effective_rank"],
+        "share of the targets' energy in the top NTK eigenvectors": ["lazy/ntk_target_energy"],
+        "kernel velocity |K - K_prev| / |K_prev| per unit t~": ["lazy/kernel_velocity"],
+        "kernel baseline (w0) validation loss": ["lazy/kernel/val_loss"],
+        "kernel baseline (w0) validation accuracy": ["lazy/kernel/val_acc"],
     }
     # Multiline entries are regular expressions matched at the tag's start: "$" keeps e.g. lazy/displacement
     # from also drawing a lazy/displacement_... tag.

@@ -100,7 +100,8 @@ def test_monitor_cost_quick_run_writes_json(tmp_path: Path) -> None:
     assert record["plain_step_seconds"] > 0
     expected = {
         "fit_start": {"output_and_activation_states", "hessian_norm", "kappa_rest", "ntk"},
-        "epoch_end": {"output_and_activation_states", "tangent_output", "hessian_norm", "kappa_rest", "ntk"},
+        "epoch_end": {"output_and_activation_states", "tangent_output", "hessian_norm", "kappa_rest", "ntk",
+                      "spectrum", "layers"},
     }
     for bucket, names in expected.items():
         assert set(record["seconds"][bucket]) == names
@@ -108,6 +109,9 @@ def test_monitor_cost_quick_run_writes_json(tmp_path: Path) -> None:
             assert record["in_steps"][bucket][name] == pytest.approx(
                 record["seconds"][bucket][name] / record["plain_step_seconds"])
         assert record["total_in_steps"][bucket] == pytest.approx(sum(record["in_steps"][bucket].values()))
+    for bucket in ("fit_start", "epoch_end"):  # the measures with and without the per-layer ones
+        cost = record["per_layer"][bucket]
+        assert cost["ratio"] == pytest.approx(cost["with"] / cost["without"]) and cost["with"] > 0
     values = record["values"]
     assert values["kappa_w0"] > 0 and 0 < values["activation_stability"] <= 1 and values["divergence"] > 0
     assert math.isfinite(values["ntk_distance"]) and values["ntk_distance"] > 0  # the weights were moved

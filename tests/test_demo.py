@@ -19,7 +19,7 @@ from lightning_lazy.quiet import LIGHTNING_INFO_LOGGER
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADERS = ["alpha", "kappa(w0)", "horizon t~*", "divergence", "act. stability", "kernel alignment", "test loss",
-           "tangent test loss", "time", "regime"]
+           "tangent test loss", "kernel val loss", "time", "regime"]
 
 
 def table_rows(out: str) -> list[dict[str, str]]:
@@ -68,6 +68,8 @@ def test_demo_quick_table_logs_hparams_and_new_versions(tmp_path, capsys):
     assert small["act. stability"] < large["act. stability"] <= 1
     assert small["kernel alignment"] < large["kernel alignment"] <= 1
     assert rows[1]["regime"] == "lazy"
+    # The kernel baseline does not depend on α (a centred model's kernel scales by α², its predictor does not).
+    assert small["kernel val loss"] == pytest.approx(large["kernel val loss"], rel=1e-6)
     # A quiet terminal: no warning the user cannot act on, none of Lightning's tips or accelerator lines;
     # the monitor's own lines (the horizon, the laziness summary) still go through.
     assert [str(w.message)[:80] for w in caught] == []
@@ -152,11 +154,12 @@ def test_demo_rejects_a_log_dir_that_is_a_file(tmp_path, capsys):
 def test_format_table():
     table = format_table([{"alpha": 10.0, "kappa0": 0.0424, "horizon": 4.86, "divergence": 0.01,
                            "activation_stability": 0.99123, "kernel_alignment": math.nan, "test_loss": 0.1,
-                           "tangent_test_loss": 0.2, "seconds": 1.5, "regime": "lazy (kernel regime)"}])
+                           "tangent_test_loss": 0.2, "kernel_val_loss": 0.3, "seconds": 1.5,
+                           "regime": "lazy (kernel regime)"}])
     header, rule, row = table.splitlines()
     assert [h.strip() for h in header.split("|")] == [h for _, h, _ in COLUMNS] == HEADERS
     cells = [c.strip() for c in row.split("|")]
-    assert cells == ["10", "0.0424", "4.86", "0.01", "0.9912", "n/a", "0.1", "0.2", "1.5s", "lazy"]
+    assert cells == ["10", "0.0424", "4.86", "0.01", "0.9912", "n/a", "0.1", "0.2", "0.3", "1.5s", "lazy"]
     assert len(rule) == len(header)
 
 

@@ -65,7 +65,7 @@ def test_one_forward_gives_the_divergence_its_output_and_activation_stability_it
     calls.clear()
     values = probe.measure(names, twin=twin)
     assert len(calls) == 1, "the output for the divergence and the ReLU states come from one forward"
-    assert set(probe.timings["last"]) == {"output_and_activation_states", "tangent_output", "total"}
+    assert set(probe.timings["last"]) == {"output_and_activation_states", "tangent_output", "layers", "total"}
     expected = diagnostics.activation_stability(probe.function(), x, dict(net.named_parameters()),
                                                 initial_states=probe.initial_relu).item()
     assert values["activation_stability"] == pytest.approx(expected) and values["activation_stability"] < 1

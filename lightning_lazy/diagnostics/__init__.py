@@ -30,9 +30,12 @@ from lightning_lazy.diagnostics.curvature import (
     kappa,
 )
 from lightning_lazy.diagnostics.kernels import (
+    Spectrum,
     gradient_descent_mse,
     kernel_alignment,
+    kernel_velocity,
     ntk_distance,
+    ntk_spectrum,
     target_alignment,
 )
 from lightning_lazy.diagnostics.lanczos import extreme_eigenpair
@@ -42,8 +45,12 @@ from lightning_lazy.diagnostics.movement import (
     activation_stability,
     activation_states,
     displacement,
+    feature_movement,
+    layer_displacement,
+    parameter_owning_modules,
     path_divergence,
     recording_activation_states,
+    recording_module_outputs,
     recording_relu_states,
     relu_states,
 )
@@ -51,6 +58,7 @@ from lightning_lazy.diagnostics.ntk import (
     NTK_IMPLEMENTATIONS,
     NtkImplementation,
     empirical_ntk,
+    owning_module,
 )
 
 __all__ = [
@@ -63,6 +71,14 @@ __all__ = [
     "extreme_eigenpair",
     "gradient_descent_mse",
     "target_alignment",
+    "Spectrum",
+    "ntk_spectrum",
+    "kernel_velocity",
+    "owning_module",
+    "layer_displacement",
+    "feature_movement",
+    "recording_module_outputs",
+    "parameter_owning_modules",
     "Displacement",
     "Kappa",
     "ActivationStates",

@@ -3,8 +3,9 @@ kernel predictor (the tangent model trained by gradient flow on the squared erro
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from typing import Union
+from typing import NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -165,3 +166,97 @@ def gradient_descent_mse(k_train_train: Tensor, y_train: Tensor, *, learning_rat
         return test if fx_train_0 is None else (train, test)
 
     return predict
+
+
+class Spectrum(NamedTuple):
+    """What :func:`ntk_spectrum` returns (0-d tensors in the kernel's dtype; ``target_energy`` ``None`` without
+    targets)."""
+
+    top_eigenvalue: Tensor
+    effective_rank: Tensor
+    target_energy: Tensor | None
+
+
+def ntk_spectrum(kernel: Tensor, targets: Tensor | None = None, *, top_k: int | None = None) -> Spectrum:
+    r"""The kernel's spectrum in three numbers: its top eigenvalue, its effective rank, and the share of the
+    targets' energy in its top-``top_k`` eigenvectors.
+
+    With λ_1 ≥ … ≥ λ_N ≥ 0 the eigenvalues of the symmetric positive semi-definite ``kernel`` (negative round-off
+    clipped to 0) and v_i its unit eigenvectors:
+
+    - ``top_eigenvalue`` λ_1 (the kernel's units: for the full empirical NTK on N examples, N·‖Dh‖² in this
+      package's norms; the stiffest direction of gradient flow);
+    - ``effective_rank`` (Σλ_i)² / Σλ_i² = (tr Θ)² / ‖Θ‖_F², the participation ratio of the spectrum (e.g. Gao et
+      al., "A theory of multineuronal dimensionality, dynamics and measurement", 2017, eq. 2): between 1 (one
+      direction dominates) and the rank (a flat spectrum); it counts the directions gradient flow moves at
+      comparable speed. (Roy & Vetterli's entropy form exp(−Σ p_i log p_i), p = λ/Σλ, 2007, is another
+      convention; it is never below this one.)
+    - ``target_energy`` Σ_{i ≤ k} ‖v_iᵀ Y‖² / ‖Y‖²: the share of the targets the top-k eigen-directions carry, the
+      part of the task the kernel learns fastest (Kopitkov & Indelman, "Neural Spectrum Alignment: Empirical
+      Study", ICANN 2020, §3; Baratin et al., "Implicit Regularization via Neural Feature Alignment",
+      AISTATS 2021, who follow it through training). Uncentred Y. ``top_k`` defaults to Y's number of columns
+      (the dimension of the space the targets span).
+
+    Shapes: ``kernel`` ``[N, N]`` (output-traced: Y ``[N]`` class indices, one-hot encoded over
+    ``int(max) + 1`` classes, or ``[N, K]`` values, every column projected) or ``[N·K, N·K]`` (the full kernel,
+    example-major: Y ``[N, K]`` flattened to one column, ``top_k`` then defaults to K). Cost: one symmetric
+    eigendecomposition of the kernel (the effective rank alone needs none). Raises ``ValueError`` for a non-square
+    or non-finite kernel, targets that do not fit it, all-zero targets or a ``top_k`` below 1.
+    """
+    if kernel.dim() != 2 or kernel.shape[0] != kernel.shape[1] or kernel.shape[0] == 0:
+        raise ValueError(f"kernel must be a square [N, N] or [N·K, N·K] kernel, got shape {tuple(kernel.shape)}")
+    check_finite(kernel, "kernel")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be a positive number of eigenvectors, got {top_k}")
+    symmetric = (kernel + kernel.T) / 2
+    values, vectors = torch.linalg.eigh(symmetric)
+    values = values.clamp_min(0.0)
+    squared = (values**2).sum()
+    rank = values.sum() ** 2 / squared if float(squared) > 0 else torch.zeros((), dtype=kernel.dtype)
+    energy = None
+    if targets is not None:
+        y, columns = _target_columns(targets, kernel)
+        k = top_k or columns
+        total = (y**2).sum()
+        if float(total) == 0.0:
+            raise ValueError("the targets are all zero: their energy has no share to split")
+        top = vectors[:, -min(k, len(values)):]  # eigh sorts ascending
+        energy = ((top.T @ y) ** 2).sum() / total
+    return Spectrum(values[-1], rank, energy)
+
+
+def _target_columns(targets: Tensor, kernel: Tensor) -> tuple[Tensor, int]:
+    """Targets as the columns the kernel acts on (``[N, K]`` for a traced kernel, ``[N·K, 1]`` for a full one),
+    and K."""
+    n = kernel.shape[0]
+    if not targets.is_floating_point():
+        if targets.dim() != 1 or (targets.numel() and int(targets.min()) < 0):
+            raise ValueError("integer targets must be [N] non-negative class indices")
+        targets = F.one_hot(targets.long())
+    y = targets.to(kernel.dtype)
+    columns = y.reshape(y.shape[0], -1).shape[1] if y.dim() else 0
+    if y.dim() and y.shape[0] == n:
+        y = y.reshape(n, -1)
+    elif y.numel() == n and y.dim() == 2:
+        y = y.reshape(n, 1)
+    else:
+        raise ValueError(f"targets {tuple(targets.shape)} fit neither an [N, N] kernel nor an [N·K, N·K] kernel "
+                         f"of shape {tuple(kernel.shape)}")
+    check_finite(y, "targets")
+    return y, columns
+
+
+def kernel_velocity(kernel: Tensor, previous_kernel: Tensor, elapsed: float) -> Tensor:
+    r"""How fast the kernel moves: ‖Θ(t₂) − Θ(t₁)‖_F / ‖Θ(t₁)‖_F / (t̃₂ − t̃₁), the NTK distance between two
+    consecutive measurements per unit of normalized time t̃ (Fort et al., "Deep learning versus kernel learning:
+    an empirical study of loss landscape geometry and the time evolution of the Neural Tangent Kernel",
+    NeurIPS 2020, §4.3, who measure it per epoch and with the cosine distance 1 − ⟨Θ₁, Θ₂⟩/(‖Θ₁‖‖Θ₂‖); here the
+    package's relative Frobenius distance, per t̃ so that runs with other learning rates or α compare).
+
+    Shapes: two kernels of one shape (any empirical NTK); ``elapsed`` = t̃₂ − t̃₁ > 0 (dimensionless). Unit: 1/t̃.
+    Raises ``ValueError`` for kernels of different shapes, a zero or non-finite kernel, or ``elapsed`` ≤ 0 (no
+    time passed: no velocity; the monitor then logs none).
+    """
+    if not elapsed > 0 or not math.isfinite(elapsed):
+        raise ValueError(f"elapsed normalized time must be positive and finite, got {elapsed}")
+    return ntk_distance(kernel, previous_kernel) / elapsed

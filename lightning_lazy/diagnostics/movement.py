@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from lightning_lazy._params import check_finite
 from lightning_lazy.diagnostics._common import (
@@ -17,6 +18,7 @@ from lightning_lazy.diagnostics._common import (
     _check_probe,
     _output,
 )
+from lightning_lazy.diagnostics.ntk import owning_module
 from lightning_lazy.scaling import regression_target_and_mask
 
 
@@ -256,3 +258,114 @@ def activation_stability(
     same = sum(int((a == b).sum()) for a, b in zip(now, then))
     total = sum(a.numel() for a in now)
     return torch.tensor(same / total, dtype=x.dtype if x.is_floating_point() else torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------------
+# per layer: which modules moved, in weights and in what they compute
+
+
+def parameter_owning_modules(model: nn.Module) -> list[str]:
+    """Names (as in ``named_modules()``) of the modules that own parameters directly (``Linear``, ``Conv2d``,
+    norm layers, a custom module's own ``nn.Parameter``): the "layers" the per-layer measures are given for,
+    in module order."""
+    return [name for name, module in model.named_modules() if next(module.parameters(recurse=False), None) is not None]
+
+
+def _grouped(names: Iterable[str], groups: Mapping[str, str] | None, default: Callable[[str], str]) -> dict[str, list[str]]:
+    members: dict[str, list[str]] = {}
+    for name in names:
+        members.setdefault(groups[name] if groups is not None else default(name), []).append(name)
+    return members
+
+
+def layer_displacement(params: Params, initial_params: Params,
+                       groups: Mapping[str, str] | None = None) -> dict[str, Tensor]:
+    """Relative displacement of each module's weights: ‖w_l − w_l0‖ / ‖w_l0‖, the norms over all the parameters
+    module l owns directly (a parameter ``a.b.weight`` belongs to module ``a.b``; ``groups`` maps parameter names
+    to other groups, e.g. a top-level child). Only the parameters in ``params`` count (pass the trained ones).
+    ``{module name: 0-d tensor}`` in the order of ``params``; a module whose w_l0 is all zero has no relative
+    scale and is left out (as in :func:`displacement`'s ``per_tensor``). Dimensionless; exactly 0 at w0.
+    Raises ``ValueError`` when the two dicts name different tensors or shapes differ."""
+    if set(params) != set(initial_params):
+        missing = sorted(set(params) ^ set(initial_params))
+        raise ValueError(f"params and initial_params name different tensors: {missing[:5]}")
+    result: dict[str, Tensor] = {}
+    for module, names in _grouped(params, groups, owning_module).items():
+        moved_sq, initial_sq = 0.0, 0.0
+        for name in names:
+            w, w0 = params[name].detach(), initial_params[name].detach()
+            if w.shape != w0.shape:
+                raise ValueError(f"{name}: shape {tuple(w.shape)} differs from its initial {tuple(w0.shape)}")
+            moved_sq = moved_sq + ((w - w0) ** 2).sum()
+            initial_sq = initial_sq + (w0**2).sum()
+        if float(initial_sq) > 0:
+            result[module] = torch.sqrt(moved_sq / initial_sq)
+    return result
+
+
+class _OutputRecorder:
+    """Forward hooks keeping each named module's output (its tensor leaves, the first ``rows`` examples)."""
+
+    def __init__(self, model: nn.Module, names: Iterable[str], rows: int | None) -> None:
+        self.outputs: dict[str, list[Tensor]] = {}
+        self.rows = rows
+        modules = dict(model.named_modules())
+        wanted = list(names)
+        unknown = [name for name in wanted if name not in modules]
+        if unknown:
+            raise ValueError(f"no module named {unknown[0]!r} in {type(model).__name__}: use names from named_modules()")
+        self.handles = [modules[name].register_forward_hook(self._hook(name)) for name in wanted]
+
+    def _hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            kept = self.outputs.setdefault(name, [])
+            for leaf in tree_leaves(output):
+                if isinstance(leaf, Tensor) and leaf.dim() > 0 and leaf.is_floating_point():
+                    # A copy: an in-place op that follows (ReLU(inplace=True)) would overwrite the output.
+                    kept.append((leaf if self.rows is None else leaf[: self.rows]).detach().clone())
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def recording_module_outputs(model: nn.Module, names: Iterable[str], *,
+                             rows: int | None = None) -> Iterator[dict[str, list[Tensor]]]:
+    """Within the block, the outputs φ_l of the modules ``names`` (as in ``model.named_modules()``) in every
+    forward of ``model`` are appended to the dict yielded, ``{name: [tensor, ...]}`` (each floating tensor leaf of
+    the output, detached copies, the first ``rows`` examples of each; one entry per call of a module called several
+    times). For a forward run anyway (the probe's): the features cost no forward of their own, only the copies
+    (memory: the modules' outputs on ``rows`` examples). Raises ``ValueError`` for an unknown module name."""
+    recorder = _OutputRecorder(model, names, rows)
+    try:
+        yield recorder.outputs
+    finally:
+        recorder.remove()
+
+
+def feature_movement(outputs: Mapping[str, list[Tensor]], initial_outputs: Mapping[str, list[Tensor]],
+                     groups: Mapping[str, str] | None = None) -> dict[str, Tensor]:
+    """How much each module's output has moved: ‖φ_l(w) − φ_l(w0)‖_F / ‖φ_l(w0)‖_F, φ_l the outputs of module l on
+    the probe (from :func:`recording_module_outputs`, at w and at w0; the norms over all its tensors and calls).
+    Works whatever the activation (unlike :func:`activation_stability`): it measures the change of the features
+    the next layers see, the quantity lazy training keeps small (Chizat et al. 2019, §3: the features of the
+    linearized model are frozen at w0). ``groups`` maps module names to groups (e.g. a top-level child): then the
+    norms run over the group's modules. ``{name: 0-d tensor}``, in the order of ``initial_outputs``; modules whose
+    initial output is all zero are left out (no relative scale). Dimensionless; exactly 0 when nothing moved.
+    Raises ``ValueError`` when a module's outputs differ in number or shape between the two."""
+    result: dict[str, Tensor] = {}
+    for group, names in _grouped(initial_outputs, groups, lambda name: name).items():
+        moved_sq, initial_sq = 0.0, 0.0
+        for name in names:
+            now, then = outputs.get(name, []), initial_outputs[name]
+            if len(now) != len(then) or any(a.shape != b.shape for a, b in zip(now, then)):
+                raise ValueError(f"module {name!r} computed outputs of other shapes (or another number of them) "
+                                 "now and at w0: feature movement compares the same forward")
+            for a, b in zip(now, then):
+                moved_sq = moved_sq + ((a - b) ** 2).sum()
+                initial_sq = initial_sq + (b**2).sum()
+        if float(initial_sq) > 0:
+            result[group] = torch.sqrt(moved_sq / initial_sq)
+    return result

@@ -9,6 +9,7 @@ and the driver that combines them with the structured features under a memory bu
 from __future__ import annotations
 
 import enum
+from collections import OrderedDict
 from collections.abc import Callable
 
 from torch import Tensor
@@ -22,7 +23,7 @@ from lightning_lazy.diagnostics._common import (
     _trainable_params,
 )
 from lightning_lazy.diagnostics.ntk.jacobian import _ntk_fast
-from lightning_lazy.diagnostics.ntk.products import _ntk_products
+from lightning_lazy.diagnostics.ntk.products import _ntk_products_by_group
 
 
 class NtkImplementation(str, enum.Enum):
@@ -38,12 +39,18 @@ NTK_IMPLEMENTATIONS = tuple(member.value for member in NtkImplementation)
 
 
 def _products(model: ModelLike, x1: Tensor, x2: Tensor, symmetric: bool, params: Params, implementation: str,
-              chunk_size: int | None, trace: bool, budget: int) -> Tensor:
-    return _ntk_products(model, x1, x2, params, list(params), chunk_size, trace, budget)
+              chunk_size: int | None, trace: bool, budget: int, groups: dict[str, str]) -> dict[str, Tensor]:
+    return _ntk_products_by_group(model, x1, x2, params, groups, list(params), chunk_size, trace, budget)
 
 
-# The dispatch table: every implementation takes the same arguments.
-_IMPLEMENTATIONS: dict[NtkImplementation, Callable[..., Tensor]] = {
+def owning_module(name: str) -> str:
+    """The name (as in ``named_modules()``) of the module that owns the parameter ``name`` (as in
+    ``named_parameters()``): everything before its last dot; ``""`` (the root module) for a top-level one."""
+    return name.rpartition(".")[0]
+
+
+# The dispatch table: every implementation takes the same arguments and returns {group: kernel block}.
+_IMPLEMENTATIONS: dict[NtkImplementation, Callable[..., dict[str, Tensor]]] = {
     NtkImplementation.AUTO: _ntk_fast,
     NtkImplementation.STRUCTURED: _ntk_fast,
     NtkImplementation.JACOBIAN: _ntk_fast,
@@ -61,7 +68,8 @@ def empirical_ntk(
     implementation: str | NtkImplementation = NtkImplementation.AUTO,
     trace: bool = False,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
-) -> Tensor:
+    per_layer: bool = False,
+) -> Tensor | OrderedDict[str, Tensor]:
     """The empirical neural tangent kernel Θ(x1, x2) = J(x1) J(x2)ᵀ, J = ∂h(x; w)/∂w at ``params``.
 
     Shapes: ``[N1·K, N2·K]`` (rows and columns ordered example-major, entry ((i, k), (j, l)) =
@@ -108,6 +116,17 @@ def empirical_ntk(
     bounds the vjp chunk (``chunk_size`` parameter-sized vectors). A single generic parameter tensor
     whose per-example Jacobian alone exceeds the budget is handled by ``"products"`` for that tensor.
 
+    ``per_layer=True``: instead of Θ, the ordered dict {module name: Θ_l} of per-module blocks
+    Θ_l = J_l(x1) J_l(x2)ᵀ, J_l the Jacobian with respect to the parameters that module owns directly (a
+    parameter named ``a.b.weight`` belongs to module ``a.b``, its name in ``named_modules()``; ``""`` is the
+    root module; a functional model's parameters are grouped by the same rule), each block of the kernel's shape
+    (``[N1·K, N2·K]``, or ``[N1, N2]`` with ``trace=True``), in the order of ``params``. Θ = Σ_l Θ_l: the kernel
+    is a sum over parameters of ⟨∂h/∂w_p, ∂h/∂w_p⟩, and the blocks split that sum by module (Novak et al. 2022
+    compute the same per-layer terms, §3). Only the differentiated parameters count (``params``, by default the
+    trainable ones): a frozen module has no block. Every implementation supports it at the cost of the whole
+    kernel, except ``"products"``, which runs once per module (the ``"auto"`` fallback too). Default ``False``:
+    the kernel itself, one tensor.
+
     ``chunk_size``: for ``"products"`` the number of cotangents per vmapped vjp; otherwise the maximal
     number of examples per recording pass. Raises ``ValueError`` on an empty probe, a non-finite output,
     an unknown implementation or a non-positive budget.
@@ -124,9 +143,13 @@ def empirical_ntk(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
     params = _trainable_params(model, params)
+    groups = {name: owning_module(name) if per_layer else "" for name in params}
     with _evaluating(model):
-        return _IMPLEMENTATIONS[implementation](model, x1, x2, symmetric, params, implementation.value, chunk_size,
-                                                trace, memory_budget)
+        blocks = _IMPLEMENTATIONS[implementation](model, x1, x2, symmetric, params, implementation.value,
+                                                  chunk_size, trace, memory_budget, groups)
+    if not per_layer:
+        return blocks[""]
+    return OrderedDict((group, blocks[group]) for group in dict.fromkeys(groups.values()))
 
 
-__all__ = ["NTK_IMPLEMENTATIONS", "NtkImplementation", "empirical_ntk"]
+__all__ = ["NTK_IMPLEMENTATIONS", "NtkImplementation", "empirical_ntk", "owning_module"]

@@ -47,6 +47,18 @@ def _ntk_products(
     return kernel
 
 
+def _ntk_products_by_group(
+    model: ModelLike, x1: Tensor, x2: Tensor, params: Params, groups: dict[str, str], names: list[str],
+    chunk: int | None, trace: bool, budget: int,
+) -> dict[str, Tensor]:
+    """:func:`_ntk_products` for each group of the parameters ``names`` separately: ``{group: its block}``."""
+    by_group: dict[str, list[str]] = {}
+    for name in names:
+        by_group.setdefault(groups[name], []).append(name)
+    return {group: _ntk_products(model, x1, x2, params, members, chunk, trace, budget)
+            for group, members in by_group.items()}
+
+
 def _ntk_columns(
     f1: Callable[[Params], Tensor], f2: Callable[[Params], Tensor], params: Params, out2: Tensor,
     vjp_fn: Callable, chunk: int,

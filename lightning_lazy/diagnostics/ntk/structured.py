@@ -167,7 +167,8 @@ class _Plan(NamedTuple):
 
 
 def _plan_structured(
-    recorder: _LayerRecorder, params: Params, n_outputs: int, n1: int, n2: int, trace: bool, feature_budget: int
+    recorder: _LayerRecorder, params: Params, n_outputs: int, n1: int, n2: int, trace: bool, feature_budget: int,
+    groups: dict[str, str] | None = None,
 ) -> _Plan:
     counts: dict[str, int] = {}
     for call in recorder.calls:
@@ -183,6 +184,8 @@ def _plan_structured(
     for index, call in enumerate(recorder.calls):
         weight = call.weight if call.weight in eligible else None
         bias = call.bias if call.bias in eligible else None
+        if groups is not None and weight is not None and bias is not None and groups[weight] != groups[bias]:
+            bias = None  # kernel blocks by group: a bias of another group than its weight goes the generic path
         transient += math.prod(call.out_shape)  # every call's output is an activation of the pass
         if weight is None and bias is None:
             continue
@@ -317,10 +320,23 @@ def _call_features(
     return features
 
 
-def _gram(f1: list[_Feature], f2: list[_Feature], trace: bool, budget: int) -> Tensor:
-    """Σ over features of ⟨J1, J2⟩: ``[a, K, b, K]`` (or ``[a, b]`` traced)."""
-    total: Tensor | None = None
-    for e1, e2 in zip(f1, f2):
+def _feature_groups(plan: _Plan, groups: dict[str, str]) -> list[str]:
+    """The group of each feature :func:`_structured_features` returns, in its order (see :func:`_call_features`)."""
+    owners: list[str] = []
+    for index, (weight, bias, _) in plan.taps.items():
+        if plan.calls[index].kind == "batch_norm":
+            owners += [groups[name] for name in (weight, bias) if name is not None]
+        else:
+            owners.append(groups[weight if weight is not None else bias])
+    return owners
+
+
+def _gram(f1: list[_Feature], f2: list[_Feature], trace: bool, budget: int,
+          owners: list[str] | None = None) -> dict[str, Tensor]:
+    """Σ over features of ⟨J1, J2⟩ by group (``owners[i]``: the group of feature i; default one group ``""``):
+    ``{group: [a, K, b, K]}`` (or ``[a, b]`` traced)."""
+    totals: dict[str, Tensor] = {}
+    for e1, e2, owner in zip(f1, f2, owners or [""] * len(f1)):
         if e1[0] == "jac":
             j1, j2 = e1[1], e2[1]
             a, k_out, m = j1.shape
@@ -331,8 +347,8 @@ def _gram(f1: list[_Feature], f2: list[_Feature], trace: bool, budget: int) -> T
                 part = (j1.reshape(a * k_out, m) @ j2.reshape(b * k_out, m).T).reshape(a, k_out, b, k_out)
         else:
             part = _struct_gram(e1[1], e1[2], e2[1], e2[2], trace, budget)
-        total = part if total is None else total + part
-    return total
+        totals[owner] = part if owner not in totals else totals[owner] + part
+    return totals
 
 
 def _struct_gram(x1: Tensor, g1: Tensor, x2: Tensor, g2: Tensor, trace: bool, budget: int) -> Tensor:
