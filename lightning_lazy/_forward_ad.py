@@ -91,6 +91,47 @@ def _rnn_kernels_off() -> Iterator[None]:
         torch._C._set_cudnn_enabled(cudnn)
 
 
+class _PlainCall:
+    """``CheckpointFunction`` as a plain call: ``apply(function, preserve_rng_state, *args) = function(*args)``."""
+
+    @staticmethod
+    def apply(function, _preserve_rng_state, *args):  # noqa: ANN001, ANN205 - torch's signature
+        return function(*args)
+
+
+def _plain_impl(function, args, kwargs, **_options):  # noqa: ANN001, ANN202 - torch's signature
+    return function(*args, **(kwargs or {}))
+
+
+def _plain_no_reentrant_generator(*_args, **_kwargs) -> Iterator[None]:  # older torch: checkpoint() calls next()
+    yield
+
+
+@contextlib.contextmanager
+def plain_checkpoints() -> Iterator[None]:
+    """Inside, ``torch.utils.checkpoint.checkpoint(function, *args)`` (reentrant or not, and
+    ``checkpoint_sequential``) returns ``function(*args)`` directly.
+
+    Activation checkpointing trades memory for a second forward in the backward pass; its value is that of
+    the plain call (the forward runs once, drawing the same random numbers). Its machinery (saved-tensor
+    hooks, a custom autograd.Function) has no forward-mode AD rule and cannot run inside ``torch.func``
+    transforms; the tangent model and the measures need neither the saved graph nor the recomputation. The
+    module's internals that ``checkpoint`` looks up at each call are swapped (process-wide, for the block).
+    """
+    import torch.utils.checkpoint as module
+
+    replacements = {"_checkpoint_impl": _plain_impl, "CheckpointFunction": _PlainCall,
+                    "_checkpoint_without_reentrant_generator": _plain_no_reentrant_generator}
+    saved = {name: getattr(module, name) for name in replacements if hasattr(module, name)}
+    for name in saved:
+        setattr(module, name, replacements[name])
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
 class _ModuleStack:
     """Which modules are executing: global forward hooks push and pop; a failing forward never pops."""
 
@@ -120,8 +161,8 @@ def forward_ad_safe(module: nn.Module | None = None, what: str = "lightning_lazy
     Inside: the MHA / Transformer fast path is off, ``scaled_dot_product_attention`` uses its math kernel,
     when ``module`` holds an RNN the oneDNN and cuDNN kernels are off (RNNs then run their composite
     implementation; other layers are unaffected otherwise), and weight norm is computed by its composite
-    formula. The same functions are computed, a little
-    slower. An op that still has no forward-AD rule raises :class:`ForwardADError`, one line naming the
+    formula, and activation checkpointing runs the checkpointed function as a plain call
+    (:func:`plain_checkpoints`). The same functions are computed, a little slower. An op that still has no forward-AD rule raises :class:`ForwardADError`, one line naming the
     innermost module that was running (``what`` says which computation needed it), chained to nothing.
     """
     tracker = _ModuleStack()
@@ -132,6 +173,7 @@ def forward_ad_safe(module: nn.Module | None = None, what: str = "lightning_lazy
             stack.enter_context(_rnn_kernels_off())
         if _has_weight_norm(module):
             stack.enter_context(_CompositeWeightNorm())
+        stack.enter_context(plain_checkpoints())
         handles = [
             nn.modules.module.register_module_forward_pre_hook(tracker.push),
             nn.modules.module.register_module_forward_hook(tracker.pop),

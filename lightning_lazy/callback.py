@@ -562,7 +562,7 @@ class LazyTrainingMonitor(Callback):
 
     def _measured_names(self) -> tuple[str, ...]:
         """Parameters the measures differentiate: those trainable now or at any point of the run."""
-        trainable = {name for name, p in self._watched.named_parameters() if p.requires_grad}
+        trainable = self.measures.trainable_names()  # by identity: a renamed parameter keeps its name at w0
         return tuple(name for name in self.measures.initial if name in trainable | self._trained)
 
     def _measure_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, on_step: bool) -> None:

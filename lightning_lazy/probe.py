@@ -11,12 +11,21 @@ dropout off, each BatchNorm that trains normalizing by the probe's own batch sta
 kept in eval mode on their running statistics; and the forward-AD-capable kernels
 (:func:`~lightning_lazy._forward_ad.forward_ad_safe`) for the network and its twin alike. So while the
 weights do not move nothing measured moves, although BatchNorm running statistics drift during training.
+
+What the measures never touch: the network's own tensors. Every forward a measure runs goes through
+:func:`~lightning_lazy._params.functional_call` on fresh copies of the parameters and buffers (and, when the
+network was seen writing into the tensors it is given, e.g. ``nn.Embedding(max_norm=...)``, fresh copies at
+every call), so nothing a forward writes reaches the real run or w0. Parameters are followed by identity,
+not by name: a parameter re-registered under another name (``torch.nn.utils.prune`` turns ``weight`` into
+``weight_orig``) keeps its w0; the values are reported under the names they had when w0 was taken. Sparse
+embeddings are measured with dense gradients (the same function), activation checkpointing as a plain call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from time import perf_counter  # not time.perf_counter: measure() has an argument named time
 from typing import Any
 
@@ -74,7 +83,12 @@ class LazinessProbe:
         self.network = network
         self.kappa_probe_size, self.ntk_probe_size = kappa_probe_size, ntk_probe_size
         self.measure_kappa, self.measure_ntk = measure_kappa, measure_ntk
-        self.initial = {name: p.detach().clone() for name, p in network.named_parameters()}
+        # Each parameter by identity under the name it had at w0 (renaming, e.g. pruning's weight -> weight_orig,
+        # keeps it), and whether a forward was seen writing into the tensors it was given (then every call gets
+        # fresh copies).
+        self._objects: dict[str, Tensor] = dict(network.named_parameters())
+        self._writes = False
+        self.initial = {name: p.detach().clone() for name, p in self._objects.items()}
         if not self.initial:
             raise ValueError(f"{type(network).__name__} has no parameter to measure")
         self.x = x
@@ -108,32 +122,73 @@ class LazinessProbe:
         return self._output_and_states(x, flatten)[0]
 
     def _output_and_states(self, x: Tensor, flatten: bool = True) -> tuple[Tensor, list[Tensor]]:
-        """:meth:`output` and the ReLU states of that same forward (:func:`diagnostics.recording_relu_states`)."""
-        with (torch.no_grad(), probe_mode(self.network), forward_ad_safe(self.network, "LazyTrainingMonitor"),
-              diagnostics.recording_relu_states() as states):
-            output = self.network(x)
+        """:meth:`output` and the ReLU states of that same forward (:func:`diagnostics.recording_relu_states`).
+        The forward runs on fresh copies of every parameter and buffer; a copy written during it (a layer that
+        renormalizes its weight, say) marks the network as one that writes, for every later measure."""
+        tensors = self._snapshot()
+        versions = {name: t._version for name, t in tensors.items()}
+        with torch.no_grad(), self._measuring(), diagnostics.recording_relu_states() as states:
+            output = functional_call(self.network, tensors, (x,))
+        self._writes = self._writes or any(t._version != versions[name] for name, t in tensors.items())
         if output.dim() == 0 or output.shape[0] != len(x):
             raise ValueError(f"the measures need one output row per example; the model returned "
                              f"{tuple(output.shape)} for {len(x)} inputs")
         return (output.reshape(len(x), -1) if flatten else output), states
 
-    def function(self) -> Callable[[dict[str, Tensor], Tensor], Tensor]:
+    def function(self, buffers: dict[str, Tensor] | None = None) -> Callable[[dict[str, Tensor], Tensor], Tensor]:
         """The network as a functional model ``fn(params, x) -> [N, K]`` for :mod:`diagnostics`; ``params`` are
-        named as in ``self.network.named_parameters()`` (under the monitor, the watched wrapper's names:
-        ``inner.`` + the watched module's own)."""
-        network = self.network
+        named as in ``self.network.named_parameters()`` when w0 was taken (under the monitor, the watched
+        wrapper's names: ``inner.`` + the watched module's own). Every other parameter and buffer is a copy
+        taken now (``buffers``: buffer values to use instead, by their current names); the network's own
+        tensors never enter a forward. Raises ``ValueError`` when a parameter measured at w0 is no longer in
+        the network (replaced by another tensor)."""
+        network, names = self.network, self._names_now()
+        base = {**self._snapshot(), **(buffers or {})}
+        writes = self._writes
 
         def fn(params: dict[str, Tensor], x: Tensor) -> Tensor:
-            with probe_mode(network), forward_ad_safe(network, "LazyTrainingMonitor"):
-                output = functional_call(network, params, (x,))
+            tensors = {**base, **{names[name]: value for name, value in params.items()}}
+            if writes:  # a forward that writes into its tensors must not carry over into the next call
+                tensors = {name: value.clone() for name, value in tensors.items()}
+            with self._measuring():
+                output = functional_call(network, tensors, (x,))
             return output.reshape(len(x), -1)
 
         return fn
 
+    @contextlib.contextmanager
+    def _measuring(self) -> Iterator[None]:
+        """The network as the measures see it: :func:`probe_mode`, forward-AD-capable kernels, dense embeddings."""
+        with probe_mode(self.network), forward_ad_safe(self.network, "LazyTrainingMonitor"), \
+                _dense_embeddings(self.network):
+            yield
+
+    def _names_now(self) -> dict[str, str]:
+        """``{name at w0: name now}`` for every parameter measured at w0, found by identity."""
+        now = {id(p): name for name, p in self.network.named_parameters()}
+        missing = [name for name, p in self._objects.items() if id(p) not in now]
+        if missing:
+            raise ValueError(
+                f"the parameter {missing[0]!r} measured at w0 is no longer in {type(self.network).__name__} (another "
+                "tensor was assigned in its place), so its distance from w0 has no meaning: change parameters in "
+                "place (param.data.copy_ or torch.nn.utils.parametrize) instead of replacing them while monitoring"
+            )
+        return {name: now[id(p)] for name, p in self._objects.items()}
+
+    def _snapshot(self) -> dict[str, Tensor]:
+        """Fresh copies of every parameter and buffer of the network, by their current names."""
+        tensors = {name: p.detach().clone() for name, p in self.network.named_parameters()}
+        tensors.update((name, b.detach().clone()) for name, b in self.network.named_buffers())
+        return tensors
+
+    def trainable_names(self) -> set[str]:
+        """Names (as at w0) of the parameters that require grad now."""
+        return {name for name, p in self._objects.items() if p.requires_grad}
+
     def params(self, names: Sequence[str]) -> dict[str, Tensor]:
-        """The current weights named ``names`` (detached)."""
-        current = dict(self.network.named_parameters())
-        return {name: current[name].detach() for name in names}
+        """Copies of the current weights named ``names`` (names as at w0; detached, never the network's own)."""
+        self._names_now()  # every one still in the network
+        return {name: self._objects[name].detach().clone() for name in names}
 
     def _timed(self, bucket: str, name: str, compute: Callable[[], Any]) -> Any:
         started = perf_counter()
@@ -153,7 +208,7 @@ class LazinessProbe:
         names = tuple(names)
         if not names:
             raise ValueError("the model has no trainable parameter: nothing to measure")
-        initial = {name: self.initial[name] for name in names}
+        initial = {name: self.initial[name].clone() for name in names}  # a measure never holds w0 itself
         exact = False
         if self.measure_ntk:
             self.initial_kernel, exact = self._timed("initial", "ntk", lambda: self._kernel(initial))
@@ -223,15 +278,18 @@ class LazinessProbe:
         statistics = self._batch_statistics(params, x)
         if not statistics:
             return diagnostics.empirical_ntk(self.function(), x, params=params), True
-        network, layers = self.network, [layer for layer, _ in statistics.values()]
+        layers = [layer for layer, _ in statistics.values()]
+        held = self.function({name: value for _, buffers in statistics.values() for name, value in buffers})
 
         def fn(p: dict[str, Tensor], inputs: Tensor) -> Tensor:
-            with probe_mode(network), forward_ad_safe(network, "LazyTrainingMonitor"):
-                for layer in layers:
-                    layer.training = False  # normalize by the running statistics given below
-                tensors = {**p, **{name: value for _, buffers in statistics.values() for name, value in buffers}}
-                output = functional_call(network, tensors, (inputs,))
-            return output.reshape(len(inputs), -1)
+            modes = [layer.training for layer in layers]
+            for layer in layers:  # in eval mode (probe_mode leaves them there): normalize by the statistics held
+                layer.training = False
+            try:
+                return held(p, inputs)
+            finally:
+                for layer, mode in zip(layers, modes):
+                    layer.training = mode
 
         return diagnostics.empirical_ntk(fn, x, params=params), False
 
@@ -270,7 +328,7 @@ class LazinessProbe:
         started = perf_counter()
         names = tuple(names)
         params = self.params(names)
-        initial = {name: self.initial[name] for name in names}
+        initial = {name: self.initial[name].clone() for name in names}  # a measure never holds w0 itself
         timed = lambda name, compute: self._timed("last", name, compute)  # noqa: E731
         self.timings["last"] = {}
         normalized_time = time * self.initial_jacobian_norm**2
@@ -333,6 +391,20 @@ class LazinessProbe:
         for key in self._STATE:
             value = state.get(key) if key == "jacobian_direction" else state[key]  # absent from older checkpoints
             setattr(self, key, tuple(value) if key.endswith("names") else _to_device(value, device))
+
+
+@contextlib.contextmanager
+def _dense_embeddings(network: nn.Module) -> Iterator[None]:
+    """Embeddings with ``sparse=True`` give dense gradients inside: the same function, and the form
+    ``torch.func`` transforms and the measures' products need."""
+    layers = [m for m in network.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
+    for m in layers:
+        m.sparse = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.sparse = True
 
 
 def _stability(now: list[Tensor] | None, then: list[Tensor]) -> float:
