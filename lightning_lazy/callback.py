@@ -8,8 +8,11 @@ and owns logging.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
+import tempfile
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -137,6 +140,10 @@ class LazyTrainingMonitor(Callback):
         self.measure_ntk = measure_ntk
         self.figure = figure
         self._loaded: dict[str, Any] | None = None
+        self._rewound = False  # on_load_checkpoint applied the state that load_state_dict is about to get
+        # Where a fit run in processes this one spawned (strategy="ddp_spawn") hands its results back.
+        self._origin_pid = os.getpid()
+        self._hand_back_path = os.path.join(tempfile.gettempdir(), f"lightning_lazy_{os.getpid()}_{uuid.uuid4().hex}.pt")
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -167,6 +174,8 @@ class LazyTrainingMonitor(Callback):
         self._batch: tuple | None = None
         self._objective_checked = False
         self._warned_no_twin = False
+        self._paired: tuple[dict[str, int], set[str]] | None = None  # the real network's layout the twin copied
+        self._carried: dict[str, Any] | None = None  # what a fit in spawned processes handed back
 
     # ------------------------------------------------------------------------------------------ results
 
@@ -196,12 +205,19 @@ class LazyTrainingMonitor(Callback):
         """The measures now, as floats (``displacement_per_tensor``: a dict of floats by tensor name)."""
         if self.measures is None:
             raise RuntimeError("LazyTrainingMonitor.measure needs the probe: fitting has not started")
-        values = self.measures.measure(self._measured_names(), time=self._time * self._loss_scale, twin=self.twin)
+        try:
+            values = self.measures.measure(self._measured_names(), time=self._time * self._loss_scale, twin=self.twin)
+        except ValueError as error:  # a parameter replaced, or weights gone to NaN: one line, no traceback
+            raise MisconfigurationException(f"LazyTrainingMonitor: {error}") from None
         values["displacement_per_tensor"] = {_display(k): v for k, v in values["displacement_per_tensor"].items()}
         return values
 
     def summary_values(self) -> dict[str, float | None]:
-        """The numbers of the fit-end summary (:func:`lightning_lazy.report.laziness_summary`)."""
+        """The numbers of the fit-end summary (:func:`lightning_lazy.report.laziness_summary`). After a fit run in
+        spawned processes (``strategy="ddp_spawn"``), those its rank 0 handed back (and ``history`` is its)."""
+        self._collect()
+        if self.measures is None and self._carried is not None:
+            return dict(self._carried["summary"])
         last = self.history[-1] if self.history else {}
         return {
             "alpha": self._loss_scale ** -0.5,
@@ -220,7 +236,11 @@ class LazyTrainingMonitor(Callback):
         """The laziness summary printed and logged at the end of fit."""
         from lightning_lazy.report import laziness_summary
 
-        return laziness_summary(self.summary_values())
+        text = laziness_summary(self.summary_values())
+        if self.measures is None and self._carried is not None:
+            text += (f"\n(measured by rank 0 of the processes the fit ran in; its values were logged under "
+                     f"{self._carried['log_folder'] or 'no log folder: the trainer had no logger'})")
+        return text
 
     # -------------------------------------------------------------------------- hooks, in lifecycle order
 
@@ -277,6 +297,7 @@ class LazyTrainingMonitor(Callback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         """Measure at w0 before the first batch; hand the batch to the twin and arm it for the real forward."""
+        self._check_pairing()
         if self.measures is None:
             self._measure_at_w0(trainer, pl_module)
         if self.twin is None:
@@ -347,6 +368,7 @@ class LazyTrainingMonitor(Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Print and log the laziness summary and draw the final figure."""
+        self._hand_back(trainer)
         if not self.history:
             return
         text = self.summary()
@@ -395,8 +417,20 @@ class LazyTrainingMonitor(Callback):
         }
 
     @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint restored inside a running fit (a tuner undoing its trial steps): rewind to what it holds."""
+        if trainer.state.fn != "fit" or not self._handles:
+            return  # a resume, before on_fit_start: load_state_dict keeps the state for _build
+        state = (checkpoint.get("callbacks") or {}).get(self.state_key)
+        self._rewind(trainer, pl_module, copy.deepcopy(state) if state else None)
+        self._rewound = True
+
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep the state until the module, its device and the optimizer exist (applied in ``_build``)."""
+        if self._rewound:  # already applied by on_load_checkpoint, inside a running fit
+            self._rewound = False
+            return
         # Applied once the module, its device and the optimizer exist: in on_fit_start, or on_validation_start /
         # on_test_start for an evaluation from a checkpoint.
         self._loaded = dict(state_dict) if state_dict else None
@@ -409,9 +443,79 @@ class LazyTrainingMonitor(Callback):
         self._watched = resolve_watched(pl_module, self.model, self.output)
         if self.track_tangent:
             self.twin = TangentTwin(self._watched, optimizer, self._objective, **twin_options)
+        self._paired = _pairing(self._watched)
         loaded, self._loaded = self._loaded, None
         if loaded is not None:
             self._restore(loaded, pl_module)
+
+    def _check_pairing(self) -> None:
+        """The twin is a copy of the real network taken at fit start, paired with it parameter by parameter: when
+        parameters are re-registered or buffers added or removed since (``torch.nn.utils.prune`` and Lightning's
+        ``ModelPruning`` turn ``weight`` into ``weight_orig`` times a new ``weight_mask``), the real network computes
+        another function of its weights than the twin's linearization; the twin has lost the real run."""
+        if self._paired is None or self._watched is None:
+            return
+        params, buffers = _pairing(self._watched)
+        before_params, before_buffers = self._paired
+        if params == before_params and buffers == before_buffers:
+            return
+        self._paired = (params, buffers)
+        by_id = {v: k for k, v in params.items()}
+        renamed = [f"{_display(name)} -> {_display(by_id[i])}" for name, i in before_params.items()
+                   if i in by_id and by_id[i] != name]
+        gone = [_display(name) for name, i in before_params.items() if i not in by_id]
+        added = [_display(name) for name in sorted(set(params) - set(before_params)) if params[name] not in
+                 before_params.values()] + [_display(name) + " (buffer)" for name in sorted(buffers - before_buffers)]
+        changes = "; ".join(part for part in (
+            "renamed " + ", ".join(renamed[:3]) if renamed else "", "replaced " + ", ".join(gone[:3]) if gone else "",
+            "added " + ", ".join(added[:3]) if added else "",
+            "removed " + ", ".join(_display(n) for n in sorted(before_buffers - buffers)[:3]) if before_buffers - buffers
+            else "") if part)
+        self._twin_lost(
+            f"the watched network's parameters or buffers changed during fit ({changes}), as pruning "
+            "(torch.nn.utils.prune, ModelPruning) does: the twin, a copy taken at fit start, no longer computes the "
+            "network's function",
+            "Prune before or after monitoring (or with a mask the model applies itself from fit start) to keep the "
+            "divergence; the other measures go on.",
+        )
+
+    def _twin_lost(self, cause: str, remedy: str = "") -> None:  # TEMPORARY: replaced by issue16a's on merge
+        if self.twin is None:
+            return
+        rank_zero_warn(f"LazyTrainingMonitor: {cause}; lazy/divergence, lazy/tangent_gap and lazy/tangent/* are no "
+                       f"longer logged. {remedy}")
+        self.twin.release()
+        self.twin = None
+
+    def _hand_back(self, trainer: pl.Trainer) -> None:
+        """In a process the fit was spawned into (``strategy="ddp_spawn"``), rank 0 hands the history, the summary's
+        numbers and the log folder back to the process that holds this monitor (read by :meth:`summary_values`)."""
+        if os.getpid() == self._origin_pid or not trainer.is_global_zero:
+            return
+        torch.save({"history": list(self.history), "summary": self.summary_values(), "log_folder": self._log_folder},
+                   self._hand_back_path)
+
+    def _collect(self) -> None:
+        """Read what spawned processes handed back (once), when this process measured nothing itself."""
+        if self.measures is not None or self.history or not os.path.exists(self._hand_back_path):
+            return
+        self._carried = torch.load(self._hand_back_path, weights_only=False)
+        os.remove(self._hand_back_path)
+        self.history = list(self._carried["history"])
+        self._log_folder = self._carried["log_folder"]
+
+    def _rewind(self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: dict[str, Any] | None) -> None:
+        """Go back to ``state`` (``None``: nothing measured yet), the monitor's part of a checkpoint restored in the
+        middle of fit. Lightning's tuners (``LearningRateFinder``, ``BatchSizeFinder``, ``Tuner``) write a
+        checkpoint, take trial steps on the real model with the callbacks swapped out (the optimizer's step hooks
+        still fire), then restore it: the twin, the step count, normalized time and the history must forget those
+        steps as the real run does. Everything is rebuilt as at fit start, from the restored weights and ``state``."""
+        log_folder = self._log_folder
+        self._release()
+        self._reset_state()
+        self._log_folder = log_folder
+        self._loaded = state
+        self.on_fit_start(trainer, pl_module)
 
     def _measure_at_w0(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Draw the probe and measure at w0, at the first training batch: by then the user's own hooks
@@ -568,6 +672,7 @@ class LazyTrainingMonitor(Callback):
     def _measure_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, on_step: bool) -> None:
         if self.measures is None:
             return  # no training batch has run: nothing was measured at w0
+        self._check_pairing()
         values = self.measure(pl_module)
         per_tensor = values.pop("displacement_per_tensor")
         self._last_per_tensor = per_tensor
@@ -649,6 +754,11 @@ class LazyTrainingMonitor(Callback):
         if self.log_steps == "log":
             return step & (step - 1) == 0
         return step in self.log_steps
+
+
+def _pairing(network: torch.nn.Module) -> tuple[dict[str, int], set[str]]:
+    """Each parameter's identity by name, and the buffer names: what pairs a copy of ``network`` with it."""
+    return {name: id(p) for name, p in network.named_parameters()}, {name for name, _ in network.named_buffers()}
 
 
 def _display(name: str) -> str:
