@@ -12,7 +12,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-_BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
+_BATCHNORM_TYPES = (nn.modules.batchnorm._NormBase,)  # BatchNorm, InstanceNorm, SyncBatchNorm, lazy variants
+
+
+def keeps_running_stats(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalization layer that can keep running statistics: torch's ``_NormBase``
+    (BatchNorm, InstanceNorm, SyncBatchNorm and their lazy variants) or any module holding ``running_mean`` /
+    ``running_var`` buffers and a ``track_running_stats`` switch, whether it tracks them now or not.
+
+    Such a layer is treated by kind wherever the package special-cases normalization: in train mode it normalizes
+    by the statistics of the batch it sees (and updates its running statistics), in eval mode by its running
+    statistics, which drift during training even when no weight moves.
+    """
+    if isinstance(module, _BATCHNORM_TYPES):
+        return True
+    return (hasattr(module, "track_running_stats")
+            and any(name in module._buffers for name in ("running_mean", "running_var")))
 
 
 class FrozenParams(nn.Module):
@@ -85,8 +100,9 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def batchnorm_eval(module: nn.Module) -> Iterator[None]:
-    """Temporarily put only the BatchNorm layers of ``module`` in eval mode."""
-    layers = [m for m in module.modules() if isinstance(m, _BATCHNORM_TYPES)]
+    """Temporarily put only the normalization layers that keep running statistics (:func:`keeps_running_stats`:
+    BatchNorm, InstanceNorm, ...) of ``module`` in eval mode."""
+    layers = [m for m in module.modules() if keeps_running_stats(m)]
     modes = [m.training for m in layers]
     for m in layers:
         m.training = False
@@ -101,25 +117,46 @@ def batchnorm_eval(module: nn.Module) -> Iterator[None]:
 def probe_mode(module: nn.Module) -> Iterator[None]:
     """Temporarily make ``module`` one deterministic function of its weights, as the measures see it.
 
-    Every sub-module goes to eval mode (dropout off), except BatchNorm layers that are in train mode: those
-    keep normalizing with the statistics of the batch they see (here the probe, at the current weights) and
-    update no running statistics. BatchNorm layers the user keeps in eval keep their running statistics,
-    which then do not move. So while the weights do not move, nothing measured moves, although running
-    statistics drift during training even at learning rate 0.
+    Every sub-module goes to eval mode (dropout off), except normalization layers that keep running statistics
+    (:func:`keeps_running_stats`: BatchNorm, InstanceNorm(track_running_stats=True), ...) and are in train mode:
+    those keep normalizing with the statistics of the batch (or instance) they see (here the probe, at the
+    current weights) and update no running statistics. Such layers the user keeps in eval keep their running
+    statistics, which then do not move. So while the weights do not move, nothing measured moves, although
+    running statistics drift during training even at learning rate 0.
     """
     modes = {m: m.training for m in module.modules()}
-    batch_stats = [m for m in module.modules() if isinstance(m, _BATCHNORM_TYPES) and m.training]
-    tracking = [m.track_running_stats for m in batch_stats]
+    batch_stats = [m for m in module.modules() if keeps_running_stats(m) and m.training]
     module.eval()
     for m in batch_stats:
-        m.training, m.track_running_stats = True, False
+        m.training = True
     try:
-        yield
+        with running_stats_untouched(batch_stats):
+            yield
     finally:
         for m, training in modes.items():
             m.training = training
-        for m, track in zip(batch_stats, tracking):
+
+
+@contextlib.contextmanager
+def running_stats_untouched(layers: list[nn.Module]) -> Iterator[None]:
+    """Normalization layers in training mode normalize by the statistics of their input and update no running
+    statistics inside. BatchNorm reads ``track_running_stats`` for that; other kinds (InstanceNorm passes its
+    running statistics to ``F.instance_norm``, which updates them whenever it uses input statistics) hold no
+    running statistics inside."""
+    saved: list[tuple[nn.Module, bool, dict[str, Any]]] = []
+    for m in layers:
+        held = {} if isinstance(m, nn.modules.batchnorm._BatchNorm) else {
+            name: m._buffers[name] for name in ("running_mean", "running_var") if m._buffers.get(name) is not None}
+        saved.append((m, m.track_running_stats, held))
+        m.track_running_stats = False
+        for name in held:
+            m._buffers[name] = None
+    try:
+        yield
+    finally:
+        for m, track, held in saved:
             m.track_running_stats = track
+            m._buffers.update(held)
 
 
 class RNGState:

@@ -140,7 +140,7 @@ class LazyTrainingMonitor(Callback):
         self.measure_ntk = measure_ntk
         self.figure = figure
         self._loaded: dict[str, Any] | None = None
-        self._rewound = False  # on_load_checkpoint applied the state that load_state_dict is about to get
+        self._rewound = False  # on_load_checkpoint took the state that load_state_dict is about to get
         # Where a fit run in processes this one spawned (strategy="ddp_spawn") hands its results back.
         self._origin_pid = os.getpid()
         self._hand_back_path = os.path.join(tempfile.gettempdir(), f"lightning_lazy_{os.getpid()}_{uuid.uuid4().hex}.pt")
@@ -174,8 +174,8 @@ class LazyTrainingMonitor(Callback):
         self._batch: tuple | None = None
         self._objective_checked = False
         self._warned_no_twin = False
-        self._paired: tuple[dict[str, int], set[str]] | None = None  # the real network's layout the twin copied
         self._carried: dict[str, Any] | None = None  # what a fit in spawned processes handed back
+        self._rewind_to: tuple[dict[str, Any] | None] | None = None  # (state,) to go back to at the next hook
 
     # ------------------------------------------------------------------------------------------ results
 
@@ -205,8 +205,10 @@ class LazyTrainingMonitor(Callback):
         """The measures now, as floats (``displacement_per_tensor``: a dict of floats by tensor name)."""
         if self.measures is None:
             raise RuntimeError("LazyTrainingMonitor.measure needs the probe: fitting has not started")
+        self._check_twin()
         try:
-            values = self.measures.measure(self._measured_names(), time=self._time * self._loss_scale, twin=self.twin)
+            values = self.measures.measure(self._measured_names(), time=self._time * self._loss_scale,
+                                           twin=self._following_twin())
         except ValueError as error:  # a parameter replaced, or weights gone to NaN: one line, no traceback
             raise MisconfigurationException(f"LazyTrainingMonitor: {error}") from None
         values["displacement_per_tensor"] = {_display(k): v for k, v in values["displacement_per_tensor"].items()}
@@ -240,6 +242,9 @@ class LazyTrainingMonitor(Callback):
         if self.measures is None and self._carried is not None:
             text += (f"\n(measured by rank 0 of the processes the fit ran in; its values were logged under "
                      f"{self._carried['log_folder'] or 'no log folder: the trainer had no logger'})")
+        if self.twin is not None and self.twin.lost is not None:
+            text += (f"\n  The tangent twin stopped following the run after step {self.twin.lost_at}: {self.twin.lost}; "
+                     "divergence, tangent gap and tangent losses are not measured from then on.")
         return text
 
     # -------------------------------------------------------------------------- hooks, in lifecycle order
@@ -277,7 +282,8 @@ class LazyTrainingMonitor(Callback):
                 "LazyTrainingMonitor cannot follow LBFGS: it re-evaluates its closure several times per step. Use a "
                 "first-order optimizer, or LazyTrainingMonitor(track_tangent=False) to keep the other measures."
             )
-        self._build(pl_module, optimizer, clip=self._clipper(trainer), reduce_gradients=self._reducer(trainer))
+        self._build(pl_module, optimizer, clip=self._clipper(trainer, pl_module), reduce_gradients=self._reducer(trainer),
+                    unscale=self._unscaler(trainer), on_lost=self._twin_lost)
         self._names = {id(p): name for name, p in self._watched.named_parameters()}
         self._trained |= {self._names[id(p)] for g in optimizer.param_groups for p in g["params"]
                           if p.requires_grad and id(p) in self._names}
@@ -297,10 +303,10 @@ class LazyTrainingMonitor(Callback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         """Measure at w0 before the first batch; hand the batch to the twin and arm it for the real forward."""
-        self._check_pairing()
+        self._rewind(trainer, pl_module)
         if self.measures is None:
             self._measure_at_w0(trainer, pl_module)
-        if self.twin is None:
+        if self._following_twin() is None:
             return
         # The trainer converts inputs inside training_step (e.g. to float64 under precision="64-true").
         self._batch = self._read_batch(trainer.precision_plugin.convert_input(batch))
@@ -317,7 +323,7 @@ class LazyTrainingMonitor(Callback):
         """Back-propagate the twin's loss on the batch whose real loss is about to be back-propagated."""
         # The real loss of this batch is about to be back-propagated: so is the twin's, and only then (a batch
         # that training_step skips, or that another callback runs forward only, contributes nothing).
-        if self.twin is None or self._batch is None:
+        if self._following_twin() is None or self._batch is None:
             return
         x, y, extra = self._batch
         twin_loss = float(self.twin.accumulate(x, y, extra, weight=1.0 / trainer.accumulate_grad_batches))
@@ -331,6 +337,12 @@ class LazyTrainingMonitor(Callback):
         self._batch = None
 
     @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Remember the gradients backward produced, to compare with those the optimizer steps with."""
+        if self._following_twin() is not None:
+            self.twin.gradients_produced()
+
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Measure at the requested global steps."""
         if self._is_log_step(trainer.global_step):
@@ -339,7 +351,7 @@ class LazyTrainingMonitor(Callback):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log the epoch's tangent training loss; measure every ``every_n_epochs`` epochs."""
-        if self._twin_loss_count:
+        if self._twin_loss_count and self._following_twin() is not None:
             self._last_twin_train_loss = self._twin_loss_sum / self._twin_loss_count
             self._last_train_loss = self._real_loss_sum / self._twin_loss_count
             pl_module.log("lazy/tangent/train_loss", self._last_twin_train_loss, sync_dist=True)
@@ -422,7 +434,8 @@ class LazyTrainingMonitor(Callback):
         if trainer.state.fn != "fit" or not self._handles:
             return  # a resume, before on_fit_start: load_state_dict keeps the state for _build
         state = (checkpoint.get("callbacks") or {}).get(self.state_key)
-        self._rewind(trainer, pl_module, copy.deepcopy(state) if state else None)
+        # Applied at the next hook: the optimizer's state, which the twin's optimizer copies, is restored after this.
+        self._rewind_to = (copy.deepcopy(state) if state else None,)
         self._rewound = True
 
     @override
@@ -437,55 +450,48 @@ class LazyTrainingMonitor(Callback):
 
     # ------------------------------------------------------------------------------------------ helpers
 
+    def _twin_lost(self, cause: str, remedy: str = "Switch it off while monitoring to keep the divergence.") -> None:
+        """The twin cannot follow what the real run did (``cause``: the module, hook or optimizer; ``remedy``: what
+        the user can do): warn once, and stop logging the twin-based measures (divergence, tangent gap, tangent
+        losses); the others go on.
+
+        Never a wrong number: rather than log a divergence from a path the real run did not take, log none.
+        """
+        if self.twin is None or self.twin.lost is not None:
+            return
+        self.twin.lose(cause, self._steps, remedy)
+        self._twin_loss_sum, self._real_loss_sum, self._twin_loss_count = 0.0, 0.0, 0
+        self._last_twin_train_loss = None
+        self._warn_lost()
+
+    def _warn_lost(self) -> None:
+        rank_zero_warn(
+            f"LazyTrainingMonitor: {self.twin.lost}; lazy/divergence, lazy/tangent_gap and lazy/tangent/* are no longer "
+            f"logged from step {self.twin.lost_at}. {self.twin.lost_remedy}"
+        )
+
+    def _following_twin(self) -> TangentTwin | None:
+        """The twin while it follows the real run; ``None`` without one or once it has lost the run."""
+        return self.twin if self.twin is not None and self.twin.lost is None else None
+
+    def _check_twin(self) -> None:
+        """Ask the twin whether the real run did something it cannot follow since the last check."""
+        twin = self._following_twin()
+        if twin is None:
+            return
+        found = twin.check()
+        if found is not None:
+            self._twin_lost(*found)
+
     def _build(self, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer, **twin_options: Any) -> None:
         """Resolve the objective and the watched network, make the twin, and apply a loaded checkpoint state."""
         self._objective, self._loss_scale = resolve_objective(pl_module, self.loss, self.alpha)
         self._watched = resolve_watched(pl_module, self.model, self.output)
         if self.track_tangent:
             self.twin = TangentTwin(self._watched, optimizer, self._objective, **twin_options)
-        self._paired = _pairing(self._watched)
         loaded, self._loaded = self._loaded, None
         if loaded is not None:
             self._restore(loaded, pl_module)
-
-    def _check_pairing(self) -> None:
-        """The twin is a copy of the real network taken at fit start, paired with it parameter by parameter: when
-        parameters are re-registered or buffers added or removed since (``torch.nn.utils.prune`` and Lightning's
-        ``ModelPruning`` turn ``weight`` into ``weight_orig`` times a new ``weight_mask``), the real network computes
-        another function of its weights than the twin's linearization; the twin has lost the real run."""
-        if self._paired is None or self._watched is None:
-            return
-        params, buffers = _pairing(self._watched)
-        before_params, before_buffers = self._paired
-        if params == before_params and buffers == before_buffers:
-            return
-        self._paired = (params, buffers)
-        by_id = {v: k for k, v in params.items()}
-        renamed = [f"{_display(name)} -> {_display(by_id[i])}" for name, i in before_params.items()
-                   if i in by_id and by_id[i] != name]
-        gone = [_display(name) for name, i in before_params.items() if i not in by_id]
-        added = [_display(name) for name in sorted(set(params) - set(before_params)) if params[name] not in
-                 before_params.values()] + [_display(name) + " (buffer)" for name in sorted(buffers - before_buffers)]
-        changes = "; ".join(part for part in (
-            "renamed " + ", ".join(renamed[:3]) if renamed else "", "replaced " + ", ".join(gone[:3]) if gone else "",
-            "added " + ", ".join(added[:3]) if added else "",
-            "removed " + ", ".join(_display(n) for n in sorted(before_buffers - buffers)[:3]) if before_buffers - buffers
-            else "") if part)
-        self._twin_lost(
-            f"the watched network's parameters or buffers changed during fit ({changes}), as pruning "
-            "(torch.nn.utils.prune, ModelPruning) does: the twin, a copy taken at fit start, no longer computes the "
-            "network's function",
-            "Prune before or after monitoring (or with a mask the model applies itself from fit start) to keep the "
-            "divergence; the other measures go on.",
-        )
-
-    def _twin_lost(self, cause: str, remedy: str = "") -> None:  # TEMPORARY: replaced by issue16a's on merge
-        if self.twin is None:
-            return
-        rank_zero_warn(f"LazyTrainingMonitor: {cause}; lazy/divergence, lazy/tangent_gap and lazy/tangent/* are no "
-                       f"longer logged. {remedy}")
-        self.twin.release()
-        self.twin = None
 
     def _hand_back(self, trainer: pl.Trainer) -> None:
         """In a process the fit was spawned into (``strategy="ddp_spawn"``), rank 0 hands the history, the summary's
@@ -504,12 +510,16 @@ class LazyTrainingMonitor(Callback):
         self.history = list(self._carried["history"])
         self._log_folder = self._carried["log_folder"]
 
-    def _rewind(self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: dict[str, Any] | None) -> None:
-        """Go back to ``state`` (``None``: nothing measured yet), the monitor's part of a checkpoint restored in the
-        middle of fit. Lightning's tuners (``LearningRateFinder``, ``BatchSizeFinder``, ``Tuner``) write a
-        checkpoint, take trial steps on the real model with the callbacks swapped out (the optimizer's step hooks
-        still fire), then restore it: the twin, the step count, normalized time and the history must forget those
-        steps as the real run does. Everything is rebuilt as at fit start, from the restored weights and ``state``."""
+    def _rewind(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Go back to the monitor's part of a checkpoint restored in the middle of fit (``None``: nothing measured
+        yet), once the trainer has restored the rest. Lightning's tuners (``LearningRateFinder``,
+        ``BatchSizeFinder``, ``Tuner``) write a checkpoint, take trial steps on the real model with the callbacks
+        swapped out (the optimizer's step hooks still fire), then restore it: the twin, the step count, normalized
+        time and the history must forget those steps as the real run does. Everything is rebuilt as at fit start,
+        from the restored weights and optimizer and the saved state."""
+        if self._rewind_to is None:
+            return
+        (state,), self._rewind_to = self._rewind_to, None
         log_folder = self._log_folder
         self._release()
         self._reset_state()
@@ -543,6 +553,8 @@ class LazyTrainingMonitor(Callback):
                     "resume with LazyTrainingMonitor(track_tangent=False) or start a new run"
                 )
             self.twin.load_state_dict(state["twin"])
+            if self.twin.lost is not None:
+                self._warn_lost()
         saved = state["measures"]
         self.measures = LazinessProbe(self._watched, saved["x"].to(pl_module.device), saved["y"].to(pl_module.device),
                                       kappa_probe_size=self.kappa_probe_size, ntk_probe_size=self.ntk_probe_size,
@@ -588,13 +600,23 @@ class LazyTrainingMonitor(Callback):
         params = list(self._watched.parameters())
         return params[0].dtype if params and params[0].is_floating_point() else torch.float32
 
-    def _clipper(self, trainer: pl.Trainer) -> Callable[[list[Tensor]], Any] | None:
-        clip, algorithm = trainer.gradient_clip_val, trainer.gradient_clip_algorithm
-        if not clip:
+    def _clipper(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Callable[[torch.optim.Optimizer], Any] | None:
+        """What Lightning does to the gradients between backward and step, for any optimizer: the module's
+        ``configure_gradient_clipping`` (by default the Trainer's clipping), as Lightning calls it."""
+        from pytorch_lightning.utilities.model_helpers import is_overridden
+
+        overridden = is_overridden("configure_gradient_clipping", pl_module, pl.LightningModule)
+        if not trainer.gradient_clip_val and not overridden:
             return None
-        if str(algorithm).lower().endswith("value"):
-            return lambda params: torch.nn.utils.clip_grad_value_(params, clip)
-        return lambda params: torch.nn.utils.clip_grad_norm_(params, clip)
+        return lambda optimizer: pl_module.configure_gradient_clipping(
+            optimizer, gradient_clip_val=trainer.gradient_clip_val, gradient_clip_algorithm=trainer.gradient_clip_algorithm)
+
+    def _unscaler(self, trainer: pl.Trainer) -> Callable[[], Tensor] | None:
+        """The inverse loss scale a gradient scaler (AMP) unscales the real gradients by before the step."""
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is None or not scaler.is_enabled():
+            return None
+        return lambda: scaler._scale.double().reciprocal().float()
 
     def _reducer(self, trainer: pl.Trainer) -> Callable[[Tensor], Tensor] | None:
         if trainer.world_size <= 1:
@@ -605,7 +627,7 @@ class LazyTrainingMonitor(Callback):
         """Count the real optimizer's steps (normalized time), and let the twin follow them."""
         self._release()
         self._handles = [optimizer.register_step_post_hook(self._on_real_step)]
-        if self.twin is not None:
+        if self._following_twin() is not None:
             self.twin.follow()
 
     def _on_real_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -672,7 +694,7 @@ class LazyTrainingMonitor(Callback):
     def _measure_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, on_step: bool) -> None:
         if self.measures is None:
             return  # no training batch has run: nothing was measured at w0
-        self._check_pairing()
+        self._rewind(trainer, pl_module)
         values = self.measure(pl_module)
         per_tensor = values.pop("displacement_per_tensor")
         self._last_per_tensor = per_tensor
@@ -725,7 +747,7 @@ class LazyTrainingMonitor(Callback):
 
     def _evaluate_twin(self, trainer: pl.Trainer, batch: Any) -> None:
         """Accumulates the tangent model's loss R and accuracy on an evaluation batch."""
-        if self.twin is None:
+        if self._following_twin() is None:
             return
         x, y, extra = self._read_batch(trainer.precision_plugin.convert_input(batch))
         output = self.twin.eval_output(x)
@@ -737,7 +759,7 @@ class LazyTrainingMonitor(Callback):
             self._eval_is_classification = True
 
     def _log_twin_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.twin is None or self._eval_count == 0:
+        if self._following_twin() is None or self._eval_count == 0:
             return
         totals = torch.tensor([self._eval_loss_sum, self._eval_correct, self._eval_count], dtype=torch.float64,
                               device=pl_module.device)
@@ -754,11 +776,6 @@ class LazyTrainingMonitor(Callback):
         if self.log_steps == "log":
             return step & (step - 1) == 0
         return step in self.log_steps
-
-
-def _pairing(network: torch.nn.Module) -> tuple[dict[str, int], set[str]]:
-    """Each parameter's identity by name, and the buffer names: what pairs a copy of ``network`` with it."""
-    return {name: id(p) for name, p in network.named_parameters()}, {name for name, _ in network.named_buffers()}
 
 
 def _display(name: str) -> str:

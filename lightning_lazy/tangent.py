@@ -25,7 +25,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map
 
 from lightning_lazy._forward_ad import composite_weight_norm, forward_ad_safe
-from lightning_lazy._params import _BATCHNORM_TYPES, FrozenParams, RNGState, batchnorm_eval, functional_call
+from lightning_lazy._params import (FrozenParams, RNGState, batchnorm_eval, functional_call, keeps_running_stats,
+                                    running_stats_untouched)
 
 BATCHNORM_POLICIES = ("frozen", "batch")
 
@@ -90,7 +91,8 @@ class LinearizedModel(nn.Module):
     costs one plain forward through it, and is not differentiated. A parameter frozen at construction and
     unfrozen later starts moving from its w0. The set is saved in ``state_dict``.
 
-    BatchNorm policy (``batchnorm``), for BatchNorm layers in training mode:
+    BatchNorm policy (``batchnorm``), for BatchNorm layers in training mode (and, alike, every normalization
+    layer that keeps running statistics: InstanceNorm(track_running_stats=True), ...):
 
     - ``"frozen"`` (default): every BatchNorm layer runs in eval mode, on the running statistics the copy
       holds (those of ``module`` when it was copied, unless you overwrite them); they are never updated.
@@ -295,7 +297,7 @@ def _running_statistics_frozen(module: nn.Module) -> Iterator[None]:
 
     Inside ``torch.func.jvp`` an in-place write to a buffer is an error ("mutate a captured Tensor").
     """
-    layers = [m for m in module.modules() if isinstance(m, _BATCHNORM_TYPES) and m.training and m.track_running_stats]
+    layers = [m for m in module.modules() if keeps_running_stats(m) and m.training and m.track_running_stats]
     if layers and torch._C._functorch.maybe_current_level() is None:
         warnings.warn(
             f"LinearizedModel({type(module).__name__}): a nested LinearizedModel under a trainable head is computed "
@@ -303,13 +305,8 @@ def _running_statistics_frozen(module: nn.Module) -> Iterator[None]:
             "mode use batch statistics and keep their running statistics as they are",
             stacklevel=4,
         )
-    for m in layers:
-        m.track_running_stats = False
-    try:
+    with running_stats_untouched(layers):
         yield
-    finally:
-        for m in layers:
-            m.track_running_stats = True
 
 
 def _safe_context(module: nn.Module) -> contextlib.AbstractContextManager:
