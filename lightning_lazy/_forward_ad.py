@@ -38,6 +38,13 @@ def is_forward_ad_error(error: BaseException) -> bool:
     return isinstance(error, (NotImplementedError, RuntimeError)) and any(m in text for m in _FORWARD_AD_MARKERS)
 
 
+def _is_checkpoint_error(error: BaseException) -> bool:
+    """Whether ``error`` comes from ``torch.utils.checkpoint``'s machinery (saved-tensor hooks, its Function)."""
+    text = str(error)
+    return (type(error).__name__ == "CheckpointError" or "saved tensor hooks" in text
+            or ("CheckpointFunction" in text) or "torch.utils.checkpoint" in text)
+
+
 def _has_rnn(module: nn.Module | None) -> bool:
     return module is not None and any(isinstance(m, nn.RNNBase) for m in module.modules())
 
@@ -184,9 +191,15 @@ def forward_ad_safe(module: nn.Module | None = None, what: str = "lightning_lazy
         except ForwardADError:
             raise
         except (NotImplementedError, RuntimeError) as error:
+            failing = tracker.stack[-1] if tracker.stack else None
+            if _is_checkpoint_error(error):
+                raise ForwardADError(
+                    f"{what}: activation checkpointing (torch.utils.checkpoint) in module {_describe(module, failing)} "
+                    "could not be run as a plain call in this torch version, and its machinery cannot run inside "
+                    "forward-mode AD; switch checkpointing off while monitoring"
+                ) from None
             if not is_forward_ad_error(error):
                 raise
-            failing = tracker.stack[-1] if tracker.stack else None
             said = " ".join(str(error).split("\n")[0].split())
             raise ForwardADError(
                 f"{what}: an operation in module {_describe(module, failing)} has no forward-mode AD rule, so its "

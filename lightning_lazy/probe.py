@@ -127,8 +127,8 @@ class LazinessProbe:
         renormalizes its weight, say) marks the network as one that writes, for every later measure."""
         tensors = self._snapshot()
         versions = {name: t._version for name, t in tensors.items()}
-        with torch.no_grad(), self._measuring(), diagnostics.recording_relu_states() as states:
-            output = functional_call(self.network, tensors, (x,))
+        with torch.no_grad(), diagnostics.recording_relu_states() as states:
+            output = self._call(tensors, x)
         self._writes = self._writes or any(t._version != versions[name] for name, t in tensors.items())
         if output.dim() == 0 or output.shape[0] != len(x):
             raise ValueError(f"the measures need one output row per example; the model returned "
@@ -142,7 +142,7 @@ class LazinessProbe:
         taken now (``buffers``: buffer values to use instead, by their current names); the network's own
         tensors never enter a forward. Raises ``ValueError`` when a parameter measured at w0 is no longer in
         the network (replaced by another tensor)."""
-        network, names = self.network, self._names_now()
+        names = self._names_now()
         base = {**self._snapshot(), **(buffers or {})}
         writes = self._writes
 
@@ -150,18 +150,19 @@ class LazinessProbe:
             tensors = {**base, **{names[name]: value for name, value in params.items()}}
             if writes:  # a forward that writes into its tensors must not carry over into the next call
                 tensors = {name: value.clone() for name, value in tensors.items()}
-            with self._measuring():
-                output = functional_call(network, tensors, (x,))
-            return output.reshape(len(x), -1)
+            return self._call(tensors, x).reshape(len(x), -1)
 
         return fn
 
-    @contextlib.contextmanager
-    def _measuring(self) -> Iterator[None]:
-        """The network as the measures see it: :func:`probe_mode`, forward-AD-capable kernels, dense embeddings."""
+    def _call(self, tensors: dict[str, Tensor], x: Tensor) -> Tensor:
+        """The network on ``x`` with ``tensors`` in place of its own, as the measures see it: :func:`probe_mode`,
+        forward-AD-capable kernels, dense embeddings. Buffers that :func:`probe_mode` holds out (running statistics
+        of normalization layers that normalize by the probe's own statistics) are left out."""
         with probe_mode(self.network), forward_ad_safe(self.network, "LazyTrainingMonitor"), \
                 _dense_embeddings(self.network):
-            yield
+            present = {name for name, _ in self.network.named_parameters()}
+            present.update(name for name, _ in self.network.named_buffers())
+            return functional_call(self.network, {k: v for k, v in tensors.items() if k in present}, (x,))
 
     def _names_now(self) -> dict[str, str]:
         """``{name at w0: name now}`` for every parameter measured at w0, found by identity."""

@@ -437,3 +437,18 @@ def test_ddp_spawn_hands_the_values_back(tmp_path):
     assert monitor.summary_values()["divergence"] == monitor.history[-1]["divergence"]
     logged = (tmp_path / "runs" / "version_0" / "metrics.csv").read_text()
     assert f"{monitor.history[-1]['divergence']:.6g}"[:6] in logged
+
+
+def test_checkpointing_that_cannot_run_plainly_is_refused_in_one_line(tmp_path, monkeypatch):
+    # Where torch's checkpoint internals could not be swapped for a plain call (another torch version), the
+    # monitor refuses in one line that names checkpointing and the way out, instead of torch's traceback.
+    import contextlib
+
+    from lightning_lazy import _forward_ad
+
+    monkeypatch.setattr(_forward_ad, "plain_checkpoints", contextlib.nullcontext)
+    with pytest.raises(Exception) as error:
+        _fit(lambda: Checkpointed(False, False), False, 0.05, True, tmp_path)
+    message = str(error.value)
+    assert type(error.value).__module__.startswith("lightning_lazy") and "\n" not in message
+    assert "checkpointing" in message and "switch checkpointing off while monitoring" in message
