@@ -20,7 +20,7 @@ import warnings
 import pytest
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import BatchSizeFinder, LearningRateFinder, ModelPruning
+from pytorch_lightning.callbacks import BatchSizeFinder, LearningRateFinder
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, TensorDataset
@@ -336,7 +336,7 @@ def _measured(monitor):
 @pytest.mark.parametrize("linear", [True, False], ids=["linear", "mlp"])
 def test_activation_checkpointing_gives_the_plain_numbers(use_reentrant, linear, tmp_path):
     watched, monitor, _ = _fit(lambda: Checkpointed(linear, use_reentrant), False, 0.05, True, tmp_path / "ckpt")
-    eager, reference, _ = _fit(lambda: Checkpointed(linear, None), False, 0.05, True, tmp_path / "eager")
+    _, reference, _ = _fit(lambda: Checkpointed(linear, None), False, 0.05, True, tmp_path / "eager")
     plain, _, _ = _fit(lambda: Checkpointed(linear, use_reentrant), False, 0.05, False, tmp_path / "without")
     _same_run(watched, plain)
     for got, expected in zip(_measured(monitor), _measured(reference), strict=True):
@@ -363,6 +363,23 @@ def test_sparse_embedding_gradients_give_the_dense_numbers(net, tmp_path):
     if net is Bag:
         assert monitor.history[-1]["divergence"] <= 1e-10
     _, frozen, _ = _fit(lambda: net(sparse=True), True, 0.0, True, tmp_path / "lr0", **sgd)
+    _assert_lr0(frozen)
+
+
+class SparseAdamLit(Lit):
+    def configure_optimizers(self):
+        return torch.optim.SparseAdam([self.net.embedding.weight], lr=self.lr)
+
+
+def test_sparse_adam_is_followed(tmp_path):
+    # SparseAdam takes only sparse gradients: the twin's copy gets them too (its forward is not densified).
+    run = dict(lit=SparseAdamLit)
+    watched, monitor, _ = _fit(lambda: Bag(sparse=True), True, 0.1, True, tmp_path / "with", **run)
+    plain, _, _ = _fit(lambda: Bag(sparse=True), True, 0.1, False, tmp_path / "without", **run)
+    _same_run(watched, plain)
+    last = monitor.history[-1]
+    assert last["displacement"] > 0 and last["divergence"] <= 1e-10 and last["tangent_gap"] <= 1e-7
+    _, frozen, _ = _fit(lambda: Bag(sparse=True), True, 0.0, True, tmp_path / "lr0", **run)
     _assert_lr0(frozen)
 
 
