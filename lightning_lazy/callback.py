@@ -27,7 +27,7 @@ from typing_extensions import override
 from lightning_lazy.objective import WatchLike, resolve_objective, resolve_watched
 from lightning_lazy.probe import LazinessProbe
 from lightning_lazy.scaling import LossLike, check_alpha, resolve_loss
-from lightning_lazy.twin import OutputSelector, TangentTwin, Watched
+from lightning_lazy.twin import OutputSelector, TangentTwin, TwinError, Watched
 
 BatchToXY = Callable[[Any], tuple]
 
@@ -94,6 +94,12 @@ class LazyTrainingMonitor(Callback):
     with dropout off and each BatchNorm that trains normalizing by the probe's own batch statistics (as in
     training; running statistics, which drift even when the weights do not, do not enter). BatchNorm layers
     kept in eval mode use their running statistics.
+
+    Never a wrong number: where the run does something the twin cannot replay (weights written outside the
+    optimizer's step, a module re-parametrized mid-fit, gradients edited between backward and step other than by
+    ``configure_gradient_clipping`` through ``self.clip_gradients``, a gradient hook on a parameter, dropout in
+    compiled code), the monitor warns once, naming the cause and the way out, stops logging ``divergence``,
+    ``tangent_gap`` and ``tangent/*`` from then on, and says so in :meth:`summary`; the other measures go on.
     """
 
     def __init__(
@@ -326,7 +332,10 @@ class LazyTrainingMonitor(Callback):
         if self._following_twin() is None or self._batch is None:
             return
         x, y, extra = self._batch
-        twin_loss = float(self.twin.accumulate(x, y, extra, weight=1.0 / trainer.accumulate_grad_batches))
+        try:
+            twin_loss = float(self.twin.accumulate(x, y, extra, weight=1.0 / trainer.accumulate_grad_batches))
+        except TwinError as error:  # the twin's backward reached a real gradient: refuse before it changes the run
+            raise MisconfigurationException(f"LazyTrainingMonitor: {error} (track_tangent=False)") from None
         real_loss = self._real_loss(trainer, loss)
         self._twin_loss_sum += twin_loss / self._loss_scale
         self._real_loss_sum += real_loss / self._loss_scale
@@ -488,7 +497,10 @@ class LazyTrainingMonitor(Callback):
         self._objective, self._loss_scale = resolve_objective(pl_module, self.loss, self.alpha)
         self._watched = resolve_watched(pl_module, self.model, self.output)
         if self.track_tangent:
-            self.twin = TangentTwin(self._watched, optimizer, self._objective, **twin_options)
+            try:
+                self.twin = TangentTwin(self._watched, optimizer, self._objective, **twin_options)
+            except TwinError as error:  # an optimizer it cannot copy: one line, naming it
+                raise MisconfigurationException(f"LazyTrainingMonitor: {error} (track_tangent=False)") from None
         loaded, self._loaded = self._loaded, None
         if loaded is not None:
             self._restore(loaded, pl_module)
@@ -603,9 +615,9 @@ class LazyTrainingMonitor(Callback):
     def _clipper(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Callable[[torch.optim.Optimizer], Any] | None:
         """What Lightning does to the gradients between backward and step, for any optimizer: the module's
         ``configure_gradient_clipping`` (by default the Trainer's clipping), as Lightning calls it."""
-        from pytorch_lightning.utilities.model_helpers import is_overridden
-
-        overridden = is_overridden("configure_gradient_clipping", pl_module, pl.LightningModule)
+        # By name: the module may come from lightning.pytorch or pytorch_lightning.
+        overridden = (type(pl_module).configure_gradient_clipping.__qualname__
+                      != "LightningModule.configure_gradient_clipping")
         if not trainer.gradient_clip_val and not overridden:
             return None
         return lambda optimizer: pl_module.configure_gradient_clipping(

@@ -101,9 +101,14 @@ class Watched(nn.Module):
 
 
 def _eager() -> contextlib.AbstractContextManager:
-    if torch.compiler.is_compiling():
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    if set_stance is None or torch.compiler.is_compiling():
         return contextlib.nullcontext()
-    return torch.compiler.set_stance("force_eager")
+    return set_stance("force_eager")
+
+
+class TwinError(ValueError):
+    """The twin cannot be made for this run, or would change it: the message names the cause and the way out."""
 
 
 class TangentTwin:
@@ -172,6 +177,7 @@ class TangentTwin:
         self._twin_param_of = {id(p): t for p, t in self._param_pairs}
         self._twin_params = dict(self.model.module.named_parameters())
         self._layout = {id(m): _layout(m) for m, _ in self._module_pairs}
+        self._compiled_randomness = _compiled_randomness(real)
         self._real_optimizer = optimizer
         self.optimizer = self._copy_optimizer(optimizer)
         self._rng: RNGState | None = None
@@ -179,8 +185,8 @@ class TangentTwin:
         self._handles: list[Any] = []
         self._patched: list[tuple[Any, str, Any]] = []  # (object, attribute, previous value or _ABSENT)
         self._versions: list[int] = []
-        self._produced: list[Tensor | None] | None = None
-        self._stepping = False
+        self._fingerprint: list[float | None] = []
+        self._produced: dict[str, Any] | None = None
         self.steps = 0
         # Why the twin stopped following the real run (None while it follows), and after how many real steps.
         self.lost: str | None = None
@@ -197,7 +203,7 @@ class TangentTwin:
         try:
             copied = _copy_optimizer(optimizer, memo)
         except Exception as error:  # noqa: BLE001 - any optimizer: say which one could not be copied, and why
-            raise ValueError(
+            raise TwinError(
                 f"the tangent twin needs a copy of the optimizer {type(optimizer).__name__}, and it cannot be deep-copied "
                 f"({type(error).__name__}: {error}); use a copyable optimizer or switch the twin off"
             ) from None
@@ -251,9 +257,10 @@ class TangentTwin:
         self._handles = [
             optimizer.register_step_pre_hook(self._before_real_step),
             optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step(opt)),
-            # On the network itself, not its Watched wrapper: training_step calls the network.
-            network.register_forward_pre_hook(self._before_real_forward),
-            network.register_forward_hook(self._after_real_forward),
+            # On the network itself, not its Watched wrapper: training_step calls the network. Run eagerly even
+            # inside a compiled training_step: they read version counters and the RNG state, now, every time.
+            network.register_forward_pre_hook(torch.compiler.disable(self._before_real_forward)),
+            network.register_forward_hook(torch.compiler.disable(self._after_real_forward)),
         ]
         self._record_versions()
 
@@ -305,7 +312,7 @@ class TangentTwin:
     def _before_real_forward(self, _module: nn.Module, _args: Any) -> None:
         if self.lost is not None or not torch.is_grad_enabled():
             return
-        self._check_now("between the optimizer's steps (a hook or callback)")
+        self._check_now(_BETWEEN_STEPS)
         if self._armed:
             self._rng = RNGState(self.real)
             self._armed = False
@@ -317,12 +324,13 @@ class TangentTwin:
     def _before_real_step(self, optimizer: Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self.lost is not None:
             return None
-        self._check_now("between the optimizer's steps (a hook or callback)")
+        # args[0] is the optimizer itself (torch passes step's self through its hooks).
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        # Without a closure the forward and backward have run: compare the weights' values too.
+        self._check_now(_BETWEEN_STEPS, values=closure is None)
         if self.lost is not None:
             return None
         self._mirror_groups(optimizer)  # before the step: optimizers that keep state in their groups update it
-        # args[0] is the optimizer itself (torch passes step's self through its hooks).
-        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         if closure is None:
             self._check_gradients()  # the gradients are final (a gradient scaler steps after the closure ran)
             return None
@@ -331,7 +339,7 @@ class TangentTwin:
         def checked() -> Any:
             result = closure()
             if self.lost is None:
-                self._check_now("outside the optimizer's update (in zero_grad, the forward or the backward)")
+                self._check_now("outside the optimizer's update (in zero_grad, the forward or the backward)", values=True)
             if self.lost is None:
                 self._check_gradients()
             return result
@@ -343,7 +351,21 @@ class TangentTwin:
     # ------------------------------------------------------------------------------ what it cannot follow
 
     def _record_versions(self) -> None:
+        """Take the real weights now as those the twin follows: their version counters, and a fingerprint of their
+        values (writes through ``.data`` do not move version counters)."""
         self._versions = [real._version for real, _ in self._param_pairs]
+        self._fingerprint = self._fingerprints()
+
+    def _fingerprints(self) -> list[float | None]:
+        """The 2-norm of every real parameter (one fused reduction): a write that changes values changes it, a
+        swap that puts the same values back (weight averaging's around validation) does not."""
+        return _norms([real if real.is_floating_point() else None for real, _ in self._param_pairs])
+
+    def accept_writes(self) -> None:
+        """The real weights as they are now were written by something the twin has followed otherwise (e.g. the
+        real run restored a checkpoint and the twin restored its own state alike): take them as the reference for
+        :meth:`check`, instead of reporting the writes."""
+        self._record_versions()
 
     def check(self) -> tuple[str, str] | None:
         """``(cause, remedy)`` when the real run did something the twin cannot follow since the last check,
@@ -351,10 +373,11 @@ class TangentTwin:
         module's tensors re-registered under other names."""
         if self.lost is not None:
             return None
-        return self._layout_changed() or self._written("outside the optimizer's step()")
+        return (self._compiled_randomness or self._layout_changed()
+                or self._written("outside the optimizer's step()", values=True))
 
-    def _check_now(self, where: str) -> None:
-        found = self._layout_changed() or self._written(where)
+    def _check_now(self, where: str, values: bool = False) -> None:
+        found = self._compiled_randomness or self._layout_changed() or self._written(where, values)
         if found is not None:
             self._report(*found)
 
@@ -363,15 +386,23 @@ class TangentTwin:
             self.on_lost(cause, remedy)
         self.lose(cause, self.steps, remedy)  # whatever on_lost did, the twin no longer follows
 
-    def _written(self, where: str) -> tuple[str, str] | None:
+    def _written(self, where: str, values: bool = False) -> tuple[str, str] | None:
+        """A real weight whose values changed since the reference (:meth:`_record_versions`). Looked at when a
+        version counter moved, and always with ``values`` (a write through ``.data`` moves none); a write that put
+        the same values back (a swap for validation and back) is accepted."""
         if not self._versions:
             return None
-        for (real, _), version in zip(self._param_pairs, self._versions):
-            if real._version != version:
-                return (f"the weight {self._describe(real)} was written {where}, which the tangent twin cannot replay",
-                        "Write weights only through the optimizer's step() (or optimizer.train()/eval()) while monitoring, "
-                        "or use an optimizer whose step() runs torch's step hooks.")
-        return None
+        moved = any(real._version != version for (real, _), version in zip(self._param_pairs, self._versions))
+        if not moved and not values:
+            return None
+        changed = next((real for (real, _), a, b in zip(self._param_pairs, self._fingerprints(), self._fingerprint)
+                        if a != b), None)
+        if changed is None:
+            self._versions = [real._version for real, _ in self._param_pairs]  # the same values: nothing to follow
+            return None
+        return (f"the weight {self._describe(changed)} was written {where}, which the tangent twin cannot replay",
+                "Write weights only through the optimizer's step() (or optimizer.train()/eval()) while monitoring, "
+                "or use an optimizer whose step() runs torch's step hooks.")
 
     def _layout_changed(self) -> tuple[str, str] | None:
         for real, _ in self._module_pairs:
@@ -394,14 +425,24 @@ class TangentTwin:
 
     def gradients_produced(self) -> None:
         """The real backward has just run: remember the gradients it produced (with any accumulated before), to
-        compare with those the real optimizer steps with."""
-        if self.lost is None:
-            self._produced = [None if real.grad is None else real.grad.detach().clone() for real, _ in self._param_pairs]
+        compare with those the real optimizer steps with: each tensor's identity, version and norm; and a copy of
+        the values when the real run transforms them before the step (clipping, unscaling), to replay that."""
+        if self.lost is not None:
+            return
+        grads = [real.grad for real, _ in self._param_pairs]
+        self._produced = {
+            "identity": [None if g is None else (id(g), g._version) for g in grads],
+            "norms": _norms(grads),
+            "values": ([None if g is None else g.detach().clone() for g in grads]
+                       if self.clip is not None or self.unscale is not None else None),
+        }
 
     def _check_gradients(self) -> None:
         """The real optimizer is about to step: its gradients must be those backward produced, transformed as the
-        twin replays (``unscale``, ``clip``). Gradient hooks on parameters (``Tensor.register_hook``) edit them
-        inside backward, where nothing can compare: they are reported as found."""
+        twin replays (``unscale``, ``clip``), compared tensor by tensor: untransformed, the same tensors, unwritten
+        (version counters) and of the same norm (a write through ``.data``); transformed, of the norm the replay on
+        the produced values gives. Gradient hooks on parameters (``Tensor.register_hook``) edit them inside
+        backward, where nothing can compare: they are reported as found."""
         for real, _ in self._param_pairs:
             if getattr(real, "_backward_hooks", None):
                 self._report(f"the parameter {self._describe(real)} has a gradient hook (Tensor.register_hook), which "
@@ -411,34 +452,38 @@ class TangentTwin:
         produced, self._produced = self._produced, None
         if produced is None:
             return  # no backward since the last step (training_step returned None): nothing to compare
-        pairs = [(real, grad) for (real, _), grad in zip(self._param_pairs, produced)
-                 if grad is not None and real.grad is not None]
-        if not pairs:
-            return
-        expected = [grad for _, grad in pairs]
-        if self.unscale is not None:
-            inverse = self.unscale()
-            for grad in expected:
-                grad.mul_(inverse)
-        if self.clip is not None:
-            proxies = [torch.zeros_like(grad) for grad in expected]
-            for proxy, grad in zip(proxies, expected):
-                proxy.grad = grad
-            with self._real_gradients_hidden():
-                self.clip(_ProxyOptimizer(proxies))
-            expected = [proxy.grad for proxy in proxies]
-        for (real, _), grad in zip(pairs, expected):
-            tolerance = 1e3 * torch.finfo(grad.dtype).eps if grad.is_floating_point() else 0.0
-            now = real.grad.to_dense() if real.grad.is_sparse else real.grad  # sparse (Embedding(sparse=True)):
-            grad = grad.to_dense() if grad.is_sparse else grad  # compared dense, duplicates summed
-            if not torch.allclose(now, grad, rtol=tolerance, atol=tolerance * float(grad.abs().max())):
-                self._report(f"the gradient of {self._describe(real)} was changed between backward and the optimizer's "
-                             "step (an on_after_backward / on_before_optimizer_step edit, a configure_gradient_clipping "
-                             "that does not clip through self.clip_gradients, or another callback), which the tangent "
-                             "twin cannot replay",
-                             "Clip through Trainer(gradient_clip_val=...) or self.clip_gradients(optimizer, ...) in "
-                             "configure_gradient_clipping, and leave the gradients as they are otherwise.")
-                return
+        reals = [real for real, _ in self._param_pairs]
+        now = [real.grad for real in reals]
+        if produced["values"] is None:
+            identity = [None if g is None else (id(g), g._version) for g in now]
+            changed = [real for real, a, b in zip(reals, identity, produced["identity"]) if a != b]
+            changed += [real for real, a, b in zip(reals, _norms(now), produced["norms"]) if a != b]
+        else:
+            expected = produced["values"]
+            kept = [i for i, (a, b) in enumerate(zip(expected, now)) if a is not None and b is not None]
+            expected = [expected[i] for i in kept]
+            if self.unscale is not None and expected:
+                torch._foreach_mul_(expected, self.unscale())
+            if self.clip is not None and expected:
+                proxies = [torch.zeros_like(grad) for grad in expected]
+                for proxy, grad in zip(proxies, expected):
+                    proxy.grad = grad
+                with self._real_gradients_hidden():
+                    self.clip(_ProxyOptimizer(proxies))
+                expected = [proxy.grad for proxy in proxies]
+            changed = []
+            for i, a, b in zip(kept, _norms(expected), _norms([now[i] for i in kept])):
+                # The same routine on the same numbers: round-off at most (half precision capped at 1 %).
+                tolerance = min(1e3 * torch.finfo(now[i].dtype).eps, 1e-2) if now[i].is_floating_point() else 0.0
+                if abs(a - b) > tolerance * max(abs(a), abs(b)) + 1e-30:
+                    changed.append(reals[i])
+        if changed:
+            self._report(f"the gradient of {self._describe(changed[0])} was changed between backward and the optimizer's "
+                         "step (an on_after_backward / on_before_optimizer_step edit, a configure_gradient_clipping "
+                         "that does not clip through self.clip_gradients, or another callback), which the tangent "
+                         "twin cannot replay",
+                         "Clip through Trainer(gradient_clip_val=...) or self.clip_gradients(optimizer, ...) in "
+                         "configure_gradient_clipping, and leave the gradients as they are otherwise.")
 
     @contextlib.contextmanager
     def _real_gradients_hidden(self) -> Iterator[None]:
@@ -484,7 +529,7 @@ class TangentTwin:
         """Back-propagate ``weight · objective(twin(x), y, **extra)`` into the twin's gradients; returns the
         (unweighted, detached) objective. The forward replays the real forward's random numbers.
 
-        Raises ``ValueError`` when that backward reached a real parameter's gradient: the twin would share a
+        Raises :class:`TwinError` when that backward reached a real parameter's gradient: the twin would share a
         tensor with the network (a copy it could not make) and change the real run.
         """
         context = self._rng.replay() if self._rng is not None else contextlib.nullcontext()
@@ -496,7 +541,7 @@ class TangentTwin:
         self._armed = False
         for (real, _), state in zip(self._param_pairs, before):
             if _grad_state(real) != state:
-                raise ValueError(
+                raise TwinError(
                     f"the tangent twin's backward changed the real gradient of {self._describe(real)}: the twin shares a "
                     "tensor with the network (through an attribute a copy cannot reach, such as a closure), so it would "
                     "change your training; keep such tensors in sub-modules or parameters, or switch the twin off"
@@ -594,6 +639,8 @@ class _ProxyOptimizer(torch.optim.SGD):
 
 
 _ABSENT = object()
+_BETWEEN_STEPS = ("between the optimizer's steps (by a hook, a callback, or a step() whose step hooks did not run, "
+                  "such as an inner optimizer stepped directly)")
 
 
 def _copied(value: Any) -> Any:
@@ -602,6 +649,20 @@ def _copied(value: Any) -> Any:
     if isinstance(value, (list, dict, set)):
         return copy.deepcopy(value)
     return value
+
+
+def _norms(tensors: list[Tensor | None]) -> list[float | None]:
+    """The 2-norm of each tensor (``None`` for ``None``), in one fused reduction and one transfer."""
+    present = [t.detach() for t in tensors if t is not None]
+    if not present:
+        return [None] * len(tensors)
+    with torch.no_grad():
+        norms = torch._foreach_norm(present)
+        try:
+            values = iter(torch.stack([n.double() for n in norms]).tolist())
+        except RuntimeError:  # tensors on several devices
+            values = iter([float(n) for n in norms])
+    return [None if t is None else next(values) for t in tensors]
 
 
 def _grad_state(tensor: Tensor) -> tuple[int, int] | None:
@@ -643,6 +704,27 @@ def _copy_optimizer(optimizer: Optimizer, memo: dict[int, Any]) -> Optimizer:
     return copied
 
 
+def _compiled_randomness(module: nn.Module) -> tuple[str, str] | None:
+    """``(cause, remedy)`` when ``module`` runs compiled code that draws random numbers (dropout): inductor draws
+    its own, so the twin (eager) cannot replay the real forward's masks; ``None`` otherwise."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    compiled = [m for m in module.modules() if isinstance(m, OptimizedModule) or vars(m).get("_compiler_ctx")]
+    dropout = [m for c in compiled for m in c.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
+    if not dropout:
+        return None
+    try:
+        from torch._inductor import config
+    except ImportError:  # pragma: no cover - inductor ships with torch
+        return None
+    if config.fallback_random:
+        return None  # inductor then draws eager's random numbers
+    return (f"the compiled {type(compiled[0]).__name__} applies {type(dropout[0]).__name__}, and compiled code draws "
+            "its own random numbers, so the tangent twin cannot replay its masks",
+            "Set torch._inductor.config.fallback_random = True before fitting (compiled code then draws eager's "
+            "random numbers), or monitor the module uncompiled.")
+
+
 def _eager_copy(module: nn.Module) -> tuple[nn.Module, dict[int, Any]]:
     """A deep copy of ``module`` that runs eagerly, and ``{id(original tensor or module): its copy}``.
 
@@ -673,4 +755,4 @@ def _eager_copy(module: nn.Module) -> tuple[nn.Module, dict[int, Any]]:
     return copied, memo
 
 
-__all__ = ["TangentTwin", "Watched", "select_output"]
+__all__ = ["TangentTwin", "TwinError", "Watched", "select_output"]

@@ -65,6 +65,10 @@ class Module(pl.LightningModule):
         x, y = batch
         return 0.5 * (self(x) - y).pow(2).sum(1).mean()
 
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", 0.5 * (self(x) - y).pow(2).sum(1).mean())
+
     def configure_optimizers(self):
         return self.make_optimizer([p for p in self.parameters() if p.requires_grad], self.lr)
 
@@ -84,13 +88,15 @@ def fit(module: pl.LightningModule, monitored: bool, tmp_path, *, epochs: int = 
     loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True)
     monitor = (LazyTrainingMonitor("mse", probe=(x[:16], y[:16]), kappa_probe_size=4, ntk_probe_size=4, figure=False)
                if monitored else None)
+    callbacks = callbacks() if callable(callbacks) else callbacks  # a factory: fresh callbacks for every fit
     options = dict(max_epochs=epochs, callbacks=[*([monitor] if monitor else []), *callbacks], accelerator="cpu",
                    devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                    enable_model_summary=False, default_root_dir=str(tmp_path), precision="64-true")
     options.update(trainer_options)
+    val = options.pop("val_dataloaders", None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        pl.Trainer(**options).fit(torch.compile(module) if compiled else module, loader)
+        pl.Trainer(**options).fit(torch.compile(module) if compiled else module, loader, val)
     return monitor, [str(w.message) for w in caught if "LazyTrainingMonitor" in str(w.message)]
 
 
@@ -145,26 +151,38 @@ def assert_reported(monitor, said, cause: str):
 class Compiled(Module):
     """The network compiled as a sub-module (``self.net = torch.compile(net)``)."""
 
-    def __init__(self, compile_net: bool, **kwargs) -> None:
-        super().__init__("linear", **kwargs)
+    def __init__(self, net: str, compile_net: bool, **kwargs) -> None:
+        super().__init__(net, **kwargs)
         if compile_net:
             self.net = torch.compile(self.net)
 
 
-def test_a_compiled_module_gives_the_eager_numbers_and_leaves_the_real_run_untouched(tmp_path):
-    # trainer.fit(torch.compile(module)), as Lightning documents it, and a compiled sub-module: each against the
-    # same model run eagerly. The real weights are those of the eager run (to float tolerance: compiled kernels
-    # round differently), not those of a run at twice the learning rate.
-    eager = Compiled(False)
+@pytest.mark.parametrize("how,net", [("whole", "linear"), ("sub", "mlp")])
+def test_a_compiled_module_gives_the_eager_numbers_and_leaves_the_real_run_untouched(how, net, tmp_path):
+    # trainer.fit(torch.compile(module)), as Lightning documents it, and a compiled sub-module, each against the
+    # same model run eagerly (one compiled fit each: inductor takes most of the time). The real weights are those
+    # of the eager run (to float tolerance: compiled kernels round differently), not those of a run at twice the
+    # learning rate; the measures are the eager run's.
+    eager = Compiled(net, False)
     eager_monitor, _ = fit(eager, True, tmp_path / "eager")
-    for name, module, options in (("whole", Compiled(False), {"compiled": True}), ("sub", Compiled(True), {})):
-        monitor, said = fit(module, True, tmp_path / name, **options)
-        assert_followed(monitor, said, linear=True)
-        real = weights(module)
-        for (key, a), b in zip(weights(eager).items(), real.values()):
-            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=f"{name}: {key} differs from the eager run")
-        for key in ("divergence", "tangent_gap", "displacement", "ntk_distance"):
-            assert monitor.history[-1][key] == pytest.approx(eager_monitor.history[-1][key], rel=1e-6, abs=1e-10), key
+    module = Compiled(net, how == "sub")
+    monitor, said = fit(module, True, tmp_path / how, compiled=how == "whole")
+    assert_followed(monitor, said, linear=net == "linear")
+    for (key, a), b in zip(weights(eager).items(), weights(module).values()):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=f"{key} differs from the eager run")
+    for key in ("divergence", "tangent_gap", "displacement", "ntk_distance", "kappa"):
+        assert monitor.history[-1][key] == pytest.approx(eager_monitor.history[-1][key], rel=1e-6, abs=1e-10), key
+
+
+def test_compiled_dropout_is_reported():
+    # Inductor draws its own random numbers: the twin cannot replay a compiled forward's dropout masks. (Nothing is
+    # compiled here: the twin is built and checked, never run.)
+    net = torch.compile(nn.Sequential(nn.Linear(D, 8), nn.Dropout(0.2), nn.Linear(8, K)))
+    twin = TangentTwin(Watched(net), torch.optim.SGD(net.parameters(), lr=0.1), lambda out, y: out.sum())
+    cause, remedy = twin.check()
+    assert "compiled OptimizedModule applies Dropout" in cause and "fallback_random" in remedy
+    plain = nn.Sequential(nn.Linear(D, 8), nn.Dropout(0.2), nn.Linear(8, K))
+    assert TangentTwin(Watched(plain), torch.optim.SGD(plain.parameters(), lr=0.1), lambda out, y: out.sum()).check() is None
 
 
 class Closure(nn.Module):
@@ -183,8 +201,33 @@ class Closure(nn.Module):
 def test_a_twin_whose_backward_would_reach_the_real_gradients_is_refused(tmp_path):
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-    module = Module(Closure)
-    with pytest.raises((ValueError, MisconfigurationException), match="shares a tensor with the network") as info:
+    module, plain = Module(Closure), Module(Closure)
+    before = weights(module)
+    with pytest.raises(MisconfigurationException, match="LazyTrainingMonitor: .*shares a tensor with the network") as info:
+        fit(module, True, tmp_path)
+    assert "\n" not in str(info.value) and "'net.head.weight' (Linear)" in str(info.value)
+    # Refused at the first batch, before the real optimizer stepped: the real weights never moved.
+    for key, value in before.items():
+        assert torch.equal(weights(module)[key], value), key
+    fit(plain, False, tmp_path / "without")  # the same model trains without the monitor
+
+
+class Uncopyable(torch.optim.SGD):
+    """An optimizer holding an object that cannot be deep-copied (a lock)."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, lr=lr)
+        import threading
+
+        self.lock = threading.Lock()
+
+
+def test_an_optimizer_that_cannot_be_copied_is_refused_in_one_line(tmp_path):
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+    module = Module("linear", optimizer=lambda params, lr: Uncopyable(params, lr))
+    with pytest.raises(MisconfigurationException, match="LazyTrainingMonitor: .*optimizer Uncopyable.*switch the twin off"
+                       ) as info:
         fit(module, True, tmp_path)
     assert "\n" not in str(info.value)
 
@@ -278,6 +321,24 @@ def test_an_optimizer_that_moves_weights_outside_its_step_is_reported(net, tmp_p
     assert "'net.1.weight' (Linear)" in monitor.twin.lost or "'net.0.weight' (Linear)" in monitor.twin.lost
 
 
+class StepsTheInnerOptimizer(Module):
+    """Steps the base optimizer inside Lookahead itself (an optimizer_step override): no step of the optimizer
+    Lightning holds is seen, and the weights move."""
+
+    def __init__(self, net: str, **kwargs) -> None:
+        super().__init__(net, optimizer=_lookahead, **kwargs)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        optimizer.optimizer._base_optimizer.step(closure=optimizer_closure)
+
+
+@pytest.mark.parametrize("net", ["linear", "mlp"])
+def test_a_step_that_bypasses_the_optimizer_s_hooks_is_reported(net, tmp_path):
+    monitor, said = assert_same_run(lambda: StepsTheInnerOptimizer(net), tmp_path)
+    assert_reported(monitor, said, "was written between the optimizer's steps")
+    assert "step() whose step hooks did not run" in monitor.twin.lost
+
+
 # ------------------------------------------------------------------------- gradients between backward and step
 
 
@@ -309,6 +370,8 @@ class EditsGradients(Module):
     def on_after_backward(self):
         if self.where == "on_after_backward":
             self._halve()
+        if self.where == "grad.data":  # through .data: no version counter moves
+            self.net[-1].weight.grad.data.mul_(0.5)
 
     def on_before_optimizer_step(self, optimizer):
         if self.where == "on_before_optimizer_step":
@@ -332,7 +395,7 @@ def test_trainer_clipping_with_amp_style_scaling_stays_followed(net, tmp_path):
 
 
 @pytest.mark.parametrize("where", ["configure_gradient_clipping", "on_after_backward", "on_before_optimizer_step",
-                                   "register_hook"])
+                                   "grad.data", "register_hook"])
 @pytest.mark.parametrize("net", ["linear", "mlp"])
 def test_gradients_changed_between_backward_and_step_are_reported(where, net, tmp_path):
     if where == "configure_gradient_clipping":
@@ -350,18 +413,42 @@ def test_gradients_changed_between_backward_and_step_are_reported(where, net, tm
 
 
 class Shrinks(Module):
-    """A hook that shrinks a weight in place after each batch (weight decay written by hand)."""
+    """A hook that shrinks a weight in place after each batch (weight decay written by hand), in place under
+    no_grad or through ``.data`` (which moves no version counter)."""
+
+    def __init__(self, net: str, through_data: bool = False, **kwargs) -> None:
+        super().__init__(net, **kwargs)
+        self.through_data = through_data
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.through_data:
+            self.net[-1].weight.data.mul_(0.99)
+            return
         with torch.no_grad():
             self.net[-1].weight.mul_(0.99)
 
 
+@pytest.mark.parametrize("through_data", [False, True], ids=["no_grad", "data"])
 @pytest.mark.parametrize("net", ["linear", "mlp"])
-def test_weights_written_by_a_hook_are_reported(net, tmp_path):
-    monitor, said = assert_same_run(lambda: Shrinks(net), tmp_path)
-    assert_reported(monitor, said, "was written between the optimizer's steps")
+def test_weights_written_by_a_hook_are_reported(net, through_data, tmp_path):
+    monitor, said = assert_same_run(lambda: Shrinks(net, through_data), tmp_path)
+    where = "outside the optimizer's update" if through_data else "was written between the optimizer's steps"
+    assert_reported(monitor, said, where)
+    assert f"'net.{len(monitor._watched.inner.net) - 1}.weight' (Linear)" in monitor.twin.lost
     assert monitor.twin.lost_at == 1
+
+
+@pytest.mark.parametrize("net", ["linear", "mlp"])
+def test_weights_swapped_for_validation_and_back_are_followed(net, tmp_path):
+    # Lightning's EMAWeightAveraging swaps the averaged weights in for validation (through .data) and back after:
+    # the values the optimizer steps from are its own, so the twin follows.
+    from pytorch_lightning.callbacks import EMAWeightAveraging
+
+    x, y = data(2)
+    val = DataLoader(TensorDataset(x[:8], y[:8]), batch_size=8)
+    options = dict(callbacks=lambda: (EMAWeightAveraging(decay=0.5),), val_dataloaders=val)
+    monitor, said = assert_same_run(lambda: Module(net), tmp_path, **options)
+    assert_followed(monitor, said, linear=net == "linear")
 
 
 def test_weights_written_by_the_network_s_own_forward_are_reported():
