@@ -13,7 +13,7 @@ import math
 import os
 import tempfile
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -24,9 +24,10 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_lazy._inputs import as_inputs, inputs_to, num_examples
 from lightning_lazy.objective import WatchLike, resolve_objective, resolve_watched
-from lightning_lazy.probe import LazinessProbe
-from lightning_lazy.scaling import LossLike, check_alpha, resolve_loss
+from lightning_lazy.probe import NTK_OUTPUTS, LazinessProbe, NtkOutputs
+from lightning_lazy.scaling import IGNORE_INDEX, LossLike, check_alpha, resolve_loss
 from lightning_lazy.twin import OutputSelector, TangentTwin, TwinError, Watched
 
 BatchToXY = Callable[[Any], tuple]
@@ -34,10 +35,19 @@ BatchToXY = Callable[[Any], tuple]
 _PREFIX = "inner."  # parameter names of the watched network inside its ``Watched`` wrapper
 
 
-def default_batch_to_xy(batch: Any) -> tuple[Tensor, Tensor]:
-    """Reads a batch as ``(x, y)`` (a tuple, a list, or a dict with keys ``"x"`` and ``"y"``)."""
-    if isinstance(batch, dict) and "x" in batch and "y" in batch:
+def default_batch_to_xy(batch: Any) -> tuple[Any, Tensor]:
+    """Reads a batch as ``(x, y)``: a tuple, a list, a dict with keys ``"x"`` and ``"y"``, or a Hugging Face batch.
+
+    A Hugging Face batch is a mapping (``dict``, ``BatchEncoding``) with ``"labels"``: y is the labels (−100 at the
+    positions the loss ignores, which every measure then ignores too) and x the dict of the other model inputs
+    (``input_ids``, ``attention_mask``, ...), with which the watched model is called as ``model(**x)``. The labels
+    are read as the targets of the logits at the same positions: a causal LM's labels shifted by one (the next
+    tokens), as the loss the monitor is given sees them (Hugging Face models shift them inside their own loss).
+    """
+    if isinstance(batch, Mapping) and "x" in batch and "y" in batch:
         return batch["x"], batch["y"]
+    if isinstance(batch, Mapping) and "labels" in batch and isinstance(batch["labels"], Tensor):
+        return {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
     if isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, Tensor) for t in batch):
         return batch[0], batch[1]
     described = type(batch).__name__ + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
@@ -69,17 +79,25 @@ class LazyTrainingMonitor(Callback):
         model: what to watch: ``None`` (the LightningModule's ``forward``), an attribute path of a
             sub-module (``"model"``, ``"net.backbone"``), or ``callable(pl_module, x) -> output``.
         output: which part of the output is the model output, when it is not a tensor: a key, an attribute
-            (``"logits"``) or ``callable(output) -> Tensor``.
-        probe: fixed probe inputs ``x`` or ``(x, y)``; default ``probe_size`` examples drawn once, with a
-            private generator, from the train set.
+            (``"logits"``) or ``callable(output) -> Tensor``; default the output itself, or its ``logits`` (a
+            Hugging Face ``ModelOutput``).
+        probe: fixed probe inputs ``x`` or ``(x, y)`` (``x`` a tensor or a dict of tensors, ``y`` with −100 at
+            positions to ignore), or a Hugging Face batch with ``labels``; default ``probe_size`` examples drawn once,
+            with a private generator, from the train set.
         probe_size: examples in the default probe (divergence, activation stability).
         kappa_probe_size: the first examples of the probe used for κ, ‖Dh‖, ‖D²h‖.
         ntk_probe_size: the first examples of the probe used for the empirical NTK.
+        ntk_outputs: which outputs the empirical NTK is taken of: ``"auto"`` (default; for token logits
+            ``[N, T, V]`` with class targets, ``"labels"``), ``"all"``, ``"labels"`` (each kept position's
+            target-class logit, as Malladi et al. 2023) or ``callable(output, y) -> [N, K']``; see
+            :class:`~lightning_lazy.probe.LazinessProbe`. A kernel over the memory budget is refused at fit start.
         every_n_epochs: measure at the end of every n-th training epoch.
         log_steps: also measure after these global steps: a list, or ``"log"`` for 1, 2, 4, 8, ...
         track_tangent: keep the linearized twin (divergence, tangent gap, tangent losses); ``False`` keeps
             the other measures and costs no training time.
-        batch_to_xy: ``batch -> (x, y)`` or ``(x, y, extra)`` for batches that are not ``(x, y)``.
+        batch_to_xy: ``batch -> (x, y)`` or ``(x, y, extra)`` for batches that are not ``(x, y)``, a dict with
+            ``"x"``/``"y"`` or a Hugging Face batch (read by :func:`default_batch_to_xy`: x the named inputs, with
+            which the model is called as ``model(**x)``, y the ``labels``).
         measure_kappa / measure_ntk: switch the two costliest measures off.
         figure: draw the laziness figure (a TensorBoard image ``lazy/figure`` and ``laziness.png`` in the log
             folder) at each epoch-end measurement and at the end of fit, and log the summary text.
@@ -113,6 +131,7 @@ class LazyTrainingMonitor(Callback):
         probe_size: int = 256,
         kappa_probe_size: int = 16,
         ntk_probe_size: int = 16,
+        ntk_outputs: NtkOutputs = "auto",
         every_n_epochs: int = 1,
         log_steps: str | Sequence[int] | None = None,
         track_tangent: bool = True,
@@ -128,6 +147,9 @@ class LazyTrainingMonitor(Callback):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if isinstance(log_steps, str) and log_steps != "log":
             raise ValueError(f"log_steps must be 'log', a list of steps or None, got {log_steps!r}")
+        if not callable(ntk_outputs) and ntk_outputs not in NTK_OUTPUTS:
+            raise ValueError(f"ntk_outputs must be one of {NTK_OUTPUTS} or a callable(output, y) -> [N, K'], "
+                             f"got {ntk_outputs!r}")
         if model is not None and not isinstance(model, str) and not callable(model):
             raise ValueError(f"model must be None, an attribute path or a callable(pl_module, x), got {model!r}")
         self.loss = None if loss is None else resolve_loss(loss)
@@ -138,6 +160,7 @@ class LazyTrainingMonitor(Callback):
         self.probe_size = probe_size
         self.kappa_probe_size = kappa_probe_size
         self.ntk_probe_size = ntk_probe_size
+        self.ntk_outputs = ntk_outputs
         self.every_n_epochs = every_n_epochs
         self.log_steps = log_steps
         self.track_tangent = track_tangent
@@ -568,9 +591,11 @@ class LazyTrainingMonitor(Callback):
             if self.twin.lost is not None:
                 self._warn_lost()
         saved = state["measures"]
-        self.measures = LazinessProbe(self._watched, saved["x"].to(pl_module.device), saved["y"].to(pl_module.device),
+        y = saved["y"] if saved.get("labels") is None else saved["labels"]  # class indices keep their -100s
+        self.measures = LazinessProbe(self._watched, inputs_to(saved["x"], pl_module.device), y.to(pl_module.device),
                                       kappa_probe_size=self.kappa_probe_size, ntk_probe_size=self.ntk_probe_size,
-                                      measure_kappa=self.measure_kappa, measure_ntk=self.measure_ntk)
+                                      measure_kappa=self.measure_kappa, measure_ntk=self.measure_ntk,
+                                      ntk_outputs=self.ntk_outputs)
         self.measures.load_state_dict(saved)  # w0 and what was measured there, not the resumed weights
         self._time = state["time"]
         self._steps = state["steps"]
@@ -659,25 +684,34 @@ class LazyTrainingMonitor(Callback):
 
     def _make_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> LazinessProbe:
         """The probe, drawn once (the same on every rank), with the watched network's w0."""
-        if self.probe is not None:
+        if isinstance(self.probe, Mapping) and "labels" in self.probe:
+            x, y, _ = self._read_batch(self.probe)  # a Hugging Face batch
+        elif self.probe is not None:
             x, y = self.probe if isinstance(self.probe, (tuple, list)) else (self.probe, None)
         else:
             x, y, _ = self._probe_from_train_set(trainer)
-        if not isinstance(x, Tensor):
+        try:
+            x = as_inputs(x)
+        except ValueError as error:
             raise MisconfigurationException(
-                f"LazyTrainingMonitor needs the model input x as one tensor, got a {type(x).__name__}: for several "
-                "inputs, stack them in batch_to_xy and unpack them in model=lambda module, x: module(x[:, 0], x[:, 1])"
-            )
-        if len(x) == 0:
+                f"LazyTrainingMonitor: {error}. For several positional inputs, stack them in batch_to_xy and unpack "
+                "them in model=lambda module, x: module(x[:, 0], x[:, 1]); named inputs can be a dict"
+            ) from None
+        if num_examples(x) == 0:
             raise ValueError("the probe set is empty: give probe tensors with at least one example")
+        if y is None:
+            rank_zero_warn(
+                "LazyTrainingMonitor: the probe has no targets, so the measures take y* = 0 (the divergence is relative "
+                "to ||alpha h(w0)||, kappa's residual is ||alpha h||): give probe=(x, y), with -100 at the positions the "
+                "loss ignores, to measure against the targets you train on."
+            )
         x, y = trainer.strategy.broadcast((x, y))
-        x = x.to(pl_module.device)
-        if x.is_floating_point():
-            x = x.to(self._probe_dtype())
+        x = inputs_to(x, pl_module.device, self._probe_dtype())
         try:
             return LazinessProbe(self._watched, x, None if y is None else y.to(pl_module.device),
                                  kappa_probe_size=self.kappa_probe_size, ntk_probe_size=self.ntk_probe_size,
-                                 measure_kappa=self.measure_kappa, measure_ntk=self.measure_ntk)
+                                 measure_kappa=self.measure_kappa, measure_ntk=self.measure_ntk,
+                                 ntk_outputs=self.ntk_outputs)
         except ValueError as error:
             raise MisconfigurationException(f"LazyTrainingMonitor: {error}") from None
 
@@ -763,11 +797,14 @@ class LazyTrainingMonitor(Callback):
             return
         x, y, extra = self._read_batch(trainer.precision_plugin.convert_input(batch))
         output = self.twin.eval_output(x)
+        n = num_examples(x)
         with torch.no_grad():
-            self._eval_loss_sum += float(self._objective(output, y, **extra)) / self._loss_scale * len(x)
-        self._eval_count += len(x)
+            self._eval_loss_sum += float(self._objective(output, y, **extra)) / self._loss_scale * n
+        self._eval_count += n
         if isinstance(y, Tensor) and not y.is_floating_point() and y.shape == output.shape[:-1]:
-            self._eval_correct += float((output.argmax(-1) == y).float().mean()) * len(x)
+            kept = y != IGNORE_INDEX  # accuracy over the positions the loss counts
+            if bool(kept.any()):
+                self._eval_correct += float((output.argmax(-1) == y)[kept].float().mean()) * n
             self._eval_is_classification = True
 
     def _log_twin_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

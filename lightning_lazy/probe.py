@@ -27,7 +27,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from time import perf_counter  # not time.perf_counter: measure() has an argument named time
-from typing import Any
+from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +35,13 @@ from torch import Tensor, nn
 from lightning_lazy import diagnostics
 from lightning_lazy._forward_ad import forward_ad_safe
 from lightning_lazy._params import functional_call, probe_mode
-from lightning_lazy.scaling import as_regression_target
+from lightning_lazy._inputs import Inputs, inputs_device, num_examples, take
+from lightning_lazy.scaling import IGNORE_INDEX, regression_target_and_mask
+
+#: What the empirical NTK is taken of (:class:`LazinessProbe`'s ``ntk_outputs``): a name or
+#: ``callable(output, y) -> [n, K']`` (row i a function of output row i and target row i only).
+NtkOutputs = Union[str, Callable[[Tensor, Any], Tensor]]
+NTK_OUTPUTS = ("auto", "all", "labels")
 
 # ‖D²h‖ searches: at w0 one start, 3 alternation rounds of 4 Lanczos steps; then warm-started from the last
 # direction, which 2 Lanczos steps follow along training. Chosen by `python benchmarks/monitor_cost.py
@@ -55,14 +61,29 @@ class LazinessProbe:
 
     Args:
         network: a module mapping a probe batch ``x`` to one output tensor ``[N, ...]``.
-        x: probe inputs ``[N, ...]``.
+        x: probe inputs ``[N, ...]``, or a dict of tensors sharing their first dimension (``input_ids``,
+            ``attention_mask``; the network is then called on the dict, see :class:`~lightning_lazy.twin.Watched`).
         y: probe targets, of the output's shape or class indices over its last dimension (one-hot encoded),
-            or ``None`` (then y* = 0 and Δ is relative to ‖α h(w0)‖).
+            or ``None`` (then y* = 0 and Δ is relative to ‖α h(w0)‖). Class indices equal to −100
+            (:data:`~lightning_lazy.scaling.IGNORE_INDEX`, the loss's ``ignore_index`` and Hugging Face's label
+            padding) mark positions every target-dependent measure leaves out, as the loss does: the outputs there
+            are set to 0 in Δ (numerator and denominator ‖y* − αh(w0)‖), in κ (h is the model restricted to the
+            positions kept: its residual ‖h − y*‖, ‖Dh‖ and ‖D²h‖) and in the empirical NTK.
         kappa_probe_size / ntk_probe_size: the first examples used for κ and for the empirical NTK.
         measure_kappa / measure_ntk: compute those (the costliest measures) or not.
+        ntk_outputs: which outputs the empirical NTK is taken of. ``"all"``: every output (``[n·K, n·K]``
+            numbers). ``"labels"``, for class-index targets: at each position kept, the logit of its target class,
+            h'ᵢₜ = hᵢₜ[yᵢₜ] (0 at positions ignored), so ``[n·T, n·T]`` for token logits ``[n, T, V]``: the kernel of
+            the label tokens' logits, as Malladi et al. ("A Kernel-Based View of Language Model Fine-Tuning", ICML
+            2023, section 4) take the kernel of a language model on its label words' logits, not the vocabulary.
+            A callable ``(output [n, ...], y [n, ...] or None) -> [n, K']``: any projection whose row i depends on
+            row i only (it is also called on single examples). ``"auto"`` (default): ``"labels"`` when the output
+            has a sequence dimension (``[N, T, V]``) and the targets are class indices ``[N, T]``, else ``"all"``.
+            A kernel other than ``"all"``'s is not the network's NTK, so ‖Dh‖ is then found by Lanczos.
 
     Raises ``ValueError`` when the output has not one row per example, the targets do not fit the output,
-    or the network has no parameter.
+    the network has no parameter, or the NTK would hold more than
+    :data:`~lightning_lazy.diagnostics.DEFAULT_MEMORY_BUDGET` numbers (before any of it is computed).
 
     Work shared between measures: the constructor's forward gives h(w0) and the ReLU states at w0; each later
     measurement runs one forward of the probe for both Δ's output and activation stability; ‖Dh‖ is read off
@@ -78,8 +99,9 @@ class LazinessProbe:
     measured within 5e-6 of ``tol=1e-8`` on those three nets.
     """
 
-    def __init__(self, network: nn.Module, x: Tensor, y: Tensor | None, *, kappa_probe_size: int = 16,
-                 ntk_probe_size: int = 16, measure_kappa: bool = True, measure_ntk: bool = True) -> None:
+    def __init__(self, network: nn.Module, x: Inputs, y: Tensor | None, *, kappa_probe_size: int = 16,
+                 ntk_probe_size: int = 16, measure_kappa: bool = True, measure_ntk: bool = True,
+                 ntk_outputs: NtkOutputs = "auto") -> None:
         self.network = network
         self.kappa_probe_size, self.ntk_probe_size = kappa_probe_size, ntk_probe_size
         self.measure_kappa, self.measure_ntk = measure_kappa, measure_ntk
@@ -91,20 +113,35 @@ class LazinessProbe:
         self.initial = {name: p.detach().clone() for name, p in self._objects.items()}
         if not self.initial:
             raise ValueError(f"{type(network).__name__} has no parameter to measure")
+        if not callable(ntk_outputs) and ntk_outputs not in NTK_OUTPUTS:
+            raise ValueError(f"ntk_outputs must be one of {NTK_OUTPUTS} or a callable(output, y) -> [N, K'], "
+                             f"got {ntk_outputs!r}")
         self.x = x
+        n = num_examples(x)
         self.timings: dict[str, dict[str, float]] = {}
         started = perf_counter()
         output, states = self._output_and_states(x, flatten=False)  # one forward: the output and the ReLU states
         self._first_forward_seconds = perf_counter() - started
         if y is None:
             y = torch.zeros_like(output)
+        # The class indices (with their -100s), for the "labels" kernel; state_dict saves them.
+        self.labels: Tensor | None = None if y.is_floating_point() else y
         try:
-            y = as_regression_target(output, y if not y.is_floating_point() else y.reshape(output.shape))
+            y, keep = regression_target_and_mask(output, y if not y.is_floating_point() else y.reshape(output.shape))
         except (ValueError, RuntimeError) as error:
             raise ValueError(f"the probe targets {tuple(y.shape)} do not fit the output {tuple(output.shape)}: "
                              f"{error}") from None
-        self.y = y.reshape(len(x), -1)
-        self.initial_output: Tensor = output.reshape(len(x), -1)
+        # [N, K] of 1 (kept) and 0 (target -100), or None: multiplies every output a target-dependent measure sees.
+        self.mask: Tensor | None = None if keep is None else keep.expand(output.shape).reshape(n, -1)
+        self.y = y.reshape(n, -1)
+        self.initial_output: Tensor = output.reshape(n, -1)
+        self.ntk_outputs = self._resolve_ntk_outputs(ntk_outputs, output)
+        # Diagnostics see example indices, not x, when x is a dict or the outputs they see depend on the
+        # example's targets: fn(params, index) then reads x, the mask and the targets at index (under vmap too).
+        self._indexed = isinstance(x, dict) or self.mask is not None or self.ntk_outputs != "all"
+        self._index = torch.arange(n, device=inputs_device(x))
+        if measure_ntk:
+            self._check_ntk_budget(output)
         self.initial_kernel: Tensor | None = None
         self.kernel_names: tuple[str, ...] = ()
         self.initial_kappa: float | None = None
@@ -117,11 +154,52 @@ class LazinessProbe:
 
     # ------------------------------------------------------------------------------------ the network
 
-    def output(self, x: Tensor, flatten: bool = True) -> Tensor:
+    def _resolve_ntk_outputs(self, ntk_outputs: NtkOutputs, output: Tensor) -> NtkOutputs:
+        classes = self.labels is not None and self.labels.shape == output.shape[:-1]
+        if ntk_outputs == "auto":
+            return "labels" if output.dim() >= 3 and classes else "all"
+        if ntk_outputs == "labels" and not classes:
+            raise ValueError(f"ntk_outputs='labels' needs class-index targets of the output's shape without its last "
+                             f"dimension ({tuple(output.shape[:-1])}); give them in the probe, or ntk_outputs='all'")
+        return ntk_outputs
+
+    def _project(self, output: Tensor, index: Tensor) -> Tensor:
+        """The outputs the NTK is taken of, ``[n, K']``, from the network's ``output`` on the examples ``index``."""
+        n = output.shape[0]
+        if self.ntk_outputs == "all":
+            return output.reshape(n, -1) if self.mask is None else output.reshape(n, -1) * self.mask[index]
+        labels = None if self.labels is None else self.labels[index]
+        if callable(self.ntk_outputs):
+            projected = self.ntk_outputs(output, labels)
+            if not isinstance(projected, Tensor) or projected.dim() == 0 or projected.shape[0] != n:
+                raise ValueError(f"ntk_outputs(output, y) must return a tensor [N, K'] with N = {n} rows")
+            return projected.reshape(n, -1)
+        kept = labels != IGNORE_INDEX  # "labels": the logit of each kept position's target class
+        picked = output.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        return (picked * kept.to(picked.dtype)).reshape(n, -1)
+
+    def _check_ntk_budget(self, output: Tensor) -> None:
+        """Refuse, before computing anything, an NTK over more numbers than ``diagnostics.DEFAULT_MEMORY_BUDGET``."""
+        n = min(self.ntk_probe_size, num_examples(self.x))
+        with torch.no_grad():
+            width = self._project(output[:1], self._index[:1]).shape[1]
+        numbers = (n * width) ** 2
+        if numbers > diagnostics.DEFAULT_MEMORY_BUDGET:
+            raise ValueError(
+                f"the empirical NTK on {n} examples x {width} outputs (ntk_outputs={self.ntk_outputs!r}) would hold "
+                f"{numbers:.3g} numbers, over the memory budget of {diagnostics.DEFAULT_MEMORY_BUDGET:.3g} "
+                "(diagnostics.DEFAULT_MEMORY_BUDGET): lower ntk_probe_size, pass ntk_outputs='labels' (class targets) "
+                "or a callable(output, y) -> [N, K'] projection, or measure_ntk=False")
+
+    def _inputs(self, n: int) -> Tensor:
+        """What the diagnostics receive for the first ``n`` examples: ``x[:n]``, or their indices (see ``_indexed``)."""
+        return self._index[:n] if self._indexed else self.x[:n]
+
+    def output(self, x: Inputs, flatten: bool = True) -> Tensor:
         """The network on ``x`` as the measures see it, no gradient: ``[N, K]`` (or its own shape)."""
         return self._output_and_states(x, flatten)[0]
 
-    def _output_and_states(self, x: Tensor, flatten: bool = True) -> tuple[Tensor, list[Tensor]]:
+    def _output_and_states(self, x: Inputs, flatten: bool = True) -> tuple[Tensor, list[Tensor]]:
         """:meth:`output` and the ReLU states of that same forward (:func:`diagnostics.recording_relu_states`).
         The forward runs on fresh copies of every parameter and buffer; a copy written during it (a layer that
         renormalizes its weight, say) marks the network as one that writes, for every later measure."""
@@ -130,31 +208,54 @@ class LazinessProbe:
         with torch.no_grad(), diagnostics.recording_relu_states() as states:
             output = self._call(tensors, x)
         self._writes = self._writes or any(t._version != versions[name] for name, t in tensors.items())
-        if output.dim() == 0 or output.shape[0] != len(x):
+        n = num_examples(x)
+        if output.dim() == 0 or output.shape[0] != n:
             raise ValueError(f"the measures need one output row per example; the model returned "
-                             f"{tuple(output.shape)} for {len(x)} inputs")
-        return (output.reshape(len(x), -1) if flatten else output), states
+                             f"{tuple(output.shape)} for {n} inputs")
+        return (output.reshape(n, -1) if flatten else output), states
 
-    def function(self, buffers: dict[str, Tensor] | None = None) -> Callable[[dict[str, Tensor], Tensor], Tensor]:
-        """The network as a functional model ``fn(params, x) -> [N, K]`` for :mod:`diagnostics`; ``params`` are
-        named as in ``self.network.named_parameters()`` when w0 was taken (under the monitor, the watched
-        wrapper's names: ``inner.`` + the watched module's own). Every other parameter and buffer is a copy
-        taken now (``buffers``: buffer values to use instead, by their current names); the network's own
-        tensors never enter a forward. Raises ``ValueError`` when a parameter measured at w0 is no longer in
-        the network (replaced by another tensor)."""
+    def function(self, kernel: bool = False) -> Callable[[dict[str, Tensor], Tensor], Tensor]:
+        """The network as a functional model ``fn(params, inputs) -> [N, K]`` for :mod:`diagnostics`; ``params`` are
+        named as in ``self.network.named_parameters()`` when w0 was taken (under the monitor, the watched wrapper's
+        names: ``inner.`` + the watched module's own). ``inputs`` are those :meth:`_inputs` gives: ``x[:n]``, or
+        example indices when x is a dict or targets enter (the outputs at positions whose target is −100 are then
+        0; ``kernel=True``: the outputs ``ntk_outputs`` selects). Every other parameter and buffer is a copy taken
+        now; the network's own tensors never enter a forward. Raises ``ValueError`` when a parameter measured at
+        w0 is no longer in the network (replaced by another tensor)."""
+        return self._functional(self._forward(), kernel)
+
+    def _forward(self, buffers: dict[str, Tensor] | None = None) -> Callable[[dict[str, Tensor], Inputs], Tensor]:
+        """The raw network ``forward(params, x)`` on copies: ``params`` by their names at w0, every other parameter
+        and buffer a copy taken now (``buffers``: buffer values to use instead, by their current names), fresh
+        copies at every call once a forward was seen writing into its tensors."""
         names = self._names_now()
         base = {**self._snapshot(), **(buffers or {})}
         writes = self._writes
 
-        def fn(params: dict[str, Tensor], x: Tensor) -> Tensor:
+        def forward(params: dict[str, Tensor], x: Inputs) -> Tensor:
             tensors = {**base, **{names[name]: value for name, value in params.items()}}
             if writes:  # a forward that writes into its tensors must not carry over into the next call
                 tensors = {name: value.clone() for name, value in tensors.items()}
-            return self._call(tensors, x).reshape(len(x), -1)
+            return self._call(tensors, x)
+
+        return forward
+
+    def _functional(self, forward: Callable[[dict[str, Tensor], Inputs], Tensor],
+                    kernel: bool) -> Callable[[dict[str, Tensor], Tensor], Tensor]:
+        """``forward(params, x)`` (the raw network) as the ``fn(params, inputs) -> [n, K]`` the diagnostics call."""
+        if not self._indexed:
+            return lambda params, x: forward(params, x).reshape(len(x), -1)
+
+        def fn(params: dict[str, Tensor], index: Tensor) -> Tensor:
+            output = forward(params, take(self.x, index))
+            if kernel:
+                return self._project(output, index)
+            output = output.reshape(output.shape[0], -1)
+            return output if self.mask is None else output * self.mask[index]
 
         return fn
 
-    def _call(self, tensors: dict[str, Tensor], x: Tensor) -> Tensor:
+    def _call(self, tensors: dict[str, Tensor], x: Inputs) -> Tensor:
         """The network on ``x`` with ``tensors`` in place of its own, as the measures see it: :func:`probe_mode`,
         forward-AD-capable kernels, dense embeddings. Buffers that :func:`probe_mode` holds out (running statistics
         of normalization layers that normalize by the probe's own statistics) are left out."""
@@ -194,8 +295,9 @@ class LazinessProbe:
     def _timed(self, bucket: str, name: str, compute: Callable[[], Any]) -> Any:
         started = perf_counter()
         result = compute()
-        if self.x.is_cuda:
-            torch.cuda.synchronize(self.x.device)  # the time of the work, not of its launch
+        device = inputs_device(self.x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the time of the work, not of its launch
         self.timings.setdefault(bucket, {})[name] = perf_counter() - started
         return result
 
@@ -240,29 +342,29 @@ class LazinessProbe:
         ‖Dh‖²), started from the top singular direction the previous measurement found. (The top eigenvector of
         a kernel holding BatchNorm statistics fixed is no good start: on resnet18 it took 18 products where a
         random start took 12.)"""
-        n = min(self.kappa_probe_size, len(self.x))
-        if exact and kernel is not None and n == min(self.ntk_probe_size, len(self.x)):  # the same inputs
+        n = min(self.kappa_probe_size, num_examples(self.x))
+        if exact and kernel is not None and n == min(self.ntk_probe_size, num_examples(self.x)):  # the same inputs
             return diagnostics.jacobian_norm_from_ntk(kernel, n)
         start = self.jacobian_direction
         if start is not None and start.numel() != n * self.y.shape[1]:
             start = None
-        value, self.jacobian_direction = diagnostics.jacobian_norm(self.function(), self.x[:n], params, tol=1e-3,
+        value, self.jacobian_direction = diagnostics.jacobian_norm(self.function(), self._inputs(n), params, tol=1e-3,
                                                                    start=start, return_direction=True)
         return value
 
     def _kappa(self, params: dict[str, Tensor], bucket: str, careful: bool = False,
                kernel: Tensor | None = None, exact: bool = False) -> diagnostics.Kappa:
-        n = min(self.kappa_probe_size, len(self.x))
+        n = min(self.kappa_probe_size, num_examples(self.x))
         names = tuple(params)
         if careful or self.hessian_direction is None or names != self.hessian_names:
             options = dict(CAREFUL_HESSIAN)
         else:
             options = {**WARM_HESSIAN, "start": self.hessian_direction}
         hessian, self.hessian_direction = self._timed(bucket, "hessian_norm", lambda: diagnostics.hessian_norm(
-            self.function(), self.x[:n], params, return_direction=True, **options))
+            self.function(), self._inputs(n), params, return_direction=True, **options))
         self.hessian_names = names
         return self._timed(bucket, "kappa_rest", lambda: diagnostics.kappa(
-            self.function(), self.x[:n], self.y[:n], params, hessian=hessian,
+            self.function(), self._inputs(n), self.y[:n], params, hessian=hessian,
             jacobian=self._jacobian_norm(params, kernel, exact)))
 
     def kernel(self, params: dict[str, Tensor]) -> Tensor:
@@ -275,14 +377,15 @@ class LazinessProbe:
 
     def _kernel(self, params: dict[str, Tensor]) -> tuple[Tensor, bool]:
         """:meth:`kernel`, and whether it is the exact NTK of :meth:`function` (no BatchNorm statistics held)."""
-        x = self.x[: self.ntk_probe_size]
+        x = self._inputs(self.ntk_probe_size)
         statistics = self._batch_statistics(params, x)
         if not statistics:
-            return diagnostics.empirical_ntk(self.function(), x, params=params), True
+            # Only the kernel of every output is the network's own NTK (its top eigenvalue gives ‖Dh‖).
+            return diagnostics.empirical_ntk(self.function(kernel=True), x, params=params), self.ntk_outputs == "all"
         layers = [layer for layer, _ in statistics.values()]
-        held = self.function({name: value for _, buffers in statistics.values() for name, value in buffers})
+        held = self._forward({name: value for _, buffers in statistics.values() for name, value in buffers})
 
-        def fn(p: dict[str, Tensor], inputs: Tensor) -> Tensor:
+        def forward(p: dict[str, Tensor], inputs: Inputs) -> Tensor:
             modes = [layer.training for layer in layers]
             for layer in layers:  # in eval mode (probe_mode leaves them there): normalize by the statistics held
                 layer.training = False
@@ -292,7 +395,7 @@ class LazinessProbe:
                 for layer, mode in zip(layers, modes):
                     layer.training = mode
 
-        return diagnostics.empirical_ntk(fn, x, params=params), False
+        return diagnostics.empirical_ntk(self._functional(forward, kernel=True), x, params=params), False
 
     def _batch_statistics(self, params: dict[str, Tensor], x: Tensor) -> dict[str, tuple[nn.Module, list]]:
         """``{layer name: (layer, [(buffer name, batch mean / biased variance of its input on x)])}`` for the
@@ -348,10 +451,12 @@ class LazinessProbe:
             # One forward of the probe gives the divergence its output and activation stability its states.
             output, states = timed("output_and_activation_states", lambda: self._output_and_states(self.x))
         if twin is not None:
-            x = self.x
-            tangent_output = timed("tangent_output", lambda: twin.probe_output(x).reshape(len(x), -1))
-            values["divergence"] = diagnostics.path_divergence(output, tangent_output, self.y,
-                                                               self.initial_output).item()
+            x, n = self.x, num_examples(self.x)
+            tangent_output = timed("tangent_output", lambda: twin.probe_output(x).reshape(n, -1))
+            initial_output = self.initial_output
+            if self.mask is not None:  # positions whose target is -100 are in neither norm of Δ
+                output, tangent_output, initial_output = (v * self.mask for v in (output, tangent_output, initial_output))
+            values["divergence"] = diagnostics.path_divergence(output, tangent_output, self.y, initial_output).item()
             twin_params = twin.parameters()
             gap = torch.sqrt(sum(((params[k] - twin_params[k]) ** 2).sum() for k in params))
             moved_norm = torch.sqrt(sum(v**2 for v in moved.absolute.values()))
@@ -380,7 +485,7 @@ class LazinessProbe:
 
     # ------------------------------------------------------------------------------------- state
 
-    _STATE = ("initial", "x", "y", "initial_output", "initial_kernel", "kernel_names", "initial_kappa",
+    _STATE = ("initial", "x", "y", "labels", "mask", "initial_output", "initial_kernel", "kernel_names", "initial_kappa",
               "initial_jacobian_norm", "initial_kappa_parts", "initial_relu", "hessian_direction", "hessian_names",
               "jacobian_direction")
 
@@ -390,7 +495,8 @@ class LazinessProbe:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         device = next(iter(self.initial.values())).device
         for key in self._STATE:
-            value = state.get(key) if key == "jacobian_direction" else state[key]  # absent from older checkpoints
+            # Absent from older checkpoints:
+            value = state.get(key) if key in ("jacobian_direction", "labels", "mask") else state[key]
             setattr(self, key, tuple(value) if key.endswith("names") else _to_device(value, device))
 
 

@@ -22,22 +22,44 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 LossLike = Union[str, LossFn]
 
 
+#: The target value that marks a position to ignore, as ``torch.nn.functional.cross_entropy``'s default
+#: ``ignore_index`` and every Hugging Face data collator's label padding.
+IGNORE_INDEX = -100
+
+
 def half_squared_error(output: Tensor, target: Tensor) -> Tensor:
     """R(y) = (1/N) Σᵢ ½‖yᵢ − yᵢ*‖², output ``[N, ...]``; integer class targets ``output.shape[:-1]`` become one-hot.
 
     Half the squared Euclidean error per example (summed over every other dimension), averaged over
     examples: the loss whose gradient flow has time scale 1/‖Dh‖² when ‖·‖ is the empirical L² norm on the
-    batch (see ``diagnostics``).
+    batch (see ``diagnostics``). Class targets equal to :data:`IGNORE_INDEX` (−100) leave their position out of
+    the sum (its whole class vector), as cross-entropy's ``ignore_index`` does; the mean stays over the N examples.
     """
-    target = as_regression_target(output, target)
-    return 0.5 * (output - target).pow(2).flatten(1).sum(1).mean()
+    target, keep = regression_target_and_mask(output, target)
+    error = output - target
+    if keep is not None:
+        error = error * keep
+    return 0.5 * error.pow(2).flatten(1).sum(1).mean()
 
 
 def as_regression_target(output: Tensor, target: Tensor) -> Tensor:
     """``target`` in the output's shape and dtype: class indices are one-hot encoded over the last dimension.
 
     Class indices have the output's shape without its last dimension: ``[N]`` for outputs ``[N, K]``,
-    ``[N, T]`` for token logits ``[N, T, V]``. Raises ``ValueError`` for any other shape or an index out of range.
+    ``[N, T]`` for token logits ``[N, T, V]``. An index equal to :data:`IGNORE_INDEX` (−100) gives a zero class
+    vector; :func:`regression_target_and_mask` also says which positions to leave out. Raises ``ValueError`` for
+    any other shape or an index out of range.
+    """
+    return regression_target_and_mask(output, target)[0]
+
+
+def regression_target_and_mask(output: Tensor, target: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``(target, keep)``: :func:`as_regression_target`, and the positions every target-dependent measure keeps.
+
+    ``keep`` is ``None`` when nothing is ignored, else a ``[N, ..., 1]`` tensor of the output's dtype (1 where the
+    class index is a class, 0 where it is :data:`IGNORE_INDEX`, −100), broadcasting over the output: the rule the
+    losses and the measures share is that a position whose target is −100 is left out of every sum over the
+    output (the loss, Δ, κ's residual, kernels on the targets), as ``F.cross_entropy(ignore_index=-100)`` does.
     """
     if not target.is_floating_point() and not target.is_complex():
         if output.dim() < 2 or target.shape != output.shape[:-1]:
@@ -47,18 +69,23 @@ def as_regression_target(output: Tensor, target: Tensor) -> Tensor:
                 "dimension, e.g. [N] for outputs [N, num_classes]"
             )
         num_classes = output.shape[-1]
-        if target.numel() and (target.min() < 0 or target.max() >= num_classes):
+        ignored = target == IGNORE_INDEX
+        classes = target[~ignored]
+        if classes.numel() and (classes.min() < 0 or classes.max() >= num_classes):
             raise ValueError(
-                f"class-index targets must lie in [0, {num_classes}) for outputs with {num_classes} classes, "
-                f"got values in [{int(target.min())}, {int(target.max())}]"
+                f"class-index targets must lie in [0, {num_classes}) for outputs with {num_classes} classes (or be "
+                f"{IGNORE_INDEX}, ignored), got values in [{int(classes.min())}, {int(classes.max())}]"
             )
-        return F.one_hot(target.long(), num_classes).to(output.dtype)
+        if not bool(ignored.any()):
+            return F.one_hot(target.long(), num_classes).to(output.dtype), None
+        keep = (~ignored).unsqueeze(-1).to(output.dtype)
+        return F.one_hot(target.long().clamp_min(0), num_classes).to(output.dtype) * keep, keep
     if target.shape != output.shape:
         raise ValueError(
             f"target shape {tuple(target.shape)} does not match output shape {tuple(output.shape)}; "
             "give targets of the output's shape, or class indices [N] for a classifier"
         )
-    return target.to(output.dtype)
+    return target.to(output.dtype), None
 
 
 def cross_entropy(output: Tensor, target: Tensor) -> Tensor:
@@ -66,10 +93,14 @@ def cross_entropy(output: Tensor, target: Tensor) -> Tensor:
 
     :func:`torch.nn.functional.cross_entropy`, which takes classes on dimension 1 (``[N, C, d1, ...]``), also
     for token logits with classes last: ``[N, T, V]`` against indices ``[N, T]``, the language-model layout.
+    Targets equal to :data:`IGNORE_INDEX` (−100) are ignored: the mean is over the other positions (torch's
+    ``ignore_index``, the label padding of Hugging Face collators). The targets are those of the logits at the
+    same position: labels for a causal LM are the *next* tokens (Hugging Face models shift them inside their own
+    loss; shift them in the data when the monitor computes the loss).
     """
     if output.dim() > 2 and not target.is_floating_point() and target.shape == output.shape[:-1]:
-        return F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1))
-    return F.cross_entropy(output, target)
+        return F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(output, target, ignore_index=IGNORE_INDEX)
 
 
 _NAMED_LOSSES: dict[str, LossFn] = {
@@ -82,7 +113,8 @@ def resolve_loss(loss: LossLike) -> LossFn:
     """Turn ``"mse"``, ``"cross_entropy"`` or a callable ``(output, target) -> scalar`` into a loss function.
 
     ``"mse"`` is :func:`half_squared_error` (½‖y − y*‖² averaged over examples, one-hot for class targets);
-    ``"cross_entropy"`` is :func:`cross_entropy` (torch's, also with classes on the last dimension).
+    ``"cross_entropy"`` is :func:`cross_entropy` (torch's, also with classes on the last dimension). Both
+    ignore the positions whose class target is −100 (:data:`IGNORE_INDEX`).
     """
     if isinstance(loss, str):
         try:

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_lazy._forward_ad import forward_ad_safe
+from lightning_lazy._inputs import Inputs, call_with
 from lightning_lazy._params import RNGState, probe_mode
 from lightning_lazy.tangent import LinearizedModel
 
@@ -57,10 +58,12 @@ Objective = Callable[..., Tensor]
 def select_output(output: Any, select: str | OutputSelector | None = None) -> Tensor:
     """The model output as one tensor: ``output`` itself, ``output[select]`` / ``output.select``, or ``select(output)``.
 
-    Raises ``ValueError`` naming what was returned and what to pass when no tensor results.
+    With ``select=None`` an output that is no tensor but has a tensor ``logits`` (a Hugging Face ``ModelOutput``)
+    is read as its ``logits``. Raises ``ValueError`` naming what was returned and what to pass when no tensor results.
     """
     if select is None:
-        value = output
+        logits = None if isinstance(output, Tensor) else getattr(output, "logits", None)
+        value = logits if isinstance(logits, Tensor) else output
     elif callable(select):
         value = select(output)
     elif isinstance(output, Mapping) and select in output:
@@ -80,8 +83,9 @@ def select_output(output: Any, select: str | OutputSelector | None = None) -> Te
 class Watched(nn.Module):
     """The function a monitor watches, as a module: ``x -> select_output(call(module, x), output)``.
 
-    ``call`` defaults to ``module(x)``; give ``call(module, x)`` for a LightningModule without ``forward``
-    or a model that needs more than ``x``. ``module`` is registered as the sub-module ``inner``, so parameter
+    ``call`` defaults to ``module(x)``, or ``module(**x)`` when ``x`` is a dict of named inputs (``input_ids``,
+    ``attention_mask``: the Hugging Face convention); give ``call(module, x)`` for a LightningModule without
+    ``forward`` or a model that needs more than ``x``. ``module`` is registered as the sub-module ``inner``, so parameter
     names carry the prefix ``inner.``.
     """
 
@@ -92,11 +96,11 @@ class Watched(nn.Module):
         self.call = call
         self.output = output
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Inputs) -> Tensor:
         # The measures differentiate the network in ways torch.compile does not trace (forward-mode AD, swapped
         # weights): what it compiled runs eagerly here, so compiled and eager networks measure alike.
         with _eager():
-            out = self.inner(x) if self.call is None else self.call(self.inner, x)
+            out = call_with(self.inner, x) if self.call is None else self.call(self.inner, x)
         return select_output(out, self.output)
 
 

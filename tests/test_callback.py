@@ -352,5 +352,5 @@ def test_several_inputs_as_x_get_a_clear_error(tmp_path):
             return super()._loss((batch[0], batch[2]))
 
     monitor = LazyTrainingMonitor(batch_to_xy=lambda b: ((b[0], b[1]), b[2]))
-    with pytest.raises(MisconfigurationException, match="x as one tensor.*stack them"):
+    with pytest.raises(MisconfigurationException, match=r"x must be a tensor \[N, ...\] or a dict of tensors.*stack them"):
         trainer(tmp_path, [monitor], max_epochs=1).fit(TwoInputs(alpha=10.0), loader)

@@ -7,10 +7,10 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import jvp, vjp
 
-from lightning_lazy._params import check_finite
+from lightning_lazy._params import check_finite, functional_call
 from lightning_lazy.diagnostics._common import (
     DEFAULT_MEMORY_BUDGET,
     ModelLike,
@@ -23,7 +23,7 @@ from lightning_lazy.diagnostics._common import (
     _trainable_params,
 )
 from lightning_lazy.diagnostics.lanczos import extreme_eigenpair
-from lightning_lazy.scaling import as_regression_target
+from lightning_lazy.scaling import IGNORE_INDEX, as_regression_target, regression_target_and_mask
 
 
 def jacobian_norm(
@@ -240,6 +240,32 @@ def _hessian_vector_products(
     return product
 
 
+def _ignoring(model: ModelLike, x: Tensor, target: Tensor, params: Params) -> tuple[ModelLike, Tensor]:
+    """``(fn, target)``: the model with the outputs at positions whose target is −100 set to 0 (a functional model,
+    in the module's eval mode), and the regression target (0 there): the model restricted to the positions trained."""
+    with _evaluating(model):
+        shape = _output_shape(model, x, params)
+    target, keep = regression_target_and_mask(torch.empty(shape, dtype=next(iter(params.values())).dtype,
+                                                          device=target.device), target)
+    keep = keep.expand(shape).reshape(shape[0], -1)
+    target = target.reshape(shape[0], -1)
+
+    def restricted(p: Params, inputs: Tensor) -> Tensor:
+        with _evaluating(model):
+            return _as_function(model, inputs)(p) * keep.to(device=inputs.device)
+
+    return restricted, target
+
+
+def _output_shape(model: ModelLike, x: Tensor, params: Params) -> tuple[int, ...]:
+    """The unflattened output shape of ``model`` on ``x`` (one no-grad forward)."""
+    with torch.no_grad():
+        out = functional_call(model, params, (x,)) if isinstance(model, nn.Module) else model(params, x)
+    if not isinstance(out, Tensor):
+        raise TypeError(f"the model must return one tensor [N, K], got {type(out).__name__}")
+    return tuple(out.shape)
+
+
 class Kappa(NamedTuple):
     """κ and its parts, all in the empirical L² norm of the probe (0-dim tensors)."""
 
@@ -267,7 +293,10 @@ def kappa(
     on the same probe (e.g. :func:`jacobian_norm_from_ntk` of a kernel measured anyway); the residual then
     costs one no-grad forward.
 
-    ``target`` is ``[N, K]`` like the output, or class indices ``[N]`` (one-hot encoded). Small κ means
+    ``target`` is ``[N, K]`` like the output, or class indices ``[N]`` (one-hot encoded); class indices of
+    the output's shape without its last dimension (``[N, T]`` for ``[N, T, V]`` token logits) may hold −100
+    (``scaling.IGNORE_INDEX``): those positions are left out of h, as the loss leaves them out, so κ is that of
+    the model restricted to the positions trained (its residual, ‖Dh‖ and ‖D²h‖ alike). Small κ means
     the model reaches the target before its Jacobian changes: training is lazy (Theorem 2.3 of the
     paper). For an α-scaled model pass the scaled model itself (κ of α·h falls like 1/α).
 
@@ -280,6 +309,8 @@ def kappa(
     """
     _check_probe(x)
     params = _trainable_params(model, params)
+    if not target.is_floating_point() and bool((target == IGNORE_INDEX).any()):
+        model, target = _ignoring(model, x, target, params)
     if jacobian is None:
         # One forward: the output the residual needs is the one recorded for the Jacobian's vjp.
         jac, out, _ = _jacobian_norm_and_output(model, x, params, **(jacobian_kwargs or {}))

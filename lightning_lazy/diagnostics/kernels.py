@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_lazy._params import check_finite
+from lightning_lazy.scaling import IGNORE_INDEX
 
 
 def _check_kernels(kernel: Tensor, initial_kernel: Tensor) -> None:
@@ -43,7 +44,9 @@ def target_alignment(kernel: Tensor, targets: Tensor) -> Tensor:
     In [−1, 1]: 1 when the kernel is, up to scale and centring, the targets' own Gram matrix.
 
     Shapes: ``kernel`` ``[N, N]`` (the output-traced kernel); ``targets`` ``[N]`` class indices (one-hot
-    encoded over ``int(max) + 1`` classes) or ``[N, K]`` values. Computed in the kernel's dtype. Raises
+    encoded over ``int(max) + 1`` classes) or ``[N, K]`` values; examples whose class index is −100
+    (``scaling.IGNORE_INDEX``, the loss's ``ignore_index``) are left out (their rows and columns of the kernel
+    and their targets) before centring. Computed in the kernel's dtype. Raises
     ``ValueError`` for mismatched shapes, non-finite values, or a kernel or targets constant after centring
     (their alignment has no scale).
     """
@@ -56,6 +59,9 @@ def target_alignment(kernel: Tensor, targets: Tensor) -> Tensor:
     if targets.is_floating_point():
         y = targets.reshape(n, -1).to(kernel.dtype)
     else:
+        if targets.dim() == 1 and bool((targets == IGNORE_INDEX).any()):
+            kept = targets != IGNORE_INDEX
+            return target_alignment(kernel[kept][:, kept], targets[kept])
         if targets.dim() != 1 or (targets.numel() and int(targets.min()) < 0):
             raise ValueError("integer targets must be [N] non-negative class indices")
         y = F.one_hot(targets.long()).to(kernel.dtype)

@@ -17,21 +17,25 @@ from lightning_lazy.diagnostics._common import (
     _check_probe,
     _output,
 )
-from lightning_lazy.scaling import as_regression_target
+from lightning_lazy.scaling import regression_target_and_mask
 
 
 def path_divergence(output: Tensor, tangent_output: Tensor, target: Tensor, initial_output: Tensor) -> Tensor:
     """Δ = ‖α h(w(t)) − α h̄(w̄(t))‖_F / ‖y* − α h(w0)‖_F on the probe, all arguments ``[N, K]``.
 
     ``output`` / ``tangent_output``: the trained model and its linearized twin; ``initial_output``: the
-    trained model at initialization. ``target`` may be class indices ``[N]`` (one-hot encoded).
+    trained model at initialization. ``target`` may be class indices of the output's shape without its last
+    dimension (``[N]`` for ``[N, K]``, ``[N, T]`` for token logits ``[N, T, V]``; one-hot encoded); positions whose
+    class index is −100 (``scaling.IGNORE_INDEX``, the loss's ``ignore_index``) are left out of both norms.
     """
     for name, tensor in (("output", output), ("tangent_output", tangent_output), ("initial_output", initial_output)):
         if tensor.shape != output.shape:
             raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected the output's {tuple(output.shape)}")
         check_finite(tensor, name)
-    target = as_regression_target(output, target)
+    target, keep = regression_target_and_mask(output, target)
     check_finite(target, "target")
+    if keep is not None:  # the ignored positions are in no norm: as in the loss, they are not trained
+        output, tangent_output, initial_output = output * keep, tangent_output * keep, initial_output * keep
     scale = (target - initial_output).norm()
     if float(scale) == 0.0:
         raise ValueError("the target equals the initial output on the probe: the divergence has no scale")
