@@ -5,6 +5,14 @@ fast path (``aten::_transformer_encoder_layer_fwd``, taken by ``nn.TransformerEn
 ``nn.MultiheadAttention`` in eval mode), the flash / memory-efficient kernels of
 ``F.scaled_dot_product_attention``, and the oneDNN / cuDNN RNN kernels of ``nn.LSTM`` / ``nn.GRU`` /
 ``nn.RNN``. Each has a plain composite implementation that does have one and computes the same function.
+Some activations have a first-order rule but none of second order, which the twin's backward (reverse over
+forward) and ‖D²h‖ (forward over reverse) need: ``hardsigmoid`` (``nn.Hardsigmoid``, the gate of
+MobileNetV3's squeeze-excitation in timm and torchvision; its rule calls ``hardsigmoid_backward``, which has
+neither) and ``glu``; both are computed by composites of ops that have every rule. Checked on torch 2.14 for
+forward, forward-over-reverse and reverse-over-forward AD: ReLU, ReLU6, LeakyReLU, Hardtanh, Hardswish,
+SiLU, Mish, GELU (both forms), ELU, SELU, Softplus, Tanh, Sigmoid, layer / group / batch / RMS norm,
+adaptive average and max pooling, interpolation (nearest, bilinear, bicubic) and pixel shuffle all have
+them.
 :func:`forward_ad_safe` selects those while the package differentiates forward-mode (the tangent model,
 every measure); the user's own forwards are never affected.
 
@@ -14,10 +22,12 @@ Lightning-free; imported by ``tangent`` and ``diagnostics``.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
@@ -25,6 +35,17 @@ from torch.overrides import TorchFunctionMode
 # transforms cannot run (no setup_context).
 _FORWARD_AD_MARKERS = (
     "forward AD", "forward-mode AD", "forward mode AD", "jvp function", "forward grad", "functorch transforms",
+)
+# Autograd's message when the backward of an op's forward-AD rule (or of another backward) has no formula:
+# "derivative for aten::hardsigmoid_backward is not implemented".
+_MISSING_DERIVATIVE = re.compile(r"derivative for (\S+) is not implemented")
+
+# What still works without changing the model, when an op has no rule: each option switches off the
+# computations that need it (the other measures need no derivative of the network, or only reverse mode).
+WAYS_OUT = (
+    "Without changing the model: LazyTrainingMonitor(measure_kappa=False) skips kappa and ||D^2h|| (second "
+    "derivatives), track_tangent=False skips the tangent twin (divergence, tangent gap), measure_ntk=False the "
+    "NTK; displacement, activation stability and the per-layer measures need no forward-mode derivative"
 )
 
 
@@ -35,7 +56,19 @@ class ForwardADError(RuntimeError):
 def is_forward_ad_error(error: BaseException) -> bool:
     """Whether ``error`` is PyTorch saying that an op has no forward-mode AD rule."""
     text = str(error)
-    return isinstance(error, (NotImplementedError, RuntimeError)) and any(m in text for m in _FORWARD_AD_MARKERS)
+    return isinstance(error, (NotImplementedError, RuntimeError)) and (
+        any(m in text for m in _FORWARD_AD_MARKERS) or _MISSING_DERIVATIVE.search(text) is not None)
+
+
+def as_forward_ad_error(error: BaseException, what: str) -> ForwardADError | None:
+    """A one-line :class:`ForwardADError` for PyTorch's ``error`` when that says an op has no forward-mode AD
+    rule or no derivative of its rule (raised by a backward through a tangent, where no module is running);
+    ``None`` for any other error. ``what`` names the computation (e.g. "the tangent twin's backward")."""
+    if not is_forward_ad_error(error):
+        return None
+    said = " ".join(str(error).split("\n")[0].split())
+    return ForwardADError(f"{what}: an operation has no forward-mode AD rule (or no derivative of it), so the "
+                          f"tangent model cannot be differentiated. PyTorch said: {said} {WAYS_OUT}.")
 
 
 def _is_checkpoint_error(error: BaseException) -> bool:
@@ -49,10 +82,20 @@ def _has_rnn(module: nn.Module | None) -> bool:
     return module is not None and any(isinstance(m, nn.RNNBase) for m in module.modules())
 
 
-def _has_weight_norm(module: nn.Module | None) -> bool:
+# Activation modules whose functional form lacks a second-order rule (see the module docstring).
+_COMPOSITE_ACTIVATION_MODULES = (nn.Hardsigmoid, nn.GLU)
+
+
+def _needs_composites(module: nn.Module | None) -> bool:
+    """Whether ``module`` holds weight norm, ``nn.Hardsigmoid`` or ``nn.GLU`` (a functional model, whose
+    layers cannot be seen: always). The mode that swaps their kernels costs a Python call per op, so it is
+    entered only where needed; a functional ``F.hardsigmoid`` inside a module of another type is not seen
+    (its error then names the ways out)."""
+    if module is None:
+        return True
     # parametrizations.weight_norm registers a _WeightNorm module; the old-style hook leaves weight_g / weight_v.
-    return module is not None and any(type(m).__name__ == "_WeightNorm" or hasattr(m, "weight_g")
-                                      for m in module.modules())
+    return any(type(m).__name__ == "_WeightNorm" or hasattr(m, "weight_g") or isinstance(m, _COMPOSITE_ACTIVATION_MODULES)
+               for m in module.modules())
 
 
 def composite_weight_norm(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -64,13 +107,43 @@ def composite_weight_norm(args: tuple, kwargs: dict) -> torch.Tensor:
     return v * (g / torch.norm_except_dim(v, 2, dim))
 
 
-class _CompositeWeightNorm(TorchFunctionMode):
-    """Every ``torch._weight_norm`` call by :func:`composite_weight_norm`."""
+def composite_hardsigmoid(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """hardsigmoid(x) = clamp(x + 3, 0, 6) / 6, elementwise, any shape (as PyTorch's kernel computes it).
+
+    PyTorch's rule for ``hardsigmoid`` calls ``hardsigmoid_backward``, which has no forward-AD rule and no
+    derivative: the twin's backward and ‖D²h‖ fail on it. ``clamp`` has both (derivative 1/6 strictly between
+    the kinks −3 and 3, 0 outside). ``inplace`` is ignored: the result is a new tensor (writing it into ``x``
+    would change a tensor autograd keeps), which every caller that uses the returned value, as
+    ``nn.Hardsigmoid`` does, cannot tell apart."""
+    del inplace
+    return (x + 3).clamp(0, 6) / 6
+
+
+def composite_glu(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """glu(x) = a · sigmoid(b), with a, b the two halves of ``x`` along ``dim`` (Dauphin et al., 2017).
+
+    ``glu``'s forward-AD rule calls ``glu_jvp``, which has neither rule nor derivative of its own."""
+    a, b = x.chunk(2, dim=dim)
+    return a * torch.sigmoid(b)
+
+
+_COMPOSITE_FUNCTIONS = {
+    F.hardsigmoid: lambda args, kwargs: composite_hardsigmoid(*args, **kwargs),
+    torch._C._nn.hardsigmoid: lambda args, kwargs: composite_hardsigmoid(*args),
+    torch._C._nn.hardsigmoid_: lambda args, kwargs: composite_hardsigmoid(*args),
+    F.glu: lambda args, kwargs: composite_glu(*args, **kwargs),
+    torch._weight_norm: composite_weight_norm,
+}
+
+
+class _Composites(TorchFunctionMode):
+    """Every call of ``torch._weight_norm``, ``F.hardsigmoid`` and ``F.glu`` by its composite above."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch protocol
         kwargs = kwargs or {}
-        if func is torch._weight_norm:
-            return composite_weight_norm(args, kwargs)
+        composite = _COMPOSITE_FUNCTIONS.get(func)
+        if composite is not None:
+            return composite(args, kwargs)
         return func(*args, **kwargs)
 
 
@@ -167,10 +240,12 @@ def forward_ad_safe(module: nn.Module | None = None, what: str = "lightning_lazy
 
     Inside: the MHA / Transformer fast path is off, ``scaled_dot_product_attention`` uses its math kernel,
     when ``module`` holds an RNN the oneDNN and cuDNN kernels are off (RNNs then run their composite
-    implementation; other layers are unaffected otherwise), and weight norm is computed by its composite
-    formula, and activation checkpointing runs the checkpointed function as a plain call
-    (:func:`plain_checkpoints`). The same functions are computed, a little slower. An op that still has no forward-AD rule raises :class:`ForwardADError`, one line naming the
-    innermost module that was running (``what`` says which computation needed it), chained to nothing.
+    implementation; other layers are unaffected otherwise), and, when ``module`` holds them (or is ``None``),
+    weight norm, ``hardsigmoid`` and ``glu`` are computed by their composite formulas; activation checkpointing
+    runs the checkpointed function as a plain call (:func:`plain_checkpoints`). The same functions are
+    computed, a little slower. An op that still has no forward-AD rule raises :class:`ForwardADError`,
+    one line naming the innermost module that was running (``what`` says which computation needed it) and
+    the monitor's options that still work, chained to nothing.
     """
     tracker = _ModuleStack()
     with contextlib.ExitStack() as stack:
@@ -178,8 +253,8 @@ def forward_ad_safe(module: nn.Module | None = None, what: str = "lightning_lazy
         stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
         if _has_rnn(module):
             stack.enter_context(_rnn_kernels_off())
-        if _has_weight_norm(module):
-            stack.enter_context(_CompositeWeightNorm())
+        if _needs_composites(module):
+            stack.enter_context(_Composites())
         stack.enter_context(plain_checkpoints())
         handles = [
             nn.modules.module.register_module_forward_pre_hook(tracker.push),
@@ -203,6 +278,6 @@ def forward_ad_safe(module: nn.Module | None = None, what: str = "lightning_lazy
             said = " ".join(str(error).split("\n")[0].split())
             raise ForwardADError(
                 f"{what}: an operation in module {_describe(module, failing)} has no forward-mode AD rule, so its "
-                f"tangent (Jacobian-vector product) cannot be computed. PyTorch said: {said} Replace that operation "
-                "with one that supports forward-mode AD, or give your custom autograd.Function setup_context() and jvp() staticmethods."
+                f"tangent (Jacobian-vector product) cannot be computed. PyTorch said: {said} {WAYS_OUT}; in your own "
+                "code, an op with the rule or an autograd.Function with setup_context() and jvp() would do."
             ) from None

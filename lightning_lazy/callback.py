@@ -12,6 +12,7 @@ import copy
 import math
 import os
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -24,7 +25,9 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_lazy._inputs import as_inputs, inputs_to, num_examples
+from lightning_lazy._forward_ad import as_forward_ad_error
+from lightning_lazy._inputs import as_inputs, inputs_to, num_examples, take
+from lightning_lazy._optim import adaptive_optimizer
 from lightning_lazy.objective import WatchLike, resolve_objective, resolve_watched
 from lightning_lazy.probe import NTK_OUTPUTS, LazinessProbe, NtkOutputs
 from lightning_lazy.scaling import IGNORE_INDEX, LossLike, check_alpha, resolve_loss
@@ -92,7 +95,8 @@ class LazyTrainingMonitor(Callback):
             target-class logit, as Malladi et al. 2023) or ``callable(output, y) -> [N, K']``; see
             :class:`~lightning_lazy.probe.LazinessProbe`. A kernel over the memory budget is refused at fit start.
         every_n_epochs: measure at the end of every n-th training epoch.
-        log_steps: also measure after these global steps: a list, or ``"log"`` for 1, 2, 4, 8, ...
+        log_steps: also measure after these global steps: ``"log"`` (the default) for 1, 2, 4, 8, ..., so the
+            early phase, which often already passes the horizon, is seen; a list; or ``None`` (epoch ends only).
         track_tangent: keep the linearized twin (divergence, tangent gap, tangent losses); ``False`` keeps
             the other measures and costs no training time.
         batch_to_xy: ``batch -> (x, y)`` or ``(x, y, extra)`` for batches that are not ``(x, y)``, a dict with
@@ -100,13 +104,19 @@ class LazyTrainingMonitor(Callback):
             which the model is called as ``model(**x)``, y the ``labels``).
         measure_kappa / measure_ntk: switch the two costliest measures off.
         figure: draw the laziness figure (a TensorBoard image ``lazy/figure`` and ``laziness.png`` in the log
-            folder) at each epoch-end measurement and at the end of fit, and log the summary text.
+            folder) at the end of fit and at epoch ends while its cost stays under 5 % of the fit (it takes
+            about a second to draw), and log the summary text.
 
-    Logged under ``lazy/``: ``divergence`` Δ, ``bound`` (= t̃²·κ(w0)), ``kappa``, ``jacobian_norm``,
+    Logged under ``lazy/``: ``regime`` (1 lazy, 0.5 in between, 0 feature learning:
+    :data:`lightning_lazy.report.REGIME_CODES`), ``divergence`` Δ, ``bound`` (= t̃²·κ(w0); only for gradient
+    descent and SGD with momentum, see :mod:`lightning_lazy._optim`), ``kappa``, ``jacobian_norm``,
     ``hessian_norm``, ``displacement``, ``tangent_gap``, ``ntk_distance``, ``kernel_alignment``,
     ``activation_stability``, ``normalized_time``, ``tangent/train_loss``, ``tangent/val_loss``
     (``test_loss`` under ``trainer.test``) and, for integer targets, ``tangent/val_acc`` / ``test_acc``.
-    The losses logged are R (without the 1/α² factor), comparable across α.
+    The losses logged are R (without the 1/α² factor), comparable across α. At the end of fit the regime and
+    the last measures also go to TensorBoard's HParams tab (the summaries of ``log_hyperparams(params, metrics)``,
+    params ``lazy/alpha`` and ``lazy/optimizer``), and one
+    line names the log folder and the figure.
 
     What the measures compare: the network and its twin as functions of the weights alone, on the probe,
     with dropout off and each BatchNorm that trains normalizing by the probe's own batch statistics (as in
@@ -133,7 +143,7 @@ class LazyTrainingMonitor(Callback):
         ntk_probe_size: int = 16,
         ntk_outputs: NtkOutputs = "auto",
         every_n_epochs: int = 1,
-        log_steps: str | Sequence[int] | None = None,
+        log_steps: str | Sequence[int] | None = "log",
         track_tangent: bool = True,
         batch_to_xy: BatchToXY | None = None,
         measure_kappa: bool = True,
@@ -189,6 +199,9 @@ class LazyTrainingMonitor(Callback):
         self._steps = 0
         self.history: list[dict[str, float]] = []
         self._drawn = 0  # measurements in the figure last drawn
+        self._draw_seconds = 1.0  # what a drawing took (before the first: about a second), and when it ended
+        self._drawn_at = time.perf_counter()
+        self._adaptive: str | None = None  # the optimizer's class name when the bound does not hold for it
         self._log_folder: str | None = None
         self._last_per_tensor: dict[str, float] = {}
         self._twin_loss_sum = 0.0
@@ -240,10 +253,12 @@ class LazyTrainingMonitor(Callback):
                                            twin=self._following_twin())
         except ValueError as error:  # a parameter replaced, or weights gone to NaN: one line, no traceback
             raise MisconfigurationException(f"LazyTrainingMonitor: {error}") from None
+        if self._adaptive is not None:
+            values.pop("bound", None)  # the theorem behind it speaks of gradient descent only
         values["displacement_per_tensor"] = {_display(k): v for k, v in values["displacement_per_tensor"].items()}
         return values
 
-    def summary_values(self) -> dict[str, float | None]:
+    def summary_values(self) -> dict[str, float | str | None]:
         """The numbers of the fit-end summary (:func:`lightning_lazy.report.laziness_summary`). After a fit run in
         spawned processes (``strategy="ddp_spawn"``), those its rank 0 handed back (and ``history`` is its)."""
         self._collect()
@@ -252,8 +267,9 @@ class LazyTrainingMonitor(Callback):
         last = self.history[-1] if self.history else {}
         return {
             "alpha": self._loss_scale ** -0.5,
+            "adaptive_optimizer": self._adaptive,
             "kappa0": self.initial_kappa,
-            "horizon": self.laziness_horizon if self.initial_kappa is not None else None,
+            "horizon": self.laziness_horizon if self.initial_kappa is not None and self._adaptive is None else None,
             "normalized_time": last.get("normalized_time"),
             "divergence": last.get("divergence"),
             "activation_stability": last.get("activation_stability"),
@@ -311,6 +327,7 @@ class LazyTrainingMonitor(Callback):
                 "LazyTrainingMonitor cannot follow LBFGS: it re-evaluates its closure several times per step. Use a "
                 "first-order optimizer, or LazyTrainingMonitor(track_tangent=False) to keep the other measures."
             )
+        self._adaptive = adaptive_optimizer(optimizer)
         self._build(pl_module, optimizer, clip=self._clipper(trainer, pl_module), reduce_gradients=self._reducer(trainer),
                     unscale=self._unscaler(trainer), on_lost=self._twin_lost)
         self._names = {id(p): name for name, p in self._watched.named_parameters()}
@@ -359,6 +376,12 @@ class LazyTrainingMonitor(Callback):
             twin_loss = float(self.twin.accumulate(x, y, extra, weight=1.0 / trainer.accumulate_grad_batches))
         except TwinError as error:  # the twin's backward reached a real gradient: refuse before it changes the run
             raise MisconfigurationException(f"LazyTrainingMonitor: {error} (track_tangent=False)") from None
+        except (RuntimeError, NotImplementedError) as error:
+            # The twin's backward runs outside forward_ad_safe: a missing rule surfaces here, as one line.
+            one_line = as_forward_ad_error(error, "LazyTrainingMonitor, the tangent twin's backward")
+            if one_line is None:
+                raise
+            raise one_line from None
         real_loss = self._real_loss(trainer, loss)
         self._twin_loss_sum += twin_loss / self._loss_scale
         self._real_loss_sum += real_loss / self._loss_scale
@@ -422,7 +445,12 @@ class LazyTrainingMonitor(Callback):
             if writer is not None and self.figure:
                 writer.add_text("lazy/summary", "\n".join("    " + line for line in text.splitlines()),
                                 trainer.global_step)
+            self._log_hparams(trainer)
             self._draw(trainer)
+            if self._log_folder is not None:
+                figure = os.path.join(self._log_folder, "laziness.png")
+                rank_zero_info(f"LazyTrainingMonitor: logs in {self._log_folder} (tensorboard --logdir "
+                               f"{self._log_folder})" + (f", figure {figure}" if os.path.exists(figure) else ""))
 
     @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -571,13 +599,33 @@ class LazyTrainingMonitor(Callback):
         except ValueError as error:
             raise MisconfigurationException(f"LazyTrainingMonitor: {error}") from None
         if self.measures.initial_relu is None:
-            rank_zero_warn("LazyTrainingMonitor: the model applies no ReLU, so lazy/activation_stability is not logged.")
-        if self.initial_kappa is not None:
+            self._warn_no_activation_stability()
+        if self.initial_kappa is not None and self._adaptive is not None:
+            rank_zero_info(
+                f"LazyTrainingMonitor: alpha = {self._loss_scale ** -0.5:g}, kappa(w0) = {self.initial_kappa:.4g}; "
+                f"the bound t~^2 kappa(w0) and its horizon hold for gradient descent (SGD, with or without momentum), "
+                f"not for {self._adaptive}: neither is stated, the measures are."
+            )
+        elif self.initial_kappa is not None:
             rank_zero_info(
                 f"LazyTrainingMonitor: alpha = {self._loss_scale ** -0.5:g}, ||Dh(w0)|| = "
                 f"{self.initial_jacobian_norm:.4g}, kappa(w0) = {self.initial_kappa:.4g}; the bound t~^2 kappa(w0) "
                 f"reaches 1 at normalized time t~ = {self.laziness_horizon:.4g}: the predicted laziness horizon."
             )
+
+    def _warn_no_activation_stability(self) -> None:
+        """Say why lazy/activation_stability is missing: name the smooth activations found, and what to read."""
+        from lightning_lazy.diagnostics import recording_activation_states
+
+        with recording_activation_states() as states:  # one forward of a few probe points, once
+            self.measures.output(take(self.measures.x, slice(0, 8)))
+        found = (f"its activations ({', '.join(states.smooth)}) are smooth, with no linear pieces for a unit to "
+                 "switch between" if states.smooth else "it applies no activation the monitor recognizes")
+        rank_zero_warn(
+            f"LazyTrainingMonitor: the model has no piecewise-linear unit (ReLU, ReLU6, LeakyReLU, Hardtanh, "
+            f"Hardswish, ...): {found}, so lazy/activation_stability is not logged. Read how far each layer's "
+            "features moved instead: lazy/layers/<module>/feature_movement (and lazy/kernel_alignment)."
+        )
 
     def _restore(self, state: dict[str, Any], pl_module: pl.LightningModule) -> None:
         self._trained = set(state["trained"])
@@ -746,6 +794,11 @@ class LazyTrainingMonitor(Callback):
         self._last_per_tensor = per_tensor
         self.history.append({"step": float(trainer.global_step), "epoch": float(trainer.current_epoch), **values})
         scalars = {f"lazy/{name}": value for name, value in values.items()}
+        from lightning_lazy.report import regime_code
+
+        code = regime_code(values)
+        if math.isfinite(code):
+            scalars["lazy/regime"] = code
         if on_step:
             # Straight to the loggers: pl_module.log from a batch hook would repeat the value at every step.
             # Lightning writes what is logged after k optimizer steps at step k - 1; so do we.
@@ -755,8 +808,10 @@ class LazyTrainingMonitor(Callback):
         else:
             for name, value in scalars.items():
                 pl_module.log(name, value, sync_dist=True)  # equal on every rank: quiets Lightning's advice
-        if trainer.is_global_zero and not on_step:
-            self._draw(trainer)  # rendering costs about a second: at epoch ends (and fit end), not at log steps
+        # Rendering costs about a second: at epoch ends (never at log steps) while that stays under 5 % of the
+        # time since the last drawing, and at fit end.
+        if trainer.is_global_zero and not on_step and time.perf_counter() - self._drawn_at >= 19 * self._draw_seconds:
+            self._draw(trainer)
 
     def _draw(self, trainer: pl.Trainer) -> None:
         """The laziness figure, rendered once: a TensorBoard image and ``laziness.png`` in the log folder."""
@@ -766,17 +821,44 @@ class LazyTrainingMonitor(Callback):
         if self._log_folder is None and writer is None:
             return  # no logger: no run folder to save it in
         self._drawn = len(self.history)
+        started = time.perf_counter()
         from matplotlib.image import imsave
 
         from lightning_lazy.report import figure_to_array, laziness_figure
 
-        horizon = self.laziness_horizon if self.initial_kappa is not None else None
-        pixels = figure_to_array(laziness_figure(self.history, horizon=horizon, per_tensor=self._last_per_tensor))
+        horizon = self.summary_values()["horizon"]
+        pixels = figure_to_array(laziness_figure(self.history, horizon=horizon, per_tensor=self._last_per_tensor,
+                                                 alpha=self._loss_scale ** -0.5))
         if self._log_folder is not None:
             os.makedirs(self._log_folder, exist_ok=True)
             imsave(os.path.join(self._log_folder, "laziness.png"), pixels)
         if writer is not None:
             writer.add_image("lazy/figure", pixels, trainer.global_step, dataformats="HWC")
+        self._drawn_at = time.perf_counter()
+        self._draw_seconds = self._drawn_at - started
+
+    def _log_hparams(self, trainer: pl.Trainer) -> None:
+        """The regime and the last measures as HParams metrics of the TensorBoard loggers: runs compare there."""
+        from lightning_lazy.report import regime_code
+
+        last = self.history[-1]
+        metrics = {f"lazy/{key}": float(last[key]) for key in ("divergence", "activation_stability", "kernel_alignment")
+                   if key in last and math.isfinite(float(last[key]))}
+        code = regime_code(last)
+        if math.isfinite(code):
+            metrics["lazy/regime"] = code
+        params = {"lazy/alpha": self._loss_scale ** -0.5, "lazy/optimizer": type(trainer.optimizers[0]).__name__
+                  if trainer.optimizers else "none"}
+        writer = _tensorboard(trainer)
+        if writer is None or not metrics:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        # What TensorBoardLogger.log_hyperparams(params, metrics) writes, less its logging of the metrics again:
+        # the HParams tab reads their values from the scalars already logged, which a repeat would duplicate.
+        file_writer = writer._get_file_writer()
+        for summary in hparams(params, metrics):
+            file_writer.add_summary(summary, trainer.global_step)
 
     def _prepare_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Before validate/test: restore the twin from a checkpoint if one was loaded, or say why there is none."""

@@ -6,8 +6,9 @@ Custom Scalars layout.
   kernel alignment and NTK distance, displacement and tangent gap, and the relative displacement of each
   parameter tensor by name. :func:`save_figure` writes it as PNG, :func:`figure_to_array` gives the pixels
   for ``SummaryWriter.add_image``.
-- :func:`laziness_summary` and :func:`regime`: a few lines of text, ending with one sentence on the regime
-  the run was in, judged from the measures (Δ, activation stability, kernel alignment), not from α.
+- :func:`laziness_summary` and :func:`regime`: a few lines of text, opening with one sentence on the regime
+  the run was in, judged from the measures (Δ, activation stability, kernel alignment), not from α;
+  :func:`regime_code` gives the regime as a number (:data:`REGIME_CODES`) for a scalar chart or HParams.
 - :func:`custom_scalars_layout`: charts that never mix quantities of different kinds.
 
 Only torch-free plotting (matplotlib's ``Figure`` with the Agg canvas, no pyplot state) and numpy.
@@ -33,7 +34,8 @@ from matplotlib.ticker import FuncFormatter, NullLocator
 # ‖y* − αh(w0)‖ and the probe is usually drawn from the training set, where the network and its tangent
 # model both end up fitting the targets; so Δ stays moderate even when the features change a lot
 # (0.13 at α = 0.1 in the demo, weights moved 12.7×), and the ReLU pattern and the kernel are the clearer
-# signals. The values separate the demo's runs as their weights and kernels show: α = 10 and 100 lazy
+# signals ("ReLU units" below: every piecewise-linear unit, see diagnostics.activation_stability). The values
+# separate the demo's runs as their weights and kernels show: α = 10 and 100 lazy
 # (Δ ≤ 0.05, ≥ 99 % of units unchanged), α = 0.1 feature learning (75 % unchanged), α = 1 in between.
 
 # Lazy: the network stays within 10 % of the initial residual of its tangent model ...
@@ -53,6 +55,10 @@ LAZY = "lazy (kernel regime)"
 FEATURE_LEARNING = "feature learning"
 IN_BETWEEN = "in between"
 UNKNOWN = "unknown"
+
+# The regime as a number (logged as lazy/regime and as an HParams metric): higher is lazier, as activation
+# stability and kernel alignment are. Unknown has no code (NaN: not logged).
+REGIME_CODES = {LAZY: 1.0, IN_BETWEEN: 0.5, FEATURE_LEARNING: 0.0}
 
 # Colours kept for one quantity in every panel and run.
 _COLOURS = {
@@ -123,7 +129,7 @@ def _log_y(ax: Axes) -> None:
 
 
 def laziness_figure(history: list[dict[str, float]], *, horizon: float | None = None,
-                    per_tensor: dict[str, float] | None = None, title: str = "") -> Figure:
+                    per_tensor: dict[str, float] | None = None, title: str = "", alpha: float | None = None) -> Figure:
     """The laziness figure of one run, from the monitor's measurements.
 
     Args:
@@ -135,12 +141,16 @@ def laziness_figure(history: list[dict[str, float]], *, horizon: float | None = 
         per_tensor: relative displacement ‖w_p − w0_p‖/‖w0_p‖ of each parameter tensor, by name; drawn as
             a horizontal bar chart with the names on the axis (log scale when the values span more than
             two decades).
-        title: the figure's title (e.g. the run's name and α).
+        title: the start of the figure's title (e.g. the run's name); ``alpha`` and the regime of the last
+            measurement (:func:`classify_regime`) follow it.
+        alpha: the model's scale α, shown in the title.
 
     Panels, each on its own axes against t̃ on a log axis: (a) Δ and the bound, log y, with the line 1 and
-    t̃*; (b) activation stability; (c) kernel alignment (left axis) and NTK distance (right axis);
-    (d) displacement and tangent gap, log y; (e) the per-tensor displacement. Measurements at t̃ = 0 (at
-    initialization) cannot sit on a log axis and are skipped, as are values ≤ 0 on a log y axis.
+    t̃*; (b) activation stability on y ∈ [0, 1]; (c) kernel alignment (left axis, [0, 1]) and NTK distance
+    (right axis, from 0 to max(1, its largest value)); (d) displacement and tangent gap, log y; (e) the
+    per-tensor displacement. The fixed axes of (b) and (c) make runs comparable at a glance (0.999 at
+    α = 100 and 0.75 at α = 0.1 do not both fill their panel). Measurements at t̃ = 0 (at initialization)
+    cannot sit on a log axis and are skipped, as are values ≤ 0 on a log y axis.
 
     Returns a ``matplotlib.figure.Figure`` with an Agg canvas (no pyplot state; nothing to close).
     """
@@ -151,7 +161,10 @@ def laziness_figure(history: list[dict[str, float]], *, horizon: float | None = 
     width = 16.0
     fig = Figure(figsize=(width, height))
     FigureCanvasAgg(fig)
-    top = 1 - 0.75 / height if title else 1 - 0.45 / height
+    verdict = classify_regime(history[-1]) if history else UNKNOWN
+    heading = [part for part in (title, f"α = {alpha:g}" if alpha is not None else "",
+                                 f"regime: {verdict}" if verdict != UNKNOWN else "") if part]
+    top = 1 - 0.75 / height if heading else 1 - 0.45 / height
     bottom = 0.6 / height
     grid_right = 0.6 if names else 0.97
     grid = fig.add_gridspec(2, 2, left=0.05, right=grid_right, bottom=bottom, top=top, wspace=0.4, hspace=0.32,
@@ -176,16 +189,17 @@ def laziness_figure(history: list[dict[str, float]], *, horizon: float | None = 
         ax.legend(fontsize=8, loc="best")
     else:
         _no_data(ax, "divergence and bound")
-    ax.set_title("(a) divergence Δ and the bound t̃²·κ(w0): lazy guaranteed while the "
-                 "bound < 1", fontsize=10)
+    has_bound = len(_series(history, "bound", log_y=True)[0]) > 0
+    ax.set_title("(a) divergence Δ and the bound t̃²·κ(w0): lazy guaranteed while the bound < 1" if has_bound else
+                 "(a) divergence Δ from the tangent model (no bound: it holds for gradient descent only)", fontsize=10)
 
-    # (b) Share of ReLU units whose on/off state is still that of w0.
+    # (b) Share of piecewise-linear units whose linear piece is still that of w0, on [0, 1] whatever the run.
     ax = axes["b"]
     if _plot(ax, history, "activation_stability", "activation stability", log_y=False):
         _time_axis(ax)
         ax.axhline(1.0, color="black", lw=0.8, ls="--")
-        ax.ticklabel_format(axis="y", useOffset=False)
-        ax.set_ylabel("share of ReLU units unchanged")
+        ax.set_ylim(0.0, 1.02)
+        ax.set_ylabel("share of units on their w0 piece")
     else:
         _no_data(ax, "activation stability")
     ax.set_title("(b) activation stability", fontsize=10)
@@ -196,14 +210,14 @@ def laziness_figure(history: list[dict[str, float]], *, horizon: float | None = 
     t_dist, v_dist = _series(history, "ntk_distance", log_y=False)
     if has_alignment or len(t_dist):
         _time_axis(ax)
-        ax.ticklabel_format(axis="y", useOffset=False)
+        ax.set_ylim(0.0, 1.02)
         ax.set_ylabel("alignment cos(K, K0)", color=_COLOURS["kernel_alignment"])
         lines, labels = ax.get_legend_handles_labels()
         if len(t_dist):
             right = ax.twinx()
             right.plot(t_dist, v_dist, "s-", ms=3.5, lw=1.4, color=_COLOURS["ntk_distance"],
                        label="NTK distance (right axis)")
-            right.ticklabel_format(axis="y", useOffset=False)
+            right.set_ylim(0.0, max(1.0, float(np.max(v_dist))) * 1.02)
             right.set_ylabel("NTK distance |K - K0| / |K0|", color=_COLOURS["ntk_distance"])
             more_lines, more_labels = right.get_legend_handles_labels()
             lines, labels = lines + more_lines, labels + more_labels
@@ -228,8 +242,8 @@ def laziness_figure(history: list[dict[str, float]], *, horizon: float | None = 
 
     if names:
         _per_tensor_panel(axes["e"], per_tensor)
-    if title:
-        fig.suptitle(title, fontsize=12)
+    if heading:
+        fig.suptitle(" · ".join(heading), fontsize=12)
     return fig
 
 
@@ -311,11 +325,17 @@ def _evidence(values: Mapping[str, float | None]) -> str:
         parts.append(f"Δ = {divergence:.3g}")
     stability = _finite(values, "activation_stability")
     if stability is not None:
-        parts.append(f"{100 * stability:.1f} % of ReLU units unchanged")
+        parts.append(f"{100 * stability:.1f} % of units on their w0 piece")
     alignment = _finite(values, "kernel_alignment")
     if alignment is not None:
         parts.append(f"kernel alignment {alignment:.3f}")
     return ", ".join(parts)
+
+
+def regime_code(values: Mapping[str, float | None]) -> float:
+    """:func:`classify_regime` as a number, :data:`REGIME_CODES`: 1 lazy, 0.5 in between, 0 feature learning,
+    NaN unknown. Logged as ``lazy/regime`` at each measurement and as an HParams metric at the end of fit."""
+    return REGIME_CODES.get(classify_regime(values), math.nan)
 
 
 def regime(values: Mapping[str, float | None]) -> str:
@@ -325,7 +345,8 @@ def regime(values: Mapping[str, float | None]) -> str:
     ``kernel_alignment`` decide, ``normalized_time`` and ``horizon`` say whether the paper's bound still
     guaranteed laziness at the end. The bound is a sufficient condition only: a run can stay lazy long
     past t̃* (the demo's α = 100 run is, at 30 times its horizon), so the horizon qualifies the sentence
-    and does not decide it.
+    and does not decide it. With ``adaptive_optimizer`` set (Adam, ...), where the bound does not hold, the
+    horizon is never mentioned.
     """
     kind = classify_regime(values)
     if kind == UNKNOWN:
@@ -337,6 +358,8 @@ def regime(values: Mapping[str, float | None]) -> str:
     if kind == IN_BETWEEN:
         return f"Regime: {kind}: the network moved away from its linearization without leaving it ({evidence})."
     t, horizon = _finite(values, "normalized_time"), _finite(values, "horizon")
+    if values.get("adaptive_optimizer"):
+        horizon = None
     if t is not None and horizon is not None and horizon > 0:
         where = (f", within the horizon t~* = {horizon:.3g} where the bound guarantees it" if t <= horizon else
                  f", {t / horizon:.3g} times past the horizon t~* = {horizon:.3g}, so by the measures and no "
@@ -350,34 +373,42 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}"
 
 
-def laziness_summary(values: dict[str, float | None]) -> str:
+def laziness_summary(values: Mapping[str, float | str | None]) -> str:
     """A short plain-text summary of a run, for the terminal and TensorBoard's text tab.
 
-    ``values``: any of ``"alpha"``, ``"kappa0"`` (κ(w0)), ``"horizon"`` (t̃*), ``"normalized_time"`` (t̃
-    at the end), ``"divergence"``, ``"activation_stability"``, ``"kernel_alignment"``, ``"displacement"``,
-    ``"loss"`` (the model's last training loss), ``"tangent_loss"`` (the twin's); missing, None or NaN
-    values are left out. The last line is :func:`regime`'s sentence.
+    ``values``: any of ``"alpha"``, ``"adaptive_optimizer"`` (the optimizer's class name when the bound does
+    not hold for it, :func:`lightning_lazy._optim.adaptive_optimizer`), ``"kappa0"`` (κ(w0)), ``"horizon"``
+    (t̃*), ``"normalized_time"`` (t̃ at the end), ``"divergence"``, ``"activation_stability"``,
+    ``"kernel_alignment"``, ``"displacement"``, ``"loss"`` (the model's last training loss),
+    ``"tangent_loss"`` (the twin's); missing, None or NaN values are left out. The first line is
+    :func:`regime`'s sentence (TensorBoard's Text tab shows it first, uncut). With an adaptive optimizer
+    the horizon is not stated, and a line says why: the theorem's time is that of gradient descent.
     """
     rows: list[tuple[str, str]] = []
+    adaptive = values.get("adaptive_optimizer") or None
     alpha = _finite(values, "alpha")
     if alpha is not None:
         rows.append(("alpha", f"{alpha:g}"))
+    if adaptive:
+        rows.append(("optimizer", f"{adaptive}: adaptive, so the bound t~^2 kappa(w0) (proved for gradient descent) "
+                                  "and its horizon do not apply; the measures below do"))
     kappa0 = _finite(values, "kappa0")
     if kappa0 is not None:
         rows.append(("kappa(w0)", _fmt(kappa0)))
-    horizon = _finite(values, "horizon")
+    horizon = None if adaptive else _finite(values, "horizon")
     if horizon is not None:
         rows.append(("horizon t~* (t~^2 kappa(w0) = 1)", _fmt(horizon)))
     t = _finite(values, "normalized_time")
     if t is not None:
         past = f"  ({t / horizon:.3g} x the horizon)" if horizon is not None and horizon > 0 else ""
-        rows.append(("normalized time t~", _fmt(t) + past))
+        meaning = "  (sum of lr x ||Dh(w0)||^2: not the theorem's time)" if adaptive else ""
+        rows.append(("normalized time t~", _fmt(t) + past + meaning))
     divergence = _finite(values, "divergence")
     if divergence is not None:
         rows.append(("divergence Δ from the tangent model", _fmt(divergence)))
     stability = _finite(values, "activation_stability")
     if stability is not None:
-        rows.append(("activation stability", f"{100 * stability:.2f} % of ReLU units unchanged"))
+        rows.append(("activation stability", f"{100 * stability:.2f} % of units on their w0 linear piece"))
     alignment = _finite(values, "kernel_alignment")
     if alignment is not None:
         rows.append(("kernel alignment with K(w0)", f"{alignment:.4f}"))
@@ -390,15 +421,14 @@ def laziness_summary(values: dict[str, float | None]) -> str:
                      f"{_fmt(loss) if loss is not None else 'n/a'} / "
                      f"{_fmt(tangent_loss) if tangent_loss is not None else 'n/a'}"))
     width = max((len(name) for name, _ in rows), default=0)
-    lines = ["Laziness summary"] + [f"  {name:<{width}}  {text}" for name, text in rows]
-    lines.append(regime(values))
-    return "\n".join(lines)
+    return "\n".join([regime(values), "Laziness summary"] + [f"  {name:<{width}}  {text}" for name, text in rows])
 
 
 # -------------------------------------------------------------------------------------- custom scalars
 
 # The kind of each tag: a chart of the layout holds tags of one kind only, so one y-axis fits them all.
 TAG_KINDS: dict[str, str] = {
+    "lazy/regime": "regime code",
     # Δ and the bound are both compared with 1 (the bound is the paper's sufficient condition for Δ small).
     "lazy/divergence": "compared with 1",
     "lazy/bound": "compared with 1",
@@ -427,6 +457,7 @@ def custom_scalars_layout() -> dict[str, dict[str, list]]:
     measurements are few, and smoothing shifts them.
     """
     charts = {
+        "regime (1 lazy, 0.5 in between, 0 feature learning)": ["lazy/regime"],
         "divergence and bound t~^2 kappa(w0) (use the log-scale button)": ["lazy/divergence", "lazy/bound"],
         "kappa": ["lazy/kappa"],
         "||D(alpha h)|| (jacobian norm)": ["lazy/jacobian_norm"],

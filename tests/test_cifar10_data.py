@@ -156,6 +156,7 @@ def test_missing_files_without_download_says_where(tmp_path: Path) -> None:
     message = str(info.value)
     assert str(tmp_path / "nowhere" / "cifar-10-batches-py") in message
     assert "data_batch_1" in message and "download=True" in message
+    assert "lightning-lazy demo" in message and "add_to_existing_trainer.py" in message  # what runs offline
     assert "cifar-10-python.tar.gz" in message
 
 

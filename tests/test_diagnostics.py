@@ -167,7 +167,7 @@ def test_activation_stability_counts_module_and_functional_relus(probe):
     functional = _FunctionalRelu(net)
     renamed = lambda p: {k.replace("0.", "first.").replace("2.", "second."): v for k, v in p.items()}  # noqa: E731
     assert D.activation_stability(functional, probe, renamed(params), renamed(params0)).item() == value.item()
-    with pytest.raises(ValueError, match="applies no ReLU"):
+    with pytest.raises(ValueError, match="no piecewise-linear activation.*smooth tanh"):
         tanh_net = mlp()
         p = dict(tanh_net.named_parameters())
         D.activation_stability(tanh_net, probe, p, p)

@@ -39,7 +39,7 @@ def plotted_x(ax) -> list[float]:
 def test_figure_panels_axes_and_tensor_names() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "non-positive values on a log axis" or similar on the way
-        fig = report.laziness_figure(history(), horizon=5.0, per_tensor=PER_TENSOR, title="alpha = 10")
+        fig = report.laziness_figure(history(), horizon=5.0, per_tensor=PER_TENSOR, title="run 3")
         fig.canvas.draw()
     a = panel(fig, "a")
     assert a.get_xscale() == "log" and a.get_yscale() == "log"
@@ -61,7 +61,7 @@ def test_figure_panels_axes_and_tensor_names() -> None:
     top_down = sorted(zip(e.get_yticks(), (t.get_text() for t in e.get_yticklabels())), reverse=True)
     assert [name for _, name in top_down] == list(PER_TENSOR)  # the model's order, first tensor at the top
     assert e.get_xscale() == "log"  # 0.3 and 0.001 are more than two decades apart
-    assert fig._suptitle.get_text() == "alpha = 10"
+    assert fig._suptitle.get_text() == "run 3 · regime: in between"  # the last measurement's regime
 
 
 def test_figure_with_one_point_missing_keys_and_nan(tmp_path: Path) -> None:
@@ -101,19 +101,19 @@ FEATURES = {"alpha": 0.1, "kappa0": 4.24, "horizon": 0.486, "normalized_time": 5
 def test_summary_of_a_lazy_run() -> None:
     text = report.laziness_summary(LAZY)
     lines = text.splitlines()
-    assert lines[0] == "Laziness summary"
+    assert lines[1] == "Laziness summary"  # after the verdict, which TensorBoard's Text tab shows first
     for needle in ("kappa(w0)", "0.00424", "15.4", "505", "0.018", "99.90 %", "0.9995", "0.00223", "0.00153 / 0.00152"):
         assert needle in text, needle
-    assert lines[-1] == report.regime(LAZY)
-    assert lines[-1].startswith("Regime: lazy (kernel regime):")
-    assert "past the horizon" in lines[-1]  # t~ = 505 > t~* = 15.4: the measures, not the bound, say lazy
+    assert lines[0] == report.regime(LAZY)
+    assert lines[0].startswith("Regime: lazy (kernel regime):")
+    assert "past the horizon" in lines[0]  # t~ = 505 > t~* = 15.4: the measures, not the bound, say lazy
     within = report.regime({**LAZY, "normalized_time": 3.0})
     assert within.startswith("Regime: lazy") and "within the horizon" in within
     assert report.classify_regime(LAZY) == report.LAZY
 
 
 def test_summary_of_a_feature_learning_run() -> None:
-    sentence = report.laziness_summary(FEATURES).splitlines()[-1]
+    sentence = report.laziness_summary(FEATURES).splitlines()[0]
     assert sentence.startswith("Regime: feature learning:") and "75.0 %" in sentence
     # The verdict comes from the measures, not from alpha: the same measures at alpha = 1000 read the same.
     assert report.regime({**FEATURES, "alpha": 1000.0}) == sentence
@@ -128,7 +128,7 @@ def test_summary_in_between_missing_and_nan() -> None:
     assert report.regime({"divergence": 0.15}).startswith("Regime: in between:")
     text = report.laziness_summary({"alpha": None, "divergence": 0.02, "kernel_alignment": math.nan, "loss": 0.5})
     assert "alpha" not in text and "kernel alignment" not in text and "0.5 / n/a" in text
-    assert text.splitlines()[-1].startswith("Regime: lazy")  # Δ is the only measure, and it is small
+    assert text.splitlines()[0].startswith("Regime: lazy")  # Δ is the only measure, and it is small
     assert report.regime({}).startswith("Regime: unknown")
 
 

@@ -317,12 +317,22 @@ def _first_missing(path: Path) -> Path | None:
     return missing
 
 
+def _offline_alternatives() -> str:
+    """What runs without CIFAR-10: the data this package ships or makes (no download)."""
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    mnist1d = ("`lightning-lazy fit --config mnist1d_cnn_standard` (MNIST-1D, shipped), "
+               if (configs / "mnist1d_cnn_standard.yaml").exists() else "")
+    return (f" Offline, without CIFAR-10: {mnist1d}`lightning-lazy demo` (teacher-student data made on the fly), "
+            "or `python examples/add_to_existing_trainer.py` (scikit-learn's digits).")
+
+
 def _where_to_put_it(root: Path) -> str:
     return (
         f"Download {CIFAR10_URL} on a machine with network access and either extract it so that "
         f"{root / 'cifar-10-batches-py'}/ holds data_batch_1 ... data_batch_5, test_batch and batches.meta, "
         f"or copy the .tar.gz itself into {root}/ and run again with download=True (it is then only "
         "checked and extracted). Or point data_dir (--data.data_dir) at a folder that already has it."
+        + _offline_alternatives()
     )
 
 

@@ -37,10 +37,13 @@ from lightning_lazy.diagnostics.kernels import (
 )
 from lightning_lazy.diagnostics.lanczos import extreme_eigenpair
 from lightning_lazy.diagnostics.movement import (
+    ActivationStates,
     Displacement,
     activation_stability,
+    activation_states,
     displacement,
     path_divergence,
+    recording_activation_states,
     recording_relu_states,
     relu_states,
 )
@@ -62,7 +65,9 @@ __all__ = [
     "target_alignment",
     "Displacement",
     "Kappa",
+    "ActivationStates",
     "activation_stability",
+    "activation_states",
     "displacement",
     "empirical_ntk",
     "hessian_norm",
@@ -72,6 +77,7 @@ __all__ = [
     "kernel_alignment",
     "ntk_distance",
     "path_divergence",
+    "recording_activation_states",
     "recording_relu_states",
     "relu_states",
 ]

@@ -1,9 +1,9 @@
-"""How far the network has moved: the path divergence Δ, displacement, ReLU activation stability."""
+"""How far the network has moved: the path divergence Δ, displacement, activation stability (piecewise-linear units)."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -82,47 +82,140 @@ def displacement(params: Params, initial_params: Params) -> Displacement:
     return Displacement(torch.sqrt(moved_sq / initial_sq), per_tensor, absolute)
 
 
-_RELU_FUNCTIONS = {
-    torch.relu,
-    torch.relu_,
-    torch.nn.functional.relu,
-    torch.nn.functional.relu_,
-    Tensor.relu,
-    Tensor.relu_,
-}
+_F = torch.nn.functional
 
 
-class _ReluRecorder(TorchFunctionMode):
-    """Records, for every ReLU call (``nn.ReLU``, ``F.relu``, ``torch.relu``, ``x.relu()``), which units are on."""
+def _arg(args: tuple, kwargs: dict, index: int, name: str, default: float) -> float:
+    return float(args[index] if len(args) > index else kwargs.get(name, default))
+
+
+def _kinks(*points: float) -> Callable[[tuple, dict], tuple[float, ...]]:
+    return lambda args, kwargs: points
+
+
+def _hardtanh_kinks(args: tuple, kwargs: dict) -> tuple[float, ...]:
+    return _arg(args, kwargs, 1, "min_val", -1.0), _arg(args, kwargs, 2, "max_val", 1.0)
+
+
+def _shrink_kinks(args: tuple, kwargs: dict) -> tuple[float, ...]:
+    lambd = _arg(args, kwargs, 1, "lambd", 0.5)
+    return -lambd, lambd
+
+
+def _threshold_kinks(args: tuple, kwargs: dict) -> tuple[float, ...]:
+    return (_arg(args, kwargs, 1, "threshold", 0.0),)
+
+
+# Piecewise-linear activations (Hardswish: piecewise quadratic, linear outside [-3, 3]), by the function their
+# module calls (nn.ReLU6 is an nn.Hardtanh(0, 6): F.hardtanh), with the kinks that bound their pieces.
+_PIECEWISE: dict[Callable, tuple[str, Callable[[tuple, dict], tuple[float, ...]]]] = {}
+for _name, _functions, _rule in (
+    ("relu", (torch.relu, torch.relu_, _F.relu, Tensor.relu, Tensor.relu_), _kinks(0.0)),
+    ("relu6", (_F.relu6,), _kinks(0.0, 6.0)),
+    ("hardtanh", (_F.hardtanh, getattr(_F, "hardtanh_", None)), _hardtanh_kinks),
+    ("leaky_relu", (_F.leaky_relu, getattr(_F, "leaky_relu_", None)), _kinks(0.0)),
+    ("prelu", (_F.prelu, torch.prelu), _kinks(0.0)),
+    ("rrelu", (_F.rrelu, getattr(_F, "rrelu_", None)), _kinks(0.0)),
+    ("threshold", (_F.threshold, getattr(_F, "threshold_", None)), _threshold_kinks),
+    ("hardsigmoid", (_F.hardsigmoid,), _kinks(-3.0, 3.0)),
+    ("hardswish", (_F.hardswish,), _kinks(-3.0, 3.0)),
+    ("hardshrink", (_F.hardshrink, torch.hardshrink, Tensor.hardshrink), _shrink_kinks),
+    ("softshrink", (_F.softshrink,), _shrink_kinks),
+):
+    for _function in _functions:
+        if _function is not None:
+            _PIECEWISE[_function] = (_name, _rule)
+
+# Smooth activations: no unit ever switches piece, so they have no activation stability; recorded by name so
+# that a model made of them can be told what to read instead.
+_SMOOTH: dict[Callable, str] = {}
+for _name, _functions in (
+    ("gelu", (_F.gelu,)), ("silu", (_F.silu,)), ("mish", (_F.mish,)), ("elu", (_F.elu,)), ("selu", (_F.selu,)),
+    ("celu", (_F.celu,)), ("softplus", (_F.softplus,)), ("glu", (_F.glu,)), ("logsigmoid", (_F.logsigmoid,)),
+    ("tanh", (torch.tanh, _F.tanh, Tensor.tanh)), ("sigmoid", (torch.sigmoid, _F.sigmoid, Tensor.sigmoid)),
+):
+    for _function in _functions:
+        _SMOOTH[_function] = _name
+del _name, _functions, _rule, _function
+
+
+class ActivationStates(list):
+    """The linear-piece states of one forward: a ``list[Tensor]``, one tensor per piecewise-linear activation
+    call in call order, each the input's shape, holding the index of the piece each unit is on (bool for one
+    kink: ``pre-activation > kink``; uint8 for several: the number of kinks strictly below the input).
+    ``names``: the activation of each entry (``"relu"``, ``"relu6"``, ...); ``smooth``: the smooth activations
+    (GELU, SiLU, tanh, ...) the forward applied, by name, in first-call order."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.states: list[Tensor] = []
+        self.names: list[str] = []
+        self.smooth: list[str] = []
+
+
+def _piece(x: Tensor, kinks: tuple[float, ...]) -> Tensor:
+    if len(kinks) == 1:
+        return x > kinks[0]
+    index = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
+    for kink in kinks:
+        index += x > kink
+    return index
+
+
+class _ActivationRecorder(TorchFunctionMode):
+    """Records, for every piecewise-linear activation call (module or functional form), which piece each
+    unit is on, and the names of the smooth activations called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.states = ActivationStates()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch protocol
-        if func in _RELU_FUNCTIONS and args and isinstance(args[0], Tensor):
-            self.states.append(args[0].detach() > 0)  # before the call: relu_ overwrites its input
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        piecewise = _PIECEWISE.get(func)
+        if piecewise is not None and args and isinstance(args[0], Tensor):
+            name, rule = piecewise
+            kinks = rule(args, kwargs)
+            self.states.append(_piece(args[0].detach(), kinks))  # before the call: in-place overwrites
+            self.states.names.append("relu6" if name == "hardtanh" and kinks == (0.0, 6.0) else name)  # nn.ReLU6
+        elif func in _SMOOTH and _SMOOTH[func] not in self.states.smooth:
+            self.states.smooth.append(_SMOOTH[func])
+        return func(*args, **kwargs)
+
+
+_ReluRecorder = _ActivationRecorder  # the name before other piecewise-linear activations were counted
 
 
 @contextlib.contextmanager
-def recording_relu_states() -> Iterator[list[Tensor]]:
-    """Within the block, the on/off state (bool) of every ReLU unit any forward computes is appended to the
-    list yielded, one tensor per ReLU call in call order. For a forward whose output is needed anyway (the
-    divergence's, say): its activation states then cost no forward of their own."""
-    recorder = _ReluRecorder()
+def recording_activation_states() -> Iterator[ActivationStates]:
+    """Within the block, the linear-piece state of every piecewise-linear unit any forward computes is
+    appended to the :class:`ActivationStates` yielded, one tensor per activation call in call order.
+
+    Counted: ReLU (``nn.ReLU``, ``F.relu``, ``torch.relu``, ``Tensor.relu``, in-place forms), ReLU6, Hardtanh,
+    LeakyReLU, PReLU, RReLU, Threshold, Hardsigmoid, Hardswish, Hardshrink, Softshrink, module or functional
+    (a ``TorchFunctionMode`` sees both); the piece index counts the kinks strictly below the pre-activation
+    (ReLU6: 0 for x ≤ 0, 1 for 0 < x ≤ 6, 2 above). Smooth activations are named in ``.smooth``. For a
+    forward whose output is needed anyway (the divergence's, say): its states then cost no forward of their
+    own."""
+    recorder = _ActivationRecorder()
     with recorder:
         yield recorder.states
 
 
-def relu_states(model: ModelLike, x: Tensor, params: Params) -> list[Tensor]:
-    """On/off state (``pre-activation > 0``, bool) of every ReLU unit on the probe ``x`` at ``params``, one
-    tensor per ReLU call in call order (one no-grad forward). Compute it once at w0 and pass it to
-    :func:`activation_stability` as ``initial_states``: each later measurement then costs one forward."""
+recording_relu_states = recording_activation_states  # the name before other activations were counted
+
+
+def activation_states(model: ModelLike, x: Tensor, params: Params) -> ActivationStates:
+    """Linear-piece state of every piecewise-linear unit on the probe ``x`` at ``params`` (one no-grad
+    forward; see :func:`recording_activation_states`), one tensor per activation call in call order. Compute
+    it once at w0 and pass it to :func:`activation_stability` as ``initial_states``: each later measurement
+    then costs one forward."""
     _check_probe(x)
-    with recording_relu_states() as states:
+    with recording_activation_states() as states:
         _output(model, x, params)
     return states
+
+
+relu_states = activation_states  # the name before other activations were counted
 
 
 def activation_stability(
@@ -133,29 +226,33 @@ def activation_stability(
     *,
     initial_states: list[Tensor] | None = None,
 ) -> Tensor:
-    """Share of ReLU units, over all ReLU calls and probe inputs, whose on/off state at ``params``
-    equals the one at ``initial_params``: (1/U) Σ_units 1[pre-activation(w) > 0 ⇔ pre-activation(w0) > 0].
+    """Share of piecewise-linear units, over all activation calls and probe inputs, whose linear piece at
+    ``params`` is the one at ``initial_params``: (1/U) Σ_units 1[piece(pre-activation(w)) = piece(pre-activation(w0))].
 
-    Every ReLU is seen, whether an ``nn.ReLU`` module or a functional ``F.relu`` / ``torch.relu`` /
-    ``Tensor.relu`` call (a ``TorchFunctionMode`` records them in call order). Other activations
-    (GELU, LeakyReLU, ...) are not counted; a model with no ReLU is an error. ``initial_states`` (from
-    :func:`relu_states` at w0) replaces ``initial_params``: one forward of the probe instead of two. Memory:
-    one bool per unit and probe example (U numbers), kept at w0.
+    For ReLU the piece is the on/off state, the measure of Chizat et al. (2019), section 4.2 (VGG-11 on
+    CIFAR-10); ReLU6, Hardtanh, LeakyReLU, Hardsigmoid, Hardswish ... count the piece between their kinks
+    (see :func:`recording_activation_states`), module or functional forms alike, recorded in call order.
+    Smooth activations (GELU, SiLU, tanh) have no pieces and are not counted; a model with no piecewise-
+    linear unit is an error naming the smooth ones it applies. ``initial_states`` (from
+    :func:`activation_states` at w0) replaces ``initial_params``: one forward of the probe instead of two.
+    Memory: one byte per unit and probe example (U numbers), kept at w0.
     """
     _check_probe(x)
     if initial_states is None:
         if initial_params is None:
             raise ValueError("activation_stability needs initial_params or initial_states")
-        initial_states = relu_states(model, x, initial_params)
+        initial_states = activation_states(model, x, initial_params)
     then = initial_states
     if not then:
+        smooth = getattr(then, "smooth", [])
+        found = f"; it applies the smooth {', '.join(smooth)}, whose units never switch piece" if smooth else ""
         raise ValueError(
-            "the model applies no ReLU (nn.ReLU, F.relu, torch.relu or Tensor.relu) on the probe, so "
-            "activation stability is undefined"
+            "the model applies no piecewise-linear activation (ReLU, ReLU6, LeakyReLU, Hardtanh, Hardsigmoid, "
+            f"Hardswish, ...) on the probe, so activation stability is undefined{found}"
         )
-    now = relu_states(model, x, params)
+    now = activation_states(model, x, params)
     if len(now) != len(then) or any(a.shape != b.shape for a, b in zip(now, then)):
-        raise ValueError("the model applied a different sequence of ReLUs at params and at initial_params")
+        raise ValueError("the model applied a different sequence of activations at params and at initial_params")
     same = sum(int((a == b).sum()) for a, b in zip(now, then))
     total = sum(a.numel() for a in now)
     return torch.tensor(same / total, dtype=x.dtype if x.is_floating_point() else torch.float64)
