@@ -5,6 +5,10 @@ each alpha of a list, plus the standard and the linearized modes; every fit goes
 a shipped config (or any YAML path) and the sweep's overrides. Writes ``sweep.csv`` (one row per run, with
 the monitor's last ``lazy/*`` values), ``sweep.png`` (test accuracy and activation stability against alpha)
 and ``table.md`` ("linear vs lazy vs deep").
+
+A fourth mode, ``kernel``, trains nothing: it is the kernel predictor of the network at w0, the tangent
+model trained to convergence (infinite time) by gradient flow on the square loss, in closed form
+(:func:`kernel_predictor`). Same config, seed (so the same w0) and data as the other rows.
 """
 
 from __future__ import annotations
@@ -19,9 +23,12 @@ import traceback
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lightning_lazy.cli import make_lightning_cli, resolve_config
+from lightning_lazy.runner import make_lightning_cli, resolve_config
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
 from lightning_lazy.data.cifar10 import CIFAR10NotFoundError
 
 
@@ -49,6 +56,11 @@ class SweepRun:
 
 # Above this alpha, float32 cannot resolve the O(1/alpha) weight changes of lazy training (eps = 6e-8).
 LARGE_ALPHA = 1e4
+MODES = ("lazy", "standard", "linearized", "kernel")
+# The kernel row's empirical NTK: per-example Jacobians contracted ("jacobian"), with room for all of them.
+# On the MNIST-1D CNN (5 210 parameters, 1 000 x 1 000 inputs, one thread) it took 10.3 s against 23.7 s for
+# "structured"; for wide CNNs (millions of parameters) --kernel_implementation structured is the one to use.
+KERNEL_MEMORY_BUDGET = 1 << 29  # tensor elements: 2 GiB in float32
 CSV_FIELDS = ["config", "model", "mode", "alpha", "lr", "status", "train_loss", "train_acc", "val_acc", "test_loss",
               "test_acc", "activation_stability", "epochs", "seconds", "error"]
 
@@ -68,9 +80,21 @@ def _sweep_parser() -> argparse.ArgumentParser:
                         help="shipped config name(s) or YAML path(s); one model per config (its mode is overridden)")
     parser.add_argument("--alphas", nargs="+", type=float, default=[1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7],
                         help="alpha values of the lazy runs (default: 1 ... 1e7, decades)")
-    parser.add_argument("--modes", nargs="+", choices=["lazy", "standard", "linearized"],
+    parser.add_argument("--modes", nargs="+", choices=list(MODES),
                         default=["lazy", "standard", "linearized"],
-                        help="which modes to run (lazy = once per alpha; the others once)")
+                        help="which modes to run (lazy = once per alpha; the others once). kernel: no training, the "
+                             "kernel predictor of the network at w0 (the linearized model trained to convergence by "
+                             "gradient flow on the square loss, in closed form), with the empirical NTK")
+    parser.add_argument("--kernel_train_size", type=int, default=None,
+                        help="kernel mode: fit the kernel predictor on this many training examples (a seeded random "
+                             "subset); default: the whole training set (N x N kernel, N^2 memory and time)")
+    parser.add_argument("--kernel_diag_reg", type=float, default=0.0,
+                        help="kernel mode: ridge added to the kernel, relative to its mean diagonal (default 0: the "
+                             "gradient-flow limit itself)")
+    parser.add_argument("--kernel_implementation", default="jacobian",
+                        choices=["auto", "structured", "jacobian", "products"],
+                        help="kernel mode: diagnostics.empirical_ntk's implementation (default jacobian: fastest for "
+                             "small CNNs such as MNIST-1D's; structured for wide ones)")
     parser.add_argument("--lrs", nargs="+", type=float, default=None,
                         help="grid of initial learning rates; the best by validation accuracy is reported per point "
                              "(default: the config's model.lr)")
@@ -172,11 +196,133 @@ def _fit_one(run: SweepRun, config_path: str, overrides: list[str], args: argpar
         run.activation_stability = _activation_stability(model, params0, datamodule, args.probe_size, device)
 
 
+def _collect(loader: Any, limit: int | None = None) -> tuple[Tensor, Tensor]:
+    """``(x, y)`` of the first ``limit`` examples a loader yields (all of them when ``limit`` is None)."""
+    import torch
+
+    xs, ys, total = [], [], 0
+    for batch in loader:
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise ValueError(f"kernel mode needs batches (inputs, labels), got {type(batch).__name__}")
+        xs.append(batch[0])
+        ys.append(batch[1])
+        total += batch[0].shape[0]
+        if limit is not None and total >= limit:
+            break
+    return torch.cat(xs)[:limit], torch.cat(ys)[:limit]
+
+
+def kernel_predictor(
+    network: nn.Module,
+    x_train: Tensor,
+    y_train: Tensor,
+    inputs: dict[str, Tensor],
+    num_classes: int,
+    *,
+    diag_reg: float = 0.0,
+    implementation: str = "jacobian",
+) -> tuple[dict[str, Tensor], dict[str, float]]:
+    r"""Outputs of the kernel predictor of ``network`` at its current weights w0, on each input set.
+
+    The centred tangent model ``h̄(x; w) = Df(x; w0)(w − w0)`` (the ``linearized`` mode, ``h̄(w0) = 0``),
+    trained by gradient flow on the square loss to infinite time, predicts (Lee et al. 2019, eq. 10; the
+    paper's "linearized" limit α → ∞ run to convergence)::
+
+        h̄_∞(x) = Θ(x, X) Θ(X, X)⁻¹ Y
+
+    with ``Y = onehot(y_train)`` ``[N, K]`` and ``Θ`` the output-traced empirical NTK
+    ``Σ_k ⟨∂f_k(x)/∂w, ∂f_k(x')/∂w⟩`` at w0 (:func:`~lightning_lazy.diagnostics.empirical_ntk` with
+    ``trace=True``), used alike for every output (``Θ ⊗ I_K``). The full ``[N·K, N·K]`` NTK would give the
+    exact limit of the finite network's tangent model; its off-diagonal output blocks are dropped here (as
+    neural-tangents does with ``trace_axes``), which keeps the kernel ``N × N``. ``diag_reg`` adds
+    ``diag_reg · mean(diag Θ) · I`` to ``Θ(X, X)`` (0: the gradient-flow limit itself). The linear solve is done
+    in float64 (:func:`~lightning_lazy.diagnostics.gradient_descent_mse`, ``t=None``).
+
+    Args:
+        network: the network f at w0 (evaluated in eval mode; not changed).
+        x_train, y_train: training inputs ``[N, ...]`` and integer labels ``[N]``.
+        inputs: ``{name: x [M, ...]}`` sets to predict on (e.g. train, val, test).
+        num_classes: K.
+        implementation: the NTK implementation (``"auto"``, ``"structured"``, ``"jacobian"``, ``"products"``).
+
+    Returns ``({name: outputs [M, K] float64}, info)`` with ``info`` = ``train_size``, ``min_eigenvalue`` and
+    ``max_eigenvalue`` of ``Θ(X, X)`` (its conditioning), ``ntk_seconds`` and ``solve_seconds``.
+    """
+    import torch
+
+    from lightning_lazy import diagnostics
+
+    if x_train.shape[0] != y_train.shape[0]:
+        raise ValueError(f"{x_train.shape[0]} training inputs but {y_train.shape[0]} labels")
+    targets = torch.nn.functional.one_hot(y_train.long(), num_classes).to(torch.float64)
+    start = time.perf_counter()
+
+    def ntk(x1: Tensor, x2: Tensor | None) -> Tensor:
+        return diagnostics.empirical_ntk(network, x1, x2, trace=True, implementation=implementation,
+                                         memory_budget=KERNEL_MEMORY_BUDGET).to(torch.float64)
+
+    k_train = ntk(x_train, None)
+    # The training inputs themselves (the same tensor) reuse Θ(X, X): their outputs show how well it is solved.
+    k_inputs = {name: k_train if x is x_train else ntk(x, x_train) for name, x in inputs.items()}
+    ntk_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    predict = diagnostics.gradient_descent_mse(k_train, targets, diag_reg=diag_reg)
+    outputs = {}
+    for name, k in k_inputs.items():
+        # Centred model: h̄(w0) = 0 on every input, so the outputs at w0 are zeros.
+        zeros = torch.zeros(k.shape[0], num_classes, dtype=torch.float64)
+        outputs[name] = predict(None, fx_train_0=None, fx_test_0=zeros, k_test_train=k)
+    eigenvalues = torch.linalg.eigvalsh(k_train)
+    info = {"train_size": float(x_train.shape[0]), "min_eigenvalue": float(eigenvalues[0]),
+            "max_eigenvalue": float(eigenvalues[-1]), "ntk_seconds": ntk_seconds,
+            "solve_seconds": time.perf_counter() - start}
+    return outputs, info
+
+
+def _kernel_one(run: SweepRun, config_path: str, overrides: list[str], args: argparse.Namespace) -> None:
+    """The ``kernel`` row: the network at w0 of the config (same seed: same w0) and its kernel predictor."""
+    import torch
+
+    cli_args = ["--config", config_path, *overrides, "--model.mode=standard", f"--seed_everything={args.seed}"]
+    cli = make_lightning_cli(cli_args, run=False)
+    model, datamodule = cli.model, cli.datamodule
+    run.model = _model_name(model)
+    run.lr = math.nan  # nothing is trained
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    datamodule.setup("test")
+    # The training set as the first epoch's loader yields it: shuffled by the seeded global generator, so a
+    # --kernel_train_size subset is a seeded random one (for augmented data, one augmentation per example).
+    x_train, y_train = _collect(datamodule.train_dataloader(), args.kernel_train_size)
+    evaluated = {"val": _collect(datamodule.val_dataloader()), "test": _collect(datamodule.test_dataloader())}
+    network = model.backbone
+    dtype = next(network.parameters()).dtype
+    if str(cli.trainer.precision).startswith("64"):
+        network = network.double()
+        dtype = torch.float64
+    inputs = {"train": x_train, **{k: x for k, (x, _) in evaluated.items()}}
+    inputs = {k: x.to(dtype) for k, x in inputs.items()}
+    outputs, info = kernel_predictor(network, inputs["train"], y_train, inputs, model.num_classes,
+                                     diag_reg=args.kernel_diag_reg,
+                                     implementation=args.kernel_implementation)
+    labels = {"train": y_train, **{k: y for k, (_, y) in evaluated.items()}}
+    accuracy = {k: float((outputs[k].argmax(dim=1) == labels[k]).to(torch.float64).mean()) for k in outputs}
+    run.train_acc, run.val_acc, run.test_acc = accuracy["train"], accuracy["val"], accuracy["test"]
+    run.train_loss = float(model.risk(outputs["train"], labels["train"]))
+    run.test_loss = float(model.risk(outputs["test"], labels["test"]))
+    if not math.isfinite(run.test_loss):
+        raise FloatingPointError("the kernel predictor's outputs are not finite: the kernel is singular; add "
+                                 "--kernel_diag_reg 1e-6")
+    # The kernel predictor is the network's tangent model at w0: its ReLU pattern is that of w0.
+    run.activation_stability = 1.0
+    run.extra = {f"kernel/{k}": v for k, v in info.items()}
+
+
 def _run_label(run: SweepRun) -> str:
     label = f"{run.config}-{run.mode}"
     if run.mode == "lazy":
         label += f"-alpha{run.alpha:g}"
-    if run.lr is not None:
+    if run.lr is not None and math.isfinite(run.lr):
         label += f"-lr{run.lr:g}"
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", label)
 
@@ -224,7 +370,7 @@ def write_figure(runs: list[SweepRun], path: Path) -> None:
             line = ax_acc.plot([p.alpha for p in lazy], [100 * p.test_acc for p in lazy], "o-", label=label)[0]
             ax_stab.plot([p.alpha for p in lazy], [100 * p.activation_stability for p in lazy], "o-", label=label,
                          color=line.get_color())
-        for mode, style in (("standard", "--"), ("linearized", ":")):
+        for mode, style in (("standard", "--"), ("linearized", ":"), ("kernel", "-.")):
             point = points.get((config, mode, 0.0))
             if point is not None:
                 ax_acc.axhline(100 * point.test_acc, linestyle=style, color="gray",
@@ -234,7 +380,8 @@ def write_figure(runs: list[SweepRun], path: Path) -> None:
         ax.set_xlabel(r"scale $\alpha$")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # e.g. a kernel-only sweep draws no stability curve
+            ax.legend(fontsize=7)
     fig.suptitle("Lazy training: accuracy and activation stability against the scale alpha")
     fig.savefig(path, dpi=120)
 
@@ -243,35 +390,51 @@ def _pct(value: float) -> str:
     return f"{100 * value:.1f}" if math.isfinite(value) else "n/a"
 
 
+def _extra(run: SweepRun, key: str) -> str:
+    value = run.extra.get(key, math.nan)
+    return f"{value:.3g}" if math.isfinite(value) else "n/a"
+
+
 def write_table(runs: list[SweepRun], path: Path) -> None:
-    """Markdown: linear vs lazy vs deep (train / test accuracy per model and mode), then every point."""
+    """Markdown: linear vs lazy vs deep (and kernel) per model, then every run.
+
+    Per model: *deep* (standard training), *lazy* at each alpha, *linear* (the tangent model, alpha -> infinity)
+    and *kernel* (the tangent model's kernel predictor, trained to convergence): train and test accuracy, the
+    share of stable ReLU units, the monitor's last divergence Δ between the run and its tangent twin and NTK
+    distance ‖K_t − K_0‖/‖K_0‖ (the laziness it measured), and the run's wall time.
+    """
     points = _points(runs)
     lines = ["# Linear vs lazy vs deep", "",
-             "Train and test accuracy (%) per model: *deep* = standard training, *lazy* = the largest alpha of the "
-             "sweep, *linear* = the exact tangent model (alpha -> infinity). Where a learning-rate grid was run, "
-             "each point uses the lr with the best validation accuracy.", "",
-             "| model | mode | alpha | lr | train acc | test acc | stable activations |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             ("Train and test accuracy (%) per model: *deep* = standard training, *lazy* = alpha-scaled training "
+              "at each alpha of the sweep, *linear* = the exact tangent model (alpha -> infinity), *kernel* = the "
+              "tangent model's kernel predictor at infinite time (no training). Delta = the monitor's last divergence "
+              "between the run and its tangent twin, NTK distance = |K_t - K_0| / |K_0| (n/a: not measured). Where a "
+              "learning-rate grid was run, each point uses the lr with the best validation accuracy."), "",
+             ("| model | mode | alpha | lr | train acc | test acc | stable activations | Delta | NTK distance "
+              "| seconds |"),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for config in dict.fromkeys(r.config for r in runs):
         rows = []
-        deep = next((p for (c, m, _), p in points.items() if c == config and m == "standard"), None)
-        lazy = [p for (c, m, _), p in points.items() if c == config and m == "lazy"]
-        linear = next((p for (c, m, _), p in points.items() if c == config and m == "linearized"), None)
-        if deep:
-            rows.append(("deep", deep, "1"))
-        if lazy:
-            top = max(lazy, key=lambda p: p.alpha)
-            rows.append(("lazy", top, f"{top.alpha:g}"))
-        if linear:
-            rows.append(("linear", linear, "inf"))
+        mine = {(m, a): p for (c, m, a), p in points.items() if c == config}
+        if ("standard", 0.0) in mine:
+            rows.append(("deep", mine["standard", 0.0], "1"))
+        for (mode, alpha), p in sorted(mine.items(), key=lambda item: item[0][1]):
+            if mode == "lazy":
+                rows.append(("lazy", p, f"{alpha:g}"))
+        if ("linearized", 0.0) in mine:
+            rows.append(("linear", mine["linearized", 0.0], "inf"))
+        if ("kernel", 0.0) in mine:
+            rows.append(("kernel", mine["kernel", 0.0], "inf"))
         for name, p, alpha in rows:
-            lines.append(f"| {p.model} | {name} | {alpha} | {p.lr:g} | {_pct(p.train_acc)} | {_pct(p.test_acc)} "
-                         f"| {_pct(p.activation_stability)} |")
+            lr = f"{p.lr:g}" if p.lr is not None and math.isfinite(p.lr) else "-"
+            lines.append(f"| {p.model} | {name} | {alpha} | {lr} | {_pct(p.train_acc)} | {_pct(p.test_acc)} "
+                         f"| {_pct(p.activation_stability)} | {_extra(p, 'lazy/divergence')} "
+                         f"| {_extra(p, 'lazy/ntk_distance')} | {p.seconds:.0f} |")
     lines += ["", "## Every run", "", "| config | mode | alpha | lr | status | train acc | val acc | test acc "
               "| stable activations | epochs | seconds |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- "
               "| --- | --- |"]
     for r in runs:
-        lr = f"{r.lr:g}" if r.lr is not None else "config"
+        lr = "config" if r.lr is None else f"{r.lr:g}" if math.isfinite(r.lr) else "-"
         status = r.status if r.status == "ok" else f"{r.status}: {r.error[:80]}"
         lines.append(f"| {r.config} | {r.mode} | {r.alpha:g} | {lr} | {status} | {_pct(r.train_acc)} "
                      f"| {_pct(r.val_acc)} | {_pct(r.test_acc)} | {_pct(r.activation_stability)} | {r.epochs} "
@@ -289,6 +452,10 @@ def run_sweep(argv: Sequence[str]) -> int:
         parser.error(f"--lrs must be positive, got {args.lrs}")
     if args.probe_size < 1:
         parser.error("--probe_size must be at least 1")
+    if args.kernel_train_size is not None and args.kernel_train_size < 1:
+        parser.error(f"--kernel_train_size must be a positive number of examples, got {args.kernel_train_size}")
+    if not (args.kernel_diag_reg >= 0 and math.isfinite(args.kernel_diag_reg)):
+        parser.error(f"--kernel_diag_reg must be a non-negative number, got {args.kernel_diag_reg}")
     bad = [o for o in overrides if o.startswith("--model.mode") or o.startswith("--model.alpha")]
     if bad:
         parser.error(f"{bad[0]} is set by the sweep itself: use --modes and --alphas")
@@ -299,7 +466,7 @@ def run_sweep(argv: Sequence[str]) -> int:
     for name, _ in configs:
         for mode in args.modes:
             for alpha in (sorted(args.alphas) if mode == "lazy" else [1.0]):
-                for lr in (args.lrs or [None]):
+                for lr in (args.lrs or [None]) if mode != "kernel" else [None]:  # the kernel row trains nothing
                     plan.append(SweepRun(config=name, model=name, mode=mode, alpha=alpha, lr=lr))
     paths = dict(configs)
     n = len(plan)
@@ -310,7 +477,10 @@ def run_sweep(argv: Sequence[str]) -> int:
               + (f" lr={run.lr:g}" if run.lr is not None else ""), flush=True)
         start = time.perf_counter()
         try:
-            _fit_one(run, paths[run.config], overrides, args, out / "runs" / _run_label(run))
+            if run.mode == "kernel":
+                _kernel_one(run, paths[run.config], overrides, args)
+            else:
+                _fit_one(run, paths[run.config], overrides, args, out / "runs" / _run_label(run))
             run.status = "ok"
             print(f"[sweep] run {i}/{n} done in {time.perf_counter() - start:.1f} s: train acc "
                   f"{_pct(run.train_acc)} %, test acc {_pct(run.test_acc)} %, stable activations "

@@ -234,6 +234,24 @@ def test_sweep_module_holds_the_sweep_and_cli_only_dispatches() -> None:
     assert callable(sweep.run_sweep) and callable(sweep.write_csv) and callable(sweep.write_figure)
 
 
+def test_cli_and_sweep_share_the_runner_without_an_import_cycle() -> None:
+    import ast
+    import inspect
+
+    from lightning_lazy import cli, runner
+
+    def imported(module: object) -> set[str]:
+        tree = ast.parse(inspect.getsource(module))
+        names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        return names | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+
+    # cli -> sweep -> runner, cli -> runner; nothing points back up.
+    assert "lightning_lazy.cli" not in imported(sweep)
+    assert not {"lightning_lazy.cli", "lightning_lazy.sweep"} & imported(runner)
+    assert "def make_lightning_cli" not in inspect.getsource(cli) and "def resolve_config" not in inspect.getsource(cli)
+    assert sweep.make_lightning_cli is runner.make_lightning_cli and cli.resolve_config is runner.resolve_config
+
+
 def test_demo_is_dispatched(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
     import types

@@ -1,8 +1,10 @@
-"""Networks of the paper's experiments: CIFAR VGG-11 and ResNet-18 (width factor), two-layer ReLU nets."""
+"""Networks of the paper's experiments: CIFAR VGG-11 and ResNet-18 (width factor), two-layer ReLU nets, and the
+MNIST-1D CNN (width factor)."""
 
+from lightning_lazy.models.cnn1d import CNN1D
 from lightning_lazy.models.init import xavier_normal_init
 from lightning_lazy.models.resnet import ResNet18
 from lightning_lazy.models.shallow import TwoLayerReLU
 from lightning_lazy.models.vgg import VGG11
 
-__all__ = ["ResNet18", "TwoLayerReLU", "VGG11", "xavier_normal_init"]
+__all__ = ["CNN1D", "ResNet18", "TwoLayerReLU", "VGG11", "xavier_normal_init"]
