@@ -521,7 +521,7 @@ class LazyTrainingMonitor(Callback):
             return
         self.twin.lose(cause, self._steps, remedy)
         self._twin_loss_sum, self._real_loss_sum, self._twin_loss_count = 0.0, 0.0, 0
-        self._last_twin_train_loss = None
+        self._last_twin_train_loss = self._last_train_loss = None  # (both were averaged over the twin's batches)
         self._warn_lost()
 
     def _warn_lost(self) -> None:
