@@ -71,6 +71,13 @@ def as_forward_ad_error(error: BaseException, what: str) -> ForwardADError | Non
                           f"tangent model cannot be differentiated. PyTorch said: {said} {WAYS_OUT}.")
 
 
+def _is_checkpoint_error(error: BaseException) -> bool:
+    """Whether ``error`` comes from ``torch.utils.checkpoint``'s machinery (saved-tensor hooks, its Function)."""
+    text = str(error)
+    return (type(error).__name__ == "CheckpointError" or "saved tensor hooks" in text
+            or ("CheckpointFunction" in text) or "torch.utils.checkpoint" in text)
+
+
 def _has_rnn(module: nn.Module | None) -> bool:
     return module is not None and any(isinstance(m, nn.RNNBase) for m in module.modules())
 
@@ -164,6 +171,47 @@ def _rnn_kernels_off() -> Iterator[None]:
         torch._C._set_cudnn_enabled(cudnn)
 
 
+class _PlainCall:
+    """``CheckpointFunction`` as a plain call: ``apply(function, preserve_rng_state, *args) = function(*args)``."""
+
+    @staticmethod
+    def apply(function, _preserve_rng_state, *args):  # noqa: ANN001, ANN205 - torch's signature
+        return function(*args)
+
+
+def _plain_impl(function, args, kwargs, **_options):  # noqa: ANN001, ANN202 - torch's signature
+    return function(*args, **(kwargs or {}))
+
+
+def _plain_no_reentrant_generator(*_args, **_kwargs) -> Iterator[None]:  # older torch: checkpoint() calls next()
+    yield
+
+
+@contextlib.contextmanager
+def plain_checkpoints() -> Iterator[None]:
+    """Inside, ``torch.utils.checkpoint.checkpoint(function, *args)`` (reentrant or not, and
+    ``checkpoint_sequential``) returns ``function(*args)`` directly.
+
+    Activation checkpointing trades memory for a second forward in the backward pass; its value is that of
+    the plain call (the forward runs once, drawing the same random numbers). Its machinery (saved-tensor
+    hooks, a custom autograd.Function) has no forward-mode AD rule and cannot run inside ``torch.func``
+    transforms; the tangent model and the measures need neither the saved graph nor the recomputation. The
+    module's internals that ``checkpoint`` looks up at each call are swapped (process-wide, for the block).
+    """
+    import torch.utils.checkpoint as module
+
+    replacements = {"_checkpoint_impl": _plain_impl, "CheckpointFunction": _PlainCall,
+                    "_checkpoint_without_reentrant_generator": _plain_no_reentrant_generator}
+    saved = {name: getattr(module, name) for name in replacements if hasattr(module, name)}
+    for name in saved:
+        setattr(module, name, replacements[name])
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
 class _ModuleStack:
     """Which modules are executing: global forward hooks push and pop; a failing forward never pops."""
 
@@ -193,8 +241,9 @@ def forward_ad_safe(module: nn.Module | None = None, what: str = "lightning_lazy
     Inside: the MHA / Transformer fast path is off, ``scaled_dot_product_attention`` uses its math kernel,
     when ``module`` holds an RNN the oneDNN and cuDNN kernels are off (RNNs then run their composite
     implementation; other layers are unaffected otherwise), and, when ``module`` holds them (or is ``None``),
-    weight norm, ``hardsigmoid`` and ``glu`` are computed by their composite formulas. The same functions
-    are computed, a little slower. An op that still has no forward-AD rule raises :class:`ForwardADError`,
+    weight norm, ``hardsigmoid`` and ``glu`` are computed by their composite formulas; activation checkpointing
+    runs the checkpointed function as a plain call (:func:`plain_checkpoints`). The same functions are
+    computed, a little slower. An op that still has no forward-AD rule raises :class:`ForwardADError`,
     one line naming the innermost module that was running (``what`` says which computation needed it) and
     the monitor's options that still work, chained to nothing.
     """
@@ -206,6 +255,7 @@ def forward_ad_safe(module: nn.Module | None = None, what: str = "lightning_lazy
             stack.enter_context(_rnn_kernels_off())
         if _needs_composites(module):
             stack.enter_context(_Composites())
+        stack.enter_context(plain_checkpoints())
         handles = [
             nn.modules.module.register_module_forward_pre_hook(tracker.push),
             nn.modules.module.register_module_forward_hook(tracker.pop),
@@ -216,9 +266,15 @@ def forward_ad_safe(module: nn.Module | None = None, what: str = "lightning_lazy
         except ForwardADError:
             raise
         except (NotImplementedError, RuntimeError) as error:
+            failing = tracker.stack[-1] if tracker.stack else None
+            if _is_checkpoint_error(error):
+                raise ForwardADError(
+                    f"{what}: activation checkpointing (torch.utils.checkpoint) in module {_describe(module, failing)} "
+                    "could not be run as a plain call in this torch version, and its machinery cannot run inside "
+                    "forward-mode AD; switch checkpointing off while monitoring"
+                ) from None
             if not is_forward_ad_error(error):
                 raise
-            failing = tracker.stack[-1] if tracker.stack else None
             said = " ".join(str(error).split("\n")[0].split())
             raise ForwardADError(
                 f"{what}: an operation in module {_describe(module, failing)} has no forward-mode AD rule, so its "

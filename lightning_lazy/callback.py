@@ -8,9 +8,12 @@ and owns logging.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
+import tempfile
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -206,6 +209,10 @@ class LazyTrainingMonitor(Callback):
             raise ValueError(f"kernel_baseline must be None or a positive number of training examples, got {kernel_baseline!r}")
         self.kernel_baseline = kernel_baseline
         self._loaded: dict[str, Any] | None = None
+        self._rewound = False  # on_load_checkpoint took the state that load_state_dict is about to get
+        # Where a fit run in processes this one spawned (strategy="ddp_spawn") hands its results back.
+        self._origin_pid = os.getpid()
+        self._hand_back_path = os.path.join(tempfile.gettempdir(), f"lightning_lazy_{os.getpid()}_{uuid.uuid4().hex}.pt")
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -241,6 +248,8 @@ class LazyTrainingMonitor(Callback):
         self._warned_no_twin = False
         self.layer_history: list[dict[str, Any]] = []  # per measurement: step, t̃ and {layer: {measure: value}}
         self.kernel_baseline_values: dict[str, float] | None = None  # lazy/kernel/val_{loss,acc}
+        self._carried: dict[str, Any] | None = None  # what a fit in spawned processes handed back
+        self._rewind_to: tuple[dict[str, Any] | None] | None = None  # (state,) to go back to at the next hook
 
     # ------------------------------------------------------------------------------------------ results
 
@@ -272,8 +281,11 @@ class LazyTrainingMonitor(Callback):
         if self.measures is None:
             raise RuntimeError("LazyTrainingMonitor.measure needs the probe: fitting has not started")
         self._check_twin()
-        values = self.measures.measure(self._measured_names(), time=self._time * self._loss_scale,
-                                       twin=self._following_twin())
+        try:
+            values = self.measures.measure(self._measured_names(), time=self._time * self._loss_scale,
+                                           twin=self._following_twin())
+        except ValueError as error:  # a parameter replaced, or weights gone to NaN: one line, no traceback
+            raise MisconfigurationException(f"LazyTrainingMonitor: {error}") from None
         if self._adaptive is not None:
             values.pop("bound", None)  # the theorem behind it speaks of gradient descent only
         values["displacement_per_tensor"] = {_display(k): v for k, v in values["displacement_per_tensor"].items()}
@@ -282,7 +294,11 @@ class LazyTrainingMonitor(Callback):
         return values
 
     def summary_values(self) -> dict[str, Any]:
-        """The numbers of the fit-end summary (:func:`lightning_lazy.report.laziness_summary`)."""
+        """The numbers of the fit-end summary (:func:`lightning_lazy.report.laziness_summary`). After a fit run in
+        spawned processes (``strategy="ddp_spawn"``), those its rank 0 handed back (and ``history`` is its)."""
+        self._collect()
+        if self.measures is None and self._carried is not None:
+            return dict(self._carried["summary"])
         last = self.history[-1] if self.history else {}
         return {
             "alpha": self._loss_scale ** -0.5,
@@ -304,6 +320,9 @@ class LazyTrainingMonitor(Callback):
         from lightning_lazy.report import laziness_summary
 
         text = laziness_summary(self.summary_values())
+        if self.measures is None and self._carried is not None:
+            text += (f"\n(measured by rank 0 of the processes the fit ran in; its values were logged under "
+                     f"{self._carried['log_folder'] or 'no log folder: the trainer had no logger'})")
         if self.twin is not None and self.twin.lost is not None:
             text += (f"\n  The tangent twin stopped following the run at step {self.twin.lost_at}: {self.twin.lost}; "
                      "divergence, tangent gap and tangent losses are not measured from then on.")
@@ -366,6 +385,7 @@ class LazyTrainingMonitor(Callback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         """Measure at w0 before the first batch; hand the batch to the twin and arm it for the real forward."""
+        self._rewind(trainer, pl_module)
         if self.measures is None:
             self._measure_at_w0(trainer, pl_module)
         if self._following_twin() is None:
@@ -451,6 +471,7 @@ class LazyTrainingMonitor(Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Print and log the laziness summary and draw the final figure."""
+        self._hand_back(trainer)
         if not self.history:
             return
         text = self.summary()
@@ -505,8 +526,21 @@ class LazyTrainingMonitor(Callback):
         }
 
     @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint restored inside a running fit (a tuner undoing its trial steps): rewind to what it holds."""
+        if trainer.state.fn != "fit" or not self._handles:
+            return  # a resume, before on_fit_start: load_state_dict keeps the state for _build
+        state = (checkpoint.get("callbacks") or {}).get(self.state_key)
+        # Applied at the next hook: the optimizer's state, which the twin's optimizer copies, is restored after this.
+        self._rewind_to = (copy.deepcopy(state) if state else None,)
+        self._rewound = True
+
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep the state until the module, its device and the optimizer exist (applied in ``_build``)."""
+        if self._rewound:  # already applied by on_load_checkpoint, inside a running fit
+            self._rewound = False
+            return
         # Applied once the module, its device and the optimizer exist: in on_fit_start, or on_validation_start /
         # on_test_start for an evaluation from a checkpoint.
         self._loaded = dict(state_dict) if state_dict else None
@@ -560,6 +594,40 @@ class LazyTrainingMonitor(Callback):
         loaded, self._loaded = self._loaded, None
         if loaded is not None:
             self._restore(loaded, pl_module)
+
+    def _hand_back(self, trainer: pl.Trainer) -> None:
+        """In a process the fit was spawned into (``strategy="ddp_spawn"``), rank 0 hands the history, the summary's
+        numbers and the log folder back to the process that holds this monitor (read by :meth:`summary_values`)."""
+        if os.getpid() == self._origin_pid or not trainer.is_global_zero:
+            return
+        torch.save({"history": list(self.history), "summary": self.summary_values(), "log_folder": self._log_folder},
+                   self._hand_back_path)
+
+    def _collect(self) -> None:
+        """Read what spawned processes handed back (once), when this process measured nothing itself."""
+        if self.measures is not None or self.history or not os.path.exists(self._hand_back_path):
+            return
+        self._carried = torch.load(self._hand_back_path, weights_only=False)
+        os.remove(self._hand_back_path)
+        self.history = list(self._carried["history"])
+        self._log_folder = self._carried["log_folder"]
+
+    def _rewind(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Go back to the monitor's part of a checkpoint restored in the middle of fit (``None``: nothing measured
+        yet), once the trainer has restored the rest. Lightning's tuners (``LearningRateFinder``,
+        ``BatchSizeFinder``, ``Tuner``) write a checkpoint, take trial steps on the real model with the callbacks
+        swapped out (the optimizer's step hooks still fire), then restore it: the twin, the step count, normalized
+        time and the history must forget those steps as the real run does. Everything is rebuilt as at fit start,
+        from the restored weights and optimizer and the saved state."""
+        if self._rewind_to is None:
+            return
+        (state,), self._rewind_to = self._rewind_to, None
+        log_folder = self._log_folder
+        self._release()
+        self._reset_state()
+        self._log_folder = log_folder
+        self._loaded = state
+        self.on_fit_start(trainer, pl_module)
 
     def _measure_at_w0(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Draw the probe and measure at w0, at the first training batch: by then the user's own hooks
@@ -759,12 +827,13 @@ class LazyTrainingMonitor(Callback):
 
     def _measured_names(self) -> tuple[str, ...]:
         """Parameters the measures differentiate: those trainable now or at any point of the run."""
-        trainable = {name for name, p in self._watched.named_parameters() if p.requires_grad}
+        trainable = self.measures.trainable_names()  # by identity: a renamed parameter keeps its name at w0
         return tuple(name for name in self.measures.initial if name in trainable | self._trained)
 
     def _measure_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, on_step: bool) -> None:
         if self.measures is None:
             return  # no training batch has run: nothing was measured at w0
+        self._rewind(trainer, pl_module)
         values = self.measure(pl_module)
         per_tensor = values.pop("displacement_per_tensor")
         self._last_per_tensor = per_tensor

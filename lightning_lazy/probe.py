@@ -11,13 +11,21 @@ dropout off, each BatchNorm that trains normalizing by the probe's own batch sta
 kept in eval mode on their running statistics; and the forward-AD-capable kernels
 (:func:`~lightning_lazy._forward_ad.forward_ad_safe`) for the network and its twin alike. So while the
 weights do not move nothing measured moves, although BatchNorm running statistics drift during training.
+
+What the measures never touch: the network's own tensors. Every forward a measure runs goes through
+:func:`~lightning_lazy._params.functional_call` on fresh copies of the parameters and buffers (and, when the
+network was seen writing into the tensors it is given, e.g. ``nn.Embedding(max_norm=...)``, fresh copies at
+every call), so nothing a forward writes reaches the real run or w0. Parameters are followed by identity,
+not by name: a parameter re-registered under another name (``torch.nn.utils.prune`` turns ``weight`` into
+``weight_orig``) keeps its w0; the values are reported under the names they had when w0 was taken. Sparse
+embeddings are measured with dense gradients (the same function), activation checkpointing as a plain call.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from time import perf_counter  # not time.perf_counter: measure() has an argument named time
 from typing import Any, Union
 
@@ -114,7 +122,12 @@ class LazinessProbe:
         self._blocks: dict[str, Tensor] | None = None
         self.kappa_probe_size, self.ntk_probe_size = kappa_probe_size, ntk_probe_size
         self.measure_kappa, self.measure_ntk = measure_kappa, measure_ntk
-        self.initial = {name: p.detach().clone() for name, p in network.named_parameters()}
+        # Each parameter by identity under the name it had at w0 (renaming, e.g. pruning's weight -> weight_orig,
+        # keeps it), and whether a forward was seen writing into the tensors it was given (then every call gets
+        # fresh copies).
+        self._objects: dict[str, Tensor] = dict(network.named_parameters())
+        self._writes = False
+        self.initial = {name: p.detach().clone() for name, p in self._objects.items()}
         if not self.initial:
             raise ValueError(f"{type(network).__name__} has no parameter to measure")
         if not callable(ntk_outputs) and ntk_outputs not in NTK_OUTPUTS:
@@ -205,12 +218,17 @@ class LazinessProbe:
         return self._output_and_states(x, flatten)[0]
 
     def _output_and_states(self, x: Inputs, flatten: bool = True) -> tuple[Tensor, list[Tensor]]:
-        """:meth:`output` and the ReLU states of that same forward (:func:`diagnostics.recording_relu_states`)."""
+        """:meth:`output` and the ReLU states of that same forward (:func:`diagnostics.recording_relu_states`),
+        and, when ``x`` is the probe, the layers' outputs (:func:`diagnostics.recording_module_outputs`). The forward
+        runs on fresh copies of every parameter and buffer; a copy written during it (a layer that renormalizes its
+        weight, say) marks the network as one that writes, for every later measure."""
         recording = (diagnostics.recording_module_outputs(self.network, self.layer_modules, rows=self.layer_probe_size)
                      if self.layer_modules and x is self.x else contextlib.nullcontext())
-        with (torch.no_grad(), probe_mode(self.network), forward_ad_safe(self.network, "LazyTrainingMonitor"),
-              diagnostics.recording_relu_states() as states, recording as features):
-            output = self.network(x)
+        tensors = self._snapshot()
+        versions = {name: t._version for name, t in tensors.items()}
+        with torch.no_grad(), diagnostics.recording_relu_states() as states, recording as features:
+            output = self._call(tensors, x)
+        self._writes = self._writes or any(t._version != versions[name] for name, t in tensors.items())
         self._features = features  # the layers' outputs when x is the probe (per-layer feature movement)
         n = num_examples(x)
         if output.dim() == 0 or output.shape[0] != n:
@@ -220,17 +238,29 @@ class LazinessProbe:
 
     def function(self, kernel: bool = False) -> Callable[[dict[str, Tensor], Tensor], Tensor]:
         """The network as a functional model ``fn(params, inputs) -> [N, K]`` for :mod:`diagnostics`; ``params`` are
-        named as in ``self.network.named_parameters()`` (under the monitor, the watched wrapper's names:
-        ``inner.`` + the watched module's own). ``inputs`` are those :meth:`_inputs` gives: ``x[:n]``, or example
-        indices when x is a dict or targets enter (the outputs at positions whose target is −100 are then 0;
-        ``kernel=True``: the outputs ``ntk_outputs`` selects)."""
-        network = self.network
+        named as in ``self.network.named_parameters()`` when w0 was taken (under the monitor, the watched wrapper's
+        names: ``inner.`` + the watched module's own). ``inputs`` are those :meth:`_inputs` gives: ``x[:n]``, or
+        example indices when x is a dict or targets enter (the outputs at positions whose target is −100 are then
+        0; ``kernel=True``: the outputs ``ntk_outputs`` selects). Every other parameter and buffer is a copy taken
+        now; the network's own tensors never enter a forward. Raises ``ValueError`` when a parameter measured at
+        w0 is no longer in the network (replaced by another tensor)."""
+        return self._functional(self._forward(), kernel)
+
+    def _forward(self, buffers: dict[str, Tensor] | None = None) -> Callable[[dict[str, Tensor], Inputs], Tensor]:
+        """The raw network ``forward(params, x)`` on copies: ``params`` by their names at w0, every other parameter
+        and buffer a copy taken now (``buffers``: buffer values to use instead, by their current names), fresh
+        copies at every call once a forward was seen writing into its tensors."""
+        names = self._names_now()
+        base = {**self._snapshot(), **(buffers or {})}
+        writes = self._writes
 
         def forward(params: dict[str, Tensor], x: Inputs) -> Tensor:
-            with probe_mode(network), forward_ad_safe(network, "LazyTrainingMonitor"):
-                return functional_call(network, params, (x,))
+            tensors = {**base, **{names[name]: value for name, value in params.items()}}
+            if writes:  # a forward that writes into its tensors must not carry over into the next call
+                tensors = {name: value.clone() for name, value in tensors.items()}
+            return self._call(tensors, x)
 
-        return self._functional(forward, kernel)
+        return forward
 
     def _functional(self, forward: Callable[[dict[str, Tensor], Inputs], Tensor],
                     kernel: bool) -> Callable[[dict[str, Tensor], Tensor], Tensor]:
@@ -247,10 +277,42 @@ class LazinessProbe:
 
         return fn
 
+    def _call(self, tensors: dict[str, Tensor], x: Inputs) -> Tensor:
+        """The network on ``x`` with ``tensors`` in place of its own, as the measures see it: :func:`probe_mode`,
+        forward-AD-capable kernels, dense embeddings. Buffers that :func:`probe_mode` holds out (running statistics
+        of normalization layers that normalize by the probe's own statistics) are left out."""
+        with probe_mode(self.network), forward_ad_safe(self.network, "LazyTrainingMonitor"), \
+                _dense_embeddings(self.network):
+            present = {name for name, _ in self.network.named_parameters()}
+            present.update(name for name, _ in self.network.named_buffers())
+            return functional_call(self.network, {k: v for k, v in tensors.items() if k in present}, (x,))
+
+    def _names_now(self) -> dict[str, str]:
+        """``{name at w0: name now}`` for every parameter measured at w0, found by identity."""
+        now = {id(p): name for name, p in self.network.named_parameters()}
+        missing = [name for name, p in self._objects.items() if id(p) not in now]
+        if missing:
+            raise ValueError(
+                f"the parameter {missing[0]!r} measured at w0 is no longer in {type(self.network).__name__} (another "
+                "tensor was assigned in its place), so its distance from w0 has no meaning: change parameters in "
+                "place (param.data.copy_ or torch.nn.utils.parametrize) instead of replacing them while monitoring"
+            )
+        return {name: now[id(p)] for name, p in self._objects.items()}
+
+    def _snapshot(self) -> dict[str, Tensor]:
+        """Fresh copies of every parameter and buffer of the network, by their current names."""
+        tensors = {name: p.detach().clone() for name, p in self.network.named_parameters()}
+        tensors.update((name, b.detach().clone()) for name, b in self.network.named_buffers())
+        return tensors
+
+    def trainable_names(self) -> set[str]:
+        """Names (as at w0) of the parameters that require grad now."""
+        return {name for name, p in self._objects.items() if p.requires_grad}
+
     def params(self, names: Sequence[str]) -> dict[str, Tensor]:
-        """The current weights named ``names`` (detached)."""
-        current = dict(self.network.named_parameters())
-        return {name: current[name].detach() for name in names}
+        """Copies of the current weights named ``names`` (names as at w0; detached, never the network's own)."""
+        self._names_now()  # every one still in the network
+        return {name: self._objects[name].detach().clone() for name in names}
 
     def _timed(self, bucket: str, name: str, compute: Callable[[], Any]) -> Any:
         started = perf_counter()
@@ -271,7 +333,7 @@ class LazinessProbe:
         names = tuple(names)
         if not names:
             raise ValueError("the model has no trainable parameter: nothing to measure")
-        initial = {name: self.initial[name] for name in names}
+        initial = {name: self.initial[name].clone() for name in names}  # a measure never holds w0 itself
         exact = False
         if self.measure_ntk:
             self.initial_kernel, exact = self._timed("initial", "ntk", lambda: self._kernel(initial))
@@ -344,14 +406,18 @@ class LazinessProbe:
             # Only the kernel of every output is the network's own NTK (its top eigenvalue gives ‖Dh‖).
             kernel = diagnostics.empirical_ntk(self.function(kernel=True), x, params=params, per_layer=self.per_layer)
             return self._summed(kernel), self.ntk_outputs == "all"
-        network, layers = self.network, [layer for layer, _ in statistics.values()]
+        layers = [layer for layer, _ in statistics.values()]
+        held = self._forward({name: value for _, buffers in statistics.values() for name, value in buffers})
 
         def forward(p: dict[str, Tensor], inputs: Inputs) -> Tensor:
-            with probe_mode(network), forward_ad_safe(network, "LazyTrainingMonitor"):
-                for layer in layers:
-                    layer.training = False  # normalize by the running statistics given below
-                tensors = {**p, **{name: value for _, buffers in statistics.values() for name, value in buffers}}
-                return functional_call(network, tensors, (inputs,))
+            modes = [layer.training for layer in layers]
+            for layer in layers:  # in eval mode (probe_mode leaves them there): normalize by the statistics held
+                layer.training = False
+            try:
+                return held(p, inputs)
+            finally:
+                for layer, mode in zip(layers, modes):
+                    layer.training = mode
 
         return self._summed(diagnostics.empirical_ntk(self._functional(forward, kernel=True), x, params=params,
                                                       per_layer=self.per_layer)), False
@@ -402,7 +468,7 @@ class LazinessProbe:
         started = perf_counter()
         names = tuple(names)
         params = self.params(names)
-        initial = {name: self.initial[name] for name in names}
+        initial = {name: self.initial[name].clone() for name in names}  # a measure never holds w0 itself
         timed = lambda name, compute: self._timed("last", name, compute)  # noqa: E731
         self.timings["last"] = {}
         normalized_time = time * self.initial_jacobian_norm**2
@@ -631,6 +697,20 @@ def _sum_by_group(blocks: dict[str, Tensor], groups: dict[str, str]) -> dict[str
         group = groups.get(name, name)
         summed[group] = block if group not in summed else summed[group] + block
     return summed
+
+
+@contextlib.contextmanager
+def _dense_embeddings(network: nn.Module) -> Iterator[None]:
+    """Embeddings with ``sparse=True`` give dense gradients inside: the same function, and the form
+    ``torch.func`` transforms and the measures' products need."""
+    layers = [m for m in network.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
+    for m in layers:
+        m.sparse = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.sparse = True
 
 
 def _stability(now: list[Tensor] | None, then: list[Tensor]) -> float:
