@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -256,6 +257,10 @@ def forward_ad_safe(module: nn.Module | None = None, what: str = "lightning_lazy
         if _needs_composites(module):
             stack.enter_context(_Composites())
         stack.enter_context(plain_checkpoints())
+        # The module stack below uses global module hooks; a compiled module called inside (run eagerly by the
+        # monitor) would warn at every call that such hooks fire twice for it, which only the stack sees.
+        stack.enter_context(warnings.catch_warnings())
+        warnings.filterwarnings("ignore", message=r".*global hooks on modules.*")
         handles = [
             nn.modules.module.register_module_forward_pre_hook(tracker.push),
             nn.modules.module.register_module_forward_hook(tracker.pop),

@@ -246,6 +246,7 @@ class LazyTrainingMonitor(Callback):
         self._batch: tuple | None = None
         self._objective_checked = False
         self._warned_no_twin = False
+        self._last_scalars: tuple[int | None, dict[str, float]] = (None, {})  # global step and values last logged
         self.layer_history: list[dict[str, Any]] = []  # per measurement: step, t̃ and {layer: {measure: value}}
         self.kernel_baseline_values: dict[str, float] | None = None  # lazy/kernel/val_{loss,acc}
         self._carried: dict[str, Any] | None = None  # what a fit in spawned processes handed back
@@ -834,6 +835,14 @@ class LazyTrainingMonitor(Callback):
         if self.measures is None:
             return  # no training batch has run: nothing was measured at w0
         self._rewind(trainer, pl_module)
+        step = trainer.global_step
+        if self.history and self.history[-1]["step"] == float(step) and self._last_scalars[0] == step:
+            # Same weights as the last measurement (the micro-batches of one accumulated step, or an epoch that ends
+            # at a log step): one entry per optimizer step. The ‖D²h‖ search, a lower bound, would give another value.
+            if not on_step:
+                for name, value in self._last_scalars[1].items():
+                    pl_module.log(name, value, sync_dist=True)
+            return
         values = self.measure(pl_module)
         per_tensor = values.pop("displacement_per_tensor")
         self._last_per_tensor = per_tensor
@@ -852,6 +861,7 @@ class LazyTrainingMonitor(Callback):
         code = regime_code(values)
         if math.isfinite(code):
             scalars["lazy/regime"] = code
+        self._last_scalars = (step, dict(scalars))
         if on_step:
             # Straight to the loggers: pl_module.log from a batch hook would repeat the value at every step.
             # Lightning writes what is logged after k optimizer steps at step k - 1; so do we.

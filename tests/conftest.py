@@ -12,6 +12,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread in every test, whatever a script run before it set: tiny models on a shared 2-core
+    machine only contend with intra-op threads (10-100x slowdowns seen)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def restore_global_state():
     """For tests of scripts that seed globally (pl.seed_everything) and set torch threads: put back the global

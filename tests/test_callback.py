@@ -126,6 +126,20 @@ def test_log_spaced_steps(tmp_path):
     assert steps == [0, 1, 3, 7, 7, 15, 15], steps  # 16 is also on the log schedule
 
 
+def test_one_measurement_per_optimizer_step_under_accumulation(tmp_path):
+    """The micro-batches of an accumulated step, and an epoch that ends at a log step, share their weights: one
+    entry each in the history, and the epoch end logs the values measured at that step (‖D²h‖'s search, a lower
+    bound, would give another value at the same weights)."""
+    train, val = loaders()
+    monitor = LazyTrainingMonitor(log_steps="log")
+    trainer(tmp_path, [monitor], max_epochs=2, accumulate_grad_batches=2).fit(Regressor(alpha=10.0), train, val)
+    steps = [entry["step"] for entry in monitor.history]
+    assert steps == sorted(set(steps)) == [1.0, 2.0, 4.0, 8.0], steps  # 8 batches an epoch: 4 steps; epoch ends at 4, 8
+    events = _events(tmp_path)
+    kappas = [e.value for e in events.Scalars("lazy/kappa")]
+    assert kappas[2] == kappas[3] and kappas[4] == kappas[5], kappas  # log step 4 and epoch end 1; step 8 and end 2
+
+
 def test_user_probe_and_batch_to_xy(tmp_path):
     x, y = loaders()[0].dataset.tensors
     dict_loader = DataLoader([{"inputs": a, "targets": b} for a, b in zip(x, y)], batch_size=16)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,14 +32,6 @@ from lightning_lazy.data.cifar10 import (
 PER_BATCH = 4  # images per training file: 5 files -> 20 training images
 NUM_TEST = 6
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny models on a shared 2-core machine: intra-op threads only contend (10-100x slowdowns seen).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _md5(path: Path) -> str:
@@ -242,10 +233,9 @@ def test_device_tensor_loader_epochs_and_shards() -> None:
 def test_device_tensors_path_in_a_trainer() -> None:
     import pytorch_lightning as pl
 
+    from lightning_lazy.callback import LazyTrainingMonitor
     from lightning_lazy.models.vgg import VGG11
     from lightning_lazy.module import LazyClassifier
-
-    from lightning_lazy.callback import LazyTrainingMonitor
 
     dm = SyntheticCIFAR10DataModule(num_train=24, num_test=8, batch_size=8, device_tensors=True)
     # The monitor draws its probe through the loader's dataset and collate_fn, as from a DataLoader.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,12 @@ import torch
 import yaml
 
 from lightning_lazy import sweep
-from lightning_lazy.cli import main, resolve_config, resolve_config_args, shipped_configs
+from lightning_lazy.cli import (
+    main,
+    resolve_config,
+    resolve_config_args,
+    shipped_configs,
+)
 from lightning_lazy.sweep import SweepRun
 
 SHIPPED = [
@@ -20,14 +24,6 @@ SHIPPED = [
     "resnet18_wide_standard", "resnet18_wide_lazy", "resnet18_wide_linearized",
 ]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny models on a shared 2-core machine: intra-op threads only contend (10-100x slowdowns seen).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(tmp_path: Path, num_train: int = 8, kappa: bool = False) -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -12,15 +11,6 @@ from torch import nn
 from lightning_lazy.models.init import xavier_normal_init
 from lightning_lazy.models.resnet import BasicBlock, ResNet18
 from lightning_lazy.models.vgg import VGG11
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny models on a shared 2-core machine: intra-op threads only contend (10-100x slowdowns seen).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _convs(model: nn.Module) -> list[nn.Conv2d]:

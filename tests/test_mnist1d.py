@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,18 +15,16 @@ from lightning_lazy import sweep
 from lightning_lazy.cli import main
 from lightning_lazy.data.mnist1d import MNIST1DDataModule, make_mnist1d
 from lightning_lazy.models.cnn1d import CNN1D, conv_output_length
-from lightning_lazy.runner import make_lightning_cli, resolve_config, resolve_config_args, shipped_configs
+from lightning_lazy.runner import (
+    make_lightning_cli,
+    resolve_config,
+    resolve_config_args,
+    shipped_configs,
+)
 
 CONFIGS = ["mnist1d_cnn_standard", "mnist1d_cnn_lazy", "mnist1d_cnn_linearized"]
 SMALL = 200  # examples generated: 160 train / 40 test
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -14,15 +12,6 @@ from lightning_lazy.models.vgg import VGG11
 from lightning_lazy.module import InverseTimeLR, LazyClassifier
 from lightning_lazy.scaling import AlphaScaled
 from lightning_lazy.tangent import LinearizedModel
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny models on a shared 2-core machine: intra-op threads only contend (10-100x slowdowns seen).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_vgg(seed: int = 0) -> VGG11:

@@ -32,6 +32,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_lazy.data._checks import check_loader_options
+
 # Per-channel mean and standard deviation used by the paper's code (the common "kuangliu" values).
 CIFAR10_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD: tuple[float, float, float] = (0.2023, 0.1994, 0.2010)
@@ -184,13 +186,7 @@ class _InMemoryImageDataModule(pl.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(val_size, int) or val_size < 0:
-            raise ValueError(
-                f"val_size must be a non-negative integer (0 = validate on the test set), got {val_size!r}"
-            )
+        check_loader_options(batch_size, eval_batch_size, val_size)
         if padding < 0:
             raise ValueError(f"padding must be >= 0, got {padding!r}")
         if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 0):

@@ -27,6 +27,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_lazy.data._checks import check_loader_options
+
 # The arguments of mnist1d.data.get_dataset_args() this module lets one change; all others keep the defaults.
 DEFAULT_NUM_SAMPLES = 5000
 DEFAULT_SEED = 42
@@ -116,11 +118,7 @@ class MNIST1DDataModule(pl.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(val_size, int) or val_size < 0:
-            raise ValueError(f"val_size must be a non-negative integer (0 = validate on the test set), got {val_size!r}")
+        check_loader_options(batch_size, eval_batch_size, val_size)
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
         if not isinstance(num_samples, int) or num_samples < MIN_SAMPLES:
