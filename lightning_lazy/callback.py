@@ -60,6 +60,23 @@ def default_batch_to_xy(batch: Any) -> tuple[Any, Tensor]:
     )
 
 
+def causal_lm_batch_to_xy(batch: Mapping[str, Any]) -> tuple[dict[str, Any], Tensor]:
+    """Reads a Hugging Face causal-LM batch whose ``labels`` are the input tokens themselves (as
+    ``DataCollatorForLanguageModeling(mlm=False)`` makes them; the model shifts them inside its own loss): x = the
+    other model inputs, y = the labels shifted by one, ``y[:, t] = labels[:, t + 1]``, −100 at the last position.
+    Cross-entropy of the logits against y at every position is then the loss the model computes itself, so
+    ``LazyTrainingMonitor(loss="cross_entropy", batch_to_xy=causal_lm_batch_to_xy)`` watches the objective you
+    train. Raises ``MisconfigurationException`` for a batch without ``labels`` of shape ``[N, T]``."""
+    labels = batch.get("labels") if isinstance(batch, Mapping) else None
+    if not isinstance(labels, Tensor) or labels.dim() != 2:
+        raise MisconfigurationException(
+            "causal_lm_batch_to_xy reads a Hugging Face batch with labels [N, T] (the input tokens); got "
+            f"{type(batch).__name__}{'' if labels is None else f' with labels of shape {tuple(labels.shape)}'}"
+        )
+    shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+    return {k: v for k, v in batch.items() if k != "labels"}, shifted
+
+
 def _tensorboard(trainer: pl.Trainer) -> Any | None:
     """The SummaryWriter of the trainer's TensorBoard logger, from ``lightning`` or ``pytorch_lightning``."""
     for logger in trainer.loggers:
@@ -1075,4 +1092,4 @@ def _layer_name(name: str) -> str:
     return "root" if name == _PREFIX[:-1] else _display(name)
 
 
-__all__ = ["LazyTrainingMonitor", "default_batch_to_xy"]
+__all__ = ["LazyTrainingMonitor", "causal_lm_batch_to_xy", "default_batch_to_xy"]

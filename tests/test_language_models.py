@@ -23,7 +23,7 @@ pl = pytest.importorskip("pytorch_lightning")
 from pytorch_lightning.utilities.exceptions import MisconfigurationException  # noqa: E402
 
 from lightning_lazy import LazyTrainingMonitor, diagnostics  # noqa: E402
-from lightning_lazy.callback import default_batch_to_xy  # noqa: E402
+from lightning_lazy.callback import causal_lm_batch_to_xy, default_batch_to_xy  # noqa: E402
 from lightning_lazy.probe import LazinessProbe  # noqa: E402
 from lightning_lazy.scaling import IGNORE_INDEX, cross_entropy, half_squared_error  # noqa: E402
 from lightning_lazy.twin import Watched  # noqa: E402
@@ -270,3 +270,36 @@ def test_the_hugging_face_example_runs_offline_and_logs_the_measures(tmp_path):
     assert all(math.isfinite(float(r["divergence"])) and float(r["divergence"]) > 0 for r in rows)
     scalars = tensorboard_scalars(tmp_path / "runs")
     assert {"lazy/divergence", "lazy/kappa", "lazy/ntk_distance", "lazy/tangent/val_loss", "val/loss"} <= scalars
+
+
+class SelfShiftingLM(CausalLM):
+    """The usual Hugging Face set-up: labels = the input tokens, the model shifts them inside its own loss (in
+    float32, whatever the model's dtype: so is this model)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = self.model.float()
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**batch).loss
+
+
+def _self_labelled(examples: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    return [{**e, "labels": torch.where(e["attention_mask"].bool(), e["input_ids"], IGNORE_INDEX)} for e in examples]
+
+
+def test_causal_lm_labels_shifted_by_the_monitor_match_the_models_own_loss():
+    examples = _self_labelled(lm_examples(24))
+    x, y = causal_lm_batch_to_xy(collate(examples[:8]))
+    assert torch.equal(y[:, :-1], collate(examples[:8])["labels"][:, 1:]) and (y[:, -1] == IGNORE_INDEX).all()
+    monitor = LazyTrainingMonitor(loss="cross_entropy", batch_to_xy=causal_lm_batch_to_xy, figure=False,
+                                  per_layer=False)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[monitor], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(SelfShiftingLM(), DataLoader(examples, batch_size=8, collate_fn=collate))
+    assert not [w for w in caught if "another objective" in str(w.message)], [str(w.message)[:300] for w in caught if "another objective" in str(w.message)]
+    assert all(math.isfinite(v) for v in (monitor.history[-1]["divergence"], monitor.history[-1]["kappa"]))
+    with pytest.raises(MisconfigurationException, match="labels"):
+        causal_lm_batch_to_xy({"input_ids": x["input_ids"]})
