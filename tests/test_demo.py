@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lightning_lazy import diagnostics
 from lightning_lazy.cli import main as cli_main
 from lightning_lazy.demo import COLUMNS, TeacherStudentRegressor, format_table, relu_mlp, tensorboard_command
-from lightning_lazy.quiet import LIGHTNING_INFO_LOGGER
+from lightning_lazy.quiet import LIGHTNING_INFO_LOGGERS
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADERS = ["alpha", "kappa(w0)", "horizon t~*", "divergence", "act. stability", "kernel alignment", "test loss",
@@ -46,14 +46,17 @@ class Lines(logging.Handler):
 
 def test_demo_quick_table_logs_hparams_and_new_versions(tmp_path, capsys):
     argv = ["demo", "--quick", "--no-progress", "--alphas", "0.1", "100", "--log-dir", str(tmp_path)]
-    lightning_log, lines = logging.getLogger(LIGHTNING_INFO_LOGGER), Lines()
-    lightning_log.addHandler(lines)
+    # rank_zero_info writes to the logger of whichever Lightning package was imported last (both are, in the suite).
+    lightning_logs, lines = [logging.getLogger(name) for name in LIGHTNING_INFO_LOGGERS], Lines()
+    for log in lightning_logs:
+        log.addHandler(lines)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             assert cli_main(argv) == 0
     finally:
-        lightning_log.removeHandler(lines)
+        for log in lightning_logs:
+            log.removeHandler(lines)
     out, err = capsys.readouterr()
     rows = table_rows(out)
     assert [r["alpha"] for r in rows] == ["0.1", "100"]
