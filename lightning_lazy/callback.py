@@ -263,7 +263,7 @@ class LazyTrainingMonitor(Callback):
         self._batch: tuple | None = None
         self._objective_checked = False
         self._warned_no_twin = False
-        self._last_scalars: tuple[int | None, dict[str, float]] = (None, {})  # global step and values last logged
+        self._last_scalars: tuple[Any, dict[str, float]] = (None, {})  # (step, weights) and the values last logged
         self.layer_history: list[dict[str, Any]] = []  # per measurement: step, t̃ and {layer: {measure: value}}
         self.kernel_baseline_values: dict[str, float] | None = None  # lazy/kernel/val_{loss,acc}
         self._carried: dict[str, Any] | None = None  # what a fit in spawned processes handed back
@@ -852,9 +852,9 @@ class LazyTrainingMonitor(Callback):
         if self.measures is None:
             return  # no training batch has run: nothing was measured at w0
         self._rewind(trainer, pl_module)
-        step = trainer.global_step
-        if self.history and self.history[-1]["step"] == float(step) and self._last_scalars[0] == step:
-            # Same weights as the last measurement (the micro-batches of one accumulated step, or an epoch that ends
+        step, weights = trainer.global_step, self._weights_now()
+        if self.history and self.history[-1]["step"] == float(step) and self._last_scalars[0] == (step, weights):
+            # The network measured last, unchanged (the micro-batches of one accumulated step, or an epoch that ends
             # at a log step): one entry per optimizer step. The ‖D²h‖ search, a lower bound, would give another value.
             if not on_step:
                 for name, value in self._last_scalars[1].items():
@@ -878,7 +878,7 @@ class LazyTrainingMonitor(Callback):
         code = regime_code(values)
         if math.isfinite(code):
             scalars["lazy/regime"] = code
-        self._last_scalars = (step, dict(scalars))
+        self._last_scalars = ((step, weights), dict(scalars))
         if on_step:
             # Straight to the loggers: pl_module.log from a batch hook would repeat the value at every step.
             # Lightning writes what is logged after k optimizer steps at step k - 1; so do we.
@@ -892,6 +892,16 @@ class LazyTrainingMonitor(Callback):
         # time since the last drawing, and at fit end.
         if trainer.is_global_zero and not on_step and time.perf_counter() - self._drawn_at >= 19 * self._draw_seconds:
             self._draw(trainer)
+
+    def _weights_now(self) -> tuple:
+        """What identifies the watched network's function between two measurements at one global step: the names
+        and version counters of its parameters and buffers (a pruning mask added, an in-place write) and their
+        norms (a write through ``.data`` moves no version counter)."""
+        params = list(self._watched.named_parameters())
+        buffers = [name for name, _ in self._watched.named_buffers()]
+        with torch.no_grad():
+            norms = float(torch.stack([p.detach().float().norm() for _, p in params]).sum()) if params else 0.0
+        return tuple((name, p._version) for name, p in params), tuple(buffers), norms
 
     def _draw(self, trainer: pl.Trainer) -> None:
         """The laziness figure, rendered once: a TensorBoard image and ``laziness.png`` in the log folder."""
