@@ -182,6 +182,21 @@ class RNGState:
             yield
 
 
+def tensor_norms(tensors: list[Tensor | None]) -> list[float | None]:
+    """The 2-norm of each tensor (``None`` for ``None``), in one fused reduction and one transfer: the fingerprint of
+    a set of weights or gradients, which a write that changes values changes (version counters miss ``.data``)."""
+    present = [t.detach() for t in tensors if t is not None]
+    if not present:
+        return [None] * len(tensors)
+    with torch.no_grad():
+        norms = torch._foreach_norm(present)
+        try:
+            values = iter(torch.stack([n.double() for n in norms]).tolist())
+        except RuntimeError:  # tensors on several devices
+            values = iter([float(n) for n in norms])
+    return [None if t is None else next(values) for t in tensors]
+
+
 def check_finite(tensor: Tensor, what: str) -> None:
     """Raise ``ValueError`` when ``tensor`` holds NaN or inf: a measure of it would be meaningless."""
     if not torch.isfinite(tensor).all():

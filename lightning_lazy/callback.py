@@ -28,6 +28,7 @@ from typing_extensions import override
 from lightning_lazy._forward_ad import as_forward_ad_error
 from lightning_lazy._inputs import as_inputs, inputs_to, num_examples, take
 from lightning_lazy._optim import adaptive_optimizer
+from lightning_lazy._params import tensor_norms
 from lightning_lazy.objective import WatchLike, resolve_objective, resolve_watched
 from lightning_lazy.probe import NTK_OUTPUTS, LazinessProbe, NtkOutputs
 from lightning_lazy.scaling import IGNORE_INDEX, LossLike, check_alpha, resolve_loss
@@ -50,7 +51,7 @@ def default_batch_to_xy(batch: Any) -> tuple[Any, Tensor]:
     if isinstance(batch, Mapping) and "x" in batch and "y" in batch:
         return batch["x"], batch["y"]
     if isinstance(batch, Mapping) and "labels" in batch and isinstance(batch["labels"], Tensor):
-        return {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
+        return _named_inputs(batch), batch["labels"]
     if isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, Tensor) for t in batch):
         return batch[0], batch[1]
     described = type(batch).__name__ + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
@@ -73,8 +74,13 @@ def causal_lm_batch_to_xy(batch: Mapping[str, Any]) -> tuple[dict[str, Any], Ten
             "causal_lm_batch_to_xy reads a Hugging Face batch with labels [N, T] (the input tokens); got "
             f"{type(batch).__name__}{'' if labels is None else f' with labels of shape {tuple(labels.shape)}'}"
         )
-    shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
-    return {k: v for k, v in batch.items() if k != "labels"}, shifted
+    shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
+    return _named_inputs(batch), shifted
+
+
+def _named_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """A Hugging Face batch's model inputs: everything but its ``labels``."""
+    return {k: v for k, v in batch.items() if k != "labels"}
 
 
 def _tensorboard(trainer: pl.Trainer) -> Any | None:
@@ -899,9 +905,8 @@ class LazyTrainingMonitor(Callback):
         norms (a write through ``.data`` moves no version counter)."""
         params = list(self._watched.named_parameters())
         buffers = [name for name, _ in self._watched.named_buffers()]
-        with torch.no_grad():
-            norms = float(torch.stack([p.detach().float().norm() for _, p in params]).sum()) if params else 0.0
-        return tuple((name, p._version) for name, p in params), tuple(buffers), norms
+        norms = tensor_norms([p if p.is_floating_point() else None for _, p in params])
+        return tuple((name, p._version) for name, p in params), tuple(buffers), tuple(norms)
 
     def _draw(self, trainer: pl.Trainer) -> None:
         """The laziness figure, rendered once: a TensorBoard image and ``laziness.png`` in the log folder."""

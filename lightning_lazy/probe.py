@@ -406,6 +406,12 @@ class LazinessProbe:
             # Only the kernel of every output is the network's own NTK (its top eigenvalue gives ‖Dh‖).
             kernel = diagnostics.empirical_ntk(self.function(kernel=True), x, params=params, per_layer=self.per_layer)
             return self._summed(kernel), self.ntk_outputs == "all"
+        return self._summed(diagnostics.empirical_ntk(self._functional(self._held(statistics), kernel=True), x,
+                                                      params=params, per_layer=self.per_layer)), False
+
+    def _held(self, statistics: dict[str, tuple[nn.Module, list]]) -> Callable[[dict[str, Tensor], Inputs], Tensor]:
+        """:meth:`_forward` with the BatchNorm layers of ``statistics`` (:meth:`_batch_statistics`) normalizing by
+        the statistics found there, held fixed for every input."""
         layers = [layer for layer, _ in statistics.values()]
         held = self._forward({name: value for _, buffers in statistics.values() for name, value in buffers})
 
@@ -419,8 +425,7 @@ class LazinessProbe:
                 for layer, mode in zip(layers, modes):
                     layer.training = mode
 
-        return self._summed(diagnostics.empirical_ntk(self._functional(forward, kernel=True), x, params=params,
-                                                      per_layer=self.per_layer)), False
+        return forward
 
     def _summed(self, kernel: Tensor | dict[str, Tensor]) -> Tensor:
         """The kernel from :func:`diagnostics.empirical_ntk`; its per-module blocks, when asked for, kept in
@@ -610,16 +615,12 @@ class LazinessProbe:
         if self._indexed:
             raise ValueError("the kernel baseline needs tensor inputs, targets without -100 and the kernel of every "
                              "output (ntk_outputs='all'); leave kernel_baseline=None for this model")
-        params = {name: self.initial[name] for name in names}
-        statistics = self._batch_statistics(params, x_train)
-        network, layers = self.network, [layer for layer, _ in statistics.values()]
-        held = {name: value for _, buffers in statistics.values() for name, value in buffers}
+        params = {name: self.initial[name].clone() for name in names}  # a measure never holds w0 itself
+        # On copies of the network's tensors, as every measure: BatchNorm by the training subset's statistics.
+        forward = self._held(self._batch_statistics(params, x_train))
 
         def fn(p: dict[str, Tensor], inputs: Tensor, flatten: bool = True) -> Tensor:
-            with probe_mode(network), forward_ad_safe(network, "LazyTrainingMonitor"):
-                for layer in layers:
-                    layer.training = False  # normalize by the training subset's statistics, given below
-                output = functional_call(network, {**p, **held}, (inputs,))
+            output = forward(p, inputs)
             return output.reshape(len(inputs), -1) if flatten else output
 
         with torch.no_grad():

@@ -48,7 +48,7 @@ from torch.optim import Optimizer
 
 from lightning_lazy._forward_ad import forward_ad_safe
 from lightning_lazy._inputs import Inputs, call_with
-from lightning_lazy._params import RNGState, probe_mode
+from lightning_lazy._params import RNGState, probe_mode, tensor_norms
 from lightning_lazy.tangent import LinearizedModel
 
 OutputSelector = Callable[[Any], Tensor]
@@ -363,7 +363,7 @@ class TangentTwin:
     def _fingerprints(self) -> list[float | None]:
         """The 2-norm of every real parameter (one fused reduction): a write that changes values changes it, a
         swap that puts the same values back (weight averaging's around validation) does not."""
-        return _norms([real if real.is_floating_point() else None for real, _ in self._param_pairs])
+        return tensor_norms([real if real.is_floating_point() else None for real, _ in self._param_pairs])
 
     def accept_writes(self) -> None:
         """The real weights as they are now were written by something the twin has followed otherwise (e.g. the
@@ -436,7 +436,7 @@ class TangentTwin:
         grads = [real.grad for real, _ in self._param_pairs]
         self._produced = {
             "identity": [None if g is None else (id(g), g._version) for g in grads],
-            "norms": _norms(grads),
+            "norms": tensor_norms(grads),
             "values": ([None if g is None else g.detach().clone() for g in grads]
                        if self.clip is not None or self.unscale is not None else None),
         }
@@ -461,7 +461,7 @@ class TangentTwin:
         if produced["values"] is None:
             identity = [None if g is None else (id(g), g._version) for g in now]
             changed = [real for real, a, b in zip(reals, identity, produced["identity"]) if a != b]
-            changed += [real for real, a, b in zip(reals, _norms(now), produced["norms"]) if a != b]
+            changed += [real for real, a, b in zip(reals, tensor_norms(now), produced["norms"]) if a != b]
         else:
             expected = produced["values"]
             kept = [i for i, (a, b) in enumerate(zip(expected, now)) if a is not None and b is not None]
@@ -476,7 +476,7 @@ class TangentTwin:
                     self.clip(_ProxyOptimizer(proxies))
                 expected = [proxy.grad for proxy in proxies]
             changed = []
-            for i, a, b in zip(kept, _norms(expected), _norms([now[i] for i in kept])):
+            for i, a, b in zip(kept, tensor_norms(expected), tensor_norms([now[i] for i in kept])):
                 # The same routine on the same numbers: round-off at most (half precision capped at 1 %).
                 tolerance = min(1e3 * torch.finfo(now[i].dtype).eps, 1e-2) if now[i].is_floating_point() else 0.0
                 if abs(a - b) > tolerance * max(abs(a), abs(b)) + 1e-30:
@@ -653,20 +653,6 @@ def _copied(value: Any) -> Any:
     if isinstance(value, (list, dict, set)):
         return copy.deepcopy(value)
     return value
-
-
-def _norms(tensors: list[Tensor | None]) -> list[float | None]:
-    """The 2-norm of each tensor (``None`` for ``None``), in one fused reduction and one transfer."""
-    present = [t.detach() for t in tensors if t is not None]
-    if not present:
-        return [None] * len(tensors)
-    with torch.no_grad():
-        norms = torch._foreach_norm(present)
-        try:
-            values = iter(torch.stack([n.double() for n in norms]).tolist())
-        except RuntimeError:  # tensors on several devices
-            values = iter([float(n) for n in norms])
-    return [None if t is None else next(values) for t in tensors]
 
 
 def _grad_state(tensor: Tensor) -> tuple[int, int] | None:
