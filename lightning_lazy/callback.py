@@ -30,7 +30,7 @@ from lightning_lazy._inputs import as_inputs, inputs_to, num_examples, take
 from lightning_lazy._optim import adaptive_optimizer
 from lightning_lazy._params import tensor_norms
 from lightning_lazy.objective import WatchLike, resolve_objective, resolve_watched
-from lightning_lazy.probe import NTK_OUTPUTS, LazinessProbe, NtkOutputs
+from lightning_lazy.probe import NTK_OUTPUTS, LazinessProbe, NtkOutputs, ProbeMemoryError
 from lightning_lazy.scaling import IGNORE_INDEX, LossLike, check_alpha, resolve_loss
 from lightning_lazy.twin import OutputSelector, TangentTwin, TwinError, Watched
 
@@ -829,8 +829,21 @@ class LazyTrainingMonitor(Callback):
                                  kappa_probe_size=self.kappa_probe_size, ntk_probe_size=self.ntk_probe_size,
                                  measure_kappa=self.measure_kappa, measure_ntk=self.measure_ntk,
                                  ntk_outputs=self.ntk_outputs, **self._layer_options())
+        except ProbeMemoryError as error:
+            raise MisconfigurationException(f"LazyTrainingMonitor: {self._probe_memory_remedy(error)}") from None
         except ValueError as error:
             raise MisconfigurationException(f"LazyTrainingMonitor: {error}") from None
+
+    def _probe_memory_remedy(self, error: ProbeMemoryError) -> str:
+        """The one-line refusal of a probe over the memory budget: its cause, and the largest probe that fits (never
+        chosen silently: a smaller probe gives other numbers)."""
+        if not error.largest:
+            return str(error)
+        way = (f"give a probe= of at most {error.largest} examples" if self.probe is not None else
+               f"pass probe_size={error.largest} (or a probe= of at most {error.largest} examples)")
+        given = "" if self.probe is not None else f" with probe_size={self.probe_size}"
+        return (f"{error.cause}{given}: {way}, lower kappa_probe_size / layer_probe_size, or raise "
+                "lightning_lazy.diagnostics.DEFAULT_MEMORY_BUDGET")
 
     def _probe_from_train_set(self, trainer: pl.Trainer, size: int | None = None, seed: int = 0) -> tuple[Tensor, Any, dict]:
         loader = trainer.train_dataloader
@@ -973,7 +986,7 @@ class LazyTrainingMonitor(Callback):
                   next(iter(loaders.values()), None) if isinstance(loaders, dict) else loaders)
         if loader is not None:
             batches = (self._read_batch(trainer.precision_plugin.convert_input(batch)) for batch in loader)
-        elif self.measures.y.ne(0).any():
+        elif (targets := self.measures.regression_targets()) is not None and bool(targets.ne(0).any()):
             batches = iter([(self.measures.x, self._probe_targets(), {})])
         else:
             rank_zero_warn("LazyTrainingMonitor: no validation data and a probe without targets: the kernel "
@@ -1024,7 +1037,7 @@ class LazyTrainingMonitor(Callback):
         y = self.probe[1] if isinstance(self.probe, (tuple, list)) else None
         if isinstance(y, Tensor):
             return y.to(self.measures.x.device)
-        return self.measures.y  # drawn from the train set and one-hot encoded: regression targets
+        return self.measures.regression_targets()  # drawn from the train set and one-hot encoded: regression targets
 
     def _log_hparams(self, trainer: pl.Trainer) -> None:
         """The regime and the last measures as HParams metrics of the TensorBoard loggers: runs compare there."""

@@ -34,9 +34,9 @@ from torch import Tensor, nn
 
 from lightning_lazy import diagnostics
 from lightning_lazy._forward_ad import forward_ad_safe
-from lightning_lazy._params import functional_call, probe_mode
+from lightning_lazy._params import check_finite, functional_call, probe_mode
 from lightning_lazy._inputs import Inputs, inputs_device, num_examples, take
-from lightning_lazy.scaling import IGNORE_INDEX, as_regression_target, regression_target_and_mask
+from lightning_lazy.scaling import IGNORE_INDEX, _check_classes, as_regression_target, squared_distance
 
 #: What the empirical NTK is taken of (:class:`LazinessProbe`'s ``ntk_outputs``): a name or
 #: ``callable(output, y) -> [n, K']`` (row i a function of output row i and target row i only).
@@ -120,8 +120,6 @@ class LazinessProbe:
         self.previous_time = 0.0
         self._features: dict[str, list[Tensor]] | None = None
         self._blocks: dict[str, Tensor] | None = None
-        self.kappa_probe_size, self.ntk_probe_size = kappa_probe_size, ntk_probe_size
-        self.measure_kappa, self.measure_ntk = measure_kappa, measure_ntk
         # Each parameter by identity under the name it had at w0 (renaming, e.g. pruning's weight -> weight_orig,
         # keeps it), and whether a forward was seen writing into the tensors it was given (then every call gets
         # fresh copies).
@@ -136,23 +134,32 @@ class LazinessProbe:
         self.x = x
         n = num_examples(x)
         self.timings: dict[str, dict[str, float]] = {}
+        self.kappa_probe_size, self.ntk_probe_size = kappa_probe_size, ntk_probe_size
+        self.measure_kappa, self.measure_ntk = measure_kappa, measure_ntk
+        self._check_memory_budget(y)  # before the probe's forward, whose output alone may not fit
         started = perf_counter()
         output, states = self._output_and_states(x, flatten=False)  # one forward: the output and the ReLU states
         self._first_forward_seconds = perf_counter() - started
         self.initial_features = self._features
-        if y is None:
-            y = torch.zeros_like(output)
-        # The class indices (with their -100s), for the "labels" kernel; state_dict saves them.
-        self.labels: Tensor | None = None if y.is_floating_point() else y
+        # Class indices (with their -100s) are kept as they are, never one-hot encoded: [N, T] for token logits
+        # [N, T, V], where the one-hot would be as large as the output. state_dict saves them.
+        self.labels: Tensor | None = None if y is None or y.is_floating_point() else y
+        self.y: Tensor | None = None  # regression targets given as floats, [N, K]
         try:
-            y, keep = regression_target_and_mask(output, y if not y.is_floating_point() else y.reshape(output.shape))
+            if self.labels is not None:
+                ignored = _check_classes(output, self.labels)
+            elif y is not None:
+                self.y = as_regression_target(output, y.reshape(output.shape)).reshape(n, -1)
         except (ValueError, RuntimeError) as error:
             raise ValueError(f"the probe targets {tuple(y.shape)} do not fit the output {tuple(output.shape)}: "
                              f"{error}") from None
-        # [N, K] of 1 (kept) and 0 (target -100), or None: multiplies every output a target-dependent measure sees.
-        self.mask: Tensor | None = None if keep is None else keep.expand(output.shape).reshape(n, -1)
-        self.y = y.reshape(n, -1)
-        self.initial_output: Tensor = output.reshape(n, -1)
+        # [N, ..., 1] (the targets' shape) of 1 (kept) and 0 (target -100), or None: broadcast over the classes, it
+        # multiplies every output a target-dependent measure sees.
+        self.mask: Tensor | None = _keep(self.labels, output.dtype)
+        self.output_numel = output[0].numel()  # K, the outputs per example
+        # Δ's denominator ‖y* − αh(w0)‖ (-100 positions left out) is all Δ needs of h(w0): no [N, K] copy is kept.
+        self.initial_distance: Tensor = squared_distance(
+            output if self.labels is not None else output.reshape(n, -1), self._target(n)).sqrt()
         self.ntk_outputs = self._resolve_ntk_outputs(ntk_outputs, output)
         # Diagnostics see example indices, not x, when x is a dict or the outputs they see depend on the
         # example's targets: fn(params, index) then reads x, the mask and the targets at index (under vmap too).
@@ -160,6 +167,7 @@ class LazinessProbe:
         self._index = torch.arange(n, device=inputs_device(x))
         if measure_ntk:
             self._check_ntk_budget(output)
+        del output  # the probe keeps no output-sized tensor
         self.initial_kernel: Tensor | None = None
         self.kernel_names: tuple[str, ...] = ()
         self.initial_kappa: float | None = None
@@ -185,7 +193,7 @@ class LazinessProbe:
         """The outputs the NTK is taken of, ``[n, K']``, from the network's ``output`` on the examples ``index``."""
         n = output.shape[0]
         if self.ntk_outputs == "all":
-            return output.reshape(n, -1) if self.mask is None else output.reshape(n, -1) * self.mask[index]
+            return (output if self.mask is None else output * self.mask[index]).reshape(n, -1)
         labels = None if self.labels is None else self.labels[index]
         if callable(self.ntk_outputs):
             projected = self.ntk_outputs(output, labels)
@@ -208,6 +216,59 @@ class LazinessProbe:
                 f"{numbers:.3g} numbers, over the memory budget of {diagnostics.DEFAULT_MEMORY_BUDGET:.3g} "
                 "(diagnostics.DEFAULT_MEMORY_BUDGET): lower ntk_probe_size, pass ntk_outputs='labels' (class targets) "
                 "or a callable(output, y) -> [N, K'] projection, or measure_ntk=False")
+
+    def _check_memory_budget(self, y: Tensor | None) -> None:
+        """Refuse, before the probe's forward, a probe whose output-sized tensors would hold more numbers than
+        ``diagnostics.DEFAULT_MEMORY_BUDGET`` (:func:`probe_numbers`), naming the largest probe that fits.
+
+        The sizes per example come from one forward of the first two examples (one, for a probe of one)."""
+        n = num_examples(self.x)
+        rows = min(n, 2)
+        recording = (diagnostics.recording_module_outputs(self.network, self.layer_modules)
+                     if self.layer_modules else contextlib.nullcontext())
+        with torch.no_grad(), recording as features:
+            output = self._call(self._snapshot(), take(self.x, slice(0, rows)))
+        if not isinstance(output, Tensor) or output.dim() == 0 or output.shape[0] != rows:
+            return  # the probe's forward says what is wrong, in its words
+        sizes = {"output_numel": output[0].numel(),
+                 "feature_numel": sum(t.numel() // rows for ts in (features or {}).values() for t in ts),
+                 "float_targets": y is not None and y.is_floating_point(), "kappa_probe_size": self.kappa_probe_size,
+                 "layer_probe_size": self.layer_probe_size if self.layer_modules else 0}
+        numbers, budget = probe_numbers(n, **sizes), diagnostics.DEFAULT_MEMORY_BUDGET
+        if numbers <= budget:
+            return
+        largest = next((m for m in range(n - 1, 0, -1) if probe_numbers(m, **sizes) <= budget), 0)
+        shape = "x".join(str(d) for d in output.shape[1:])
+        cause = (f"the probe's output-sized tensors (output {shape} per example, {n} examples, "
+                 f"layer_probe_size={sizes['layer_probe_size']}, kappa_probe_size={self.kappa_probe_size}) would "
+                 f"hold {numbers:.3g} numbers, over the memory budget of {budget:.3g} (diagnostics.DEFAULT_MEMORY_BUDGET)")
+        raise ProbeMemoryError(cause, largest)
+
+    def _target(self, rows: int) -> Tensor | None:
+        """The targets of the first ``rows`` examples as the diagnostics take them: the class indices (−100 kept),
+        the regression targets ``[rows, K]``, or ``None`` (y* = 0)."""
+        if self.labels is not None:
+            return self.labels[:rows]
+        return None if self.y is None else self.y[:rows]
+
+    def regression_targets(self, rows: int | None = None) -> Tensor | None:
+        """y* on the first ``rows`` examples (all by default), ``[rows, K]`` in the outputs' dtype: the one-hot
+        encoding of class indices, 0 at positions whose index is −100, built here (rows·K numbers; the measures of
+        the whole probe never build it), or the regression targets; ``None`` when the probe has no targets."""
+        rows = num_examples(self.x) if rows is None else rows
+        if self.labels is None:
+            return None if self.y is None else self.y[:rows]
+        labels = self.labels[:rows]
+        classes = self.output_numel // max(1, labels[0].numel()) if labels.dim() else self.output_numel
+        one_hot = torch.nn.functional.one_hot(labels.long().clamp_min(0), classes).to(self.initial_distance.dtype)
+        if self.mask is not None:
+            one_hot = one_hot * self.mask[:rows]
+        return one_hot.reshape(len(labels), -1)
+
+    def _divergence_scale(self) -> Tensor:
+        if float(self.initial_distance) == 0.0:
+            raise ValueError("the target equals the initial output on the probe: the divergence has no scale")
+        return self.initial_distance
 
     def _inputs(self, n: int) -> Tensor:
         """What the diagnostics receive for the first ``n`` examples: ``x[:n]``, or their indices (see ``_indexed``)."""
@@ -272,8 +333,9 @@ class LazinessProbe:
             output = forward(params, take(self.x, index))
             if kernel:
                 return self._project(output, index)
-            output = output.reshape(output.shape[0], -1)
-            return output if self.mask is None else output * self.mask[index]
+            if self.mask is not None:
+                output = output * self.mask[index]
+            return output.reshape(output.shape[0], -1)
 
         return fn
 
@@ -369,7 +431,7 @@ class LazinessProbe:
         if exact and kernel is not None and n == min(self.ntk_probe_size, num_examples(self.x)):  # the same inputs
             return diagnostics.jacobian_norm_from_ntk(kernel, n)
         start = self.jacobian_direction
-        if start is not None and start.numel() != n * self.y.shape[1]:
+        if start is not None and start.numel() != n * self.output_numel:
             start = None
         value, self.jacobian_direction = diagnostics.jacobian_norm(self.function(), self._inputs(n), params, tol=1e-3,
                                                                    start=start, return_direction=True)
@@ -386,8 +448,12 @@ class LazinessProbe:
         hessian, self.hessian_direction = self._timed(bucket, "hessian_norm", lambda: diagnostics.hessian_norm(
             self.function(), self._inputs(n), params, return_direction=True, **options))
         self.hessian_names = names
+        target = self._target(n)
+        if target is None:  # y* = 0: a zero of the output's shape that holds one number
+            target = torch.zeros((), dtype=self.initial_distance.dtype, device=self._index.device).expand(
+                n, self.output_numel)
         return self._timed(bucket, "kappa_rest", lambda: diagnostics.kappa(
-            self.function(), self._inputs(n), self.y[:n], params, hessian=hessian,
+            self.function(), self._inputs(n), target, params, hessian=hessian,
             jacobian=self._jacobian_norm(params, kernel, exact)))
 
     def kernel(self, params: dict[str, Tensor]) -> Tensor:
@@ -494,10 +560,14 @@ class LazinessProbe:
         if twin is not None:
             x, n = self.x, num_examples(self.x)
             tangent_output = timed("tangent_output", lambda: twin.probe_output(x).reshape(n, -1))
-            initial_output = self.initial_output
-            if self.mask is not None:  # positions whose target is -100 are in neither norm of Δ
-                output, tangent_output, initial_output = (v * self.mask for v in (output, tangent_output, initial_output))
-            values["divergence"] = diagnostics.path_divergence(output, tangent_output, self.y, initial_output).item()
+            if self.labels is not None:  # positions whose target is -100 are in neither norm of Δ
+                output, tangent_output = (v.reshape(*self.labels.shape, -1) for v in (output, tangent_output))
+            numerator = diagnostics.divergence_numerator(output, tangent_output, self.labels)
+            if not math.isfinite(numerator.item()):
+                check_finite(output, "output")
+                check_finite(tangent_output, "tangent_output")
+            values["divergence"] = (numerator / self._divergence_scale()).item()
+            del output, tangent_output  # before κ: the two [N, K] outputs are the measurement's largest tensors
             twin_params = twin.parameters()
             gap = torch.sqrt(sum(((params[k] - twin_params[k]) ** 2).sum() for k in params))
             moved_norm = torch.sqrt(sum(v**2 for v in moved.absolute.values()))
@@ -545,8 +615,8 @@ class LazinessProbe:
         n = min(self.ntk_probe_size, num_examples(self.x))
         k = kernel.shape[0] // n
         traced = kernel.reshape(n, k, n, k).diagonal(dim1=1, dim2=3).sum(-1)
-        y = self.y[:n] if self.mask is None else self.y[:n] * self.mask[:n]
-        has_targets = self.ntk_outputs == "all" and bool(y.ne(0).any())
+        y = self.regression_targets(n) if self.ntk_outputs == "all" else None  # n·K numbers: the kernel's side
+        has_targets = y is not None and bool(y.ne(0).any())
         spectrum = diagnostics.ntk_spectrum(traced, y if has_targets else None)
         values = {"ntk_top_eigenvalue": spectrum.top_eigenvalue.item(), "ntk_effective_rank": spectrum.effective_rank.item()}
         if spectrum.target_energy is not None:
@@ -644,7 +714,7 @@ class LazinessProbe:
 
     # ------------------------------------------------------------------------------------- state
 
-    _STATE = ("initial", "x", "y", "labels", "mask", "initial_output", "initial_kernel", "kernel_names", "initial_kappa",
+    _STATE = ("initial", "x", "y", "labels", "mask", "initial_distance", "initial_kernel", "kernel_names", "initial_kappa",
               "initial_jacobian_norm", "initial_kappa_parts", "initial_relu", "hessian_direction", "hessian_names",
               "jacobian_direction", "initial_features", "initial_blocks", "previous_kernel", "previous_time")
     _OPTIONAL_STATE = ("jacobian_direction", "labels", "mask", "initial_features", "initial_blocks", "previous_kernel",
@@ -655,10 +725,55 @@ class LazinessProbe:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         device = next(iter(self.initial.values())).device
+        dtype = self.initial_distance.dtype
+        if "initial_distance" not in state:
+            # Older checkpoints kept h(w0) [N, K], the targets one-hot encoded [N, K] and the mask [N, K]: Δ's
+            # denominator from them, the way it was computed then.
+            initial = state["initial_output"] if state.get("mask") is None else state["initial_output"] * state["mask"]
+            state = {**state, "initial_distance": (state["y"].to(initial.dtype) - initial).norm()}
+        if state.get("labels") is not None:  # the class indices are the targets (older checkpoints: also one-hot)
+            state = {**state, "y": None, "mask": _keep(state["labels"], dtype)}
         for key in self._STATE:
             # Absent from older checkpoints:
             value = state.get(key, getattr(self, key)) if key in self._OPTIONAL_STATE else state[key]
             setattr(self, key, tuple(value) if key.endswith("names") else _to_device(value, device))
+
+
+#: Output-sized tensors ([N, K]) alive at once at the peak of Δ's part of a measurement, per probe example: the
+#: network's output and, inside the tangent twin's forward, its primal, tangent and sum. Measured (CPU, tiny GPT-2
+#: of vocabulary 5000, T = 16, probe of 8, peak of allocated bytes by torch.profiler): 4.2 N·K.
+OUTPUT_COPIES = 4
+#: The same on the κ probe (‖D²h‖'s forward-over-forward products, ‖Dh‖'s Lanczos products beside two basis
+#: vectors): measured 11.0 to 13.7 n·K for n = 4 to 1 examples (with the parameter-sized vectors), 12.2 for ‖Dh‖.
+KAPPA_COPIES = 12
+
+
+class ProbeMemoryError(ValueError):
+    """The probe's tensors would not fit the memory budget: ``cause`` says why, ``largest`` is the largest number
+    of probe examples that fits (0: not even one)."""
+
+    def __init__(self, cause: str, largest: int) -> None:
+        self.cause, self.largest = cause, largest
+        remedy = (f"give at most {largest} probe examples" if largest else
+                  "not even one example fits: lower layer_probe_size and kappa_probe_size, or per_layer=False")
+        super().__init__(f"{cause}: {remedy}, or raise diagnostics.DEFAULT_MEMORY_BUDGET")
+
+
+def probe_numbers(size: int, *, output_numel: int, feature_numel: int = 0, float_targets: bool = False,
+                  kappa_probe_size: int = 16, layer_probe_size: int = 64) -> int:
+    """The numbers (tensor elements) the measures of a probe of ``size`` examples hold at once, at most, in tensors
+    whose size grows with the output: per example ``output_numel`` = K outputs and ``feature_numel`` outputs of the
+    layers whose feature movement is measured (0 without ``per_layer``).
+
+    ``max(OUTPUT_COPIES·N, KAPPA_COPIES·n_κ)·K + 2·n_l·F (+ N·K for targets given as floats)``, N = ``size``,
+    n_κ = min(``kappa_probe_size``, N), n_l = min(``layer_probe_size``, N): Δ's outputs and κ's vectors (one after
+    the other), the layers' outputs at w0 and now. Class-index targets cost no output-sized tensor (Δ and κ's
+    residual use :func:`~lightning_lazy.scaling.squared_distance`), nor does h(w0) (Δ keeps its distance to y*).
+    Not counted: the empirical NTK and the ‖D²h‖ basis (their own budget checks), autograd's intermediates.
+    """
+    n_kappa, n_layer = min(kappa_probe_size, size), min(layer_probe_size, size)
+    outputs = max(OUTPUT_COPIES * size, KAPPA_COPIES * n_kappa) + (size if float_targets else 0)
+    return outputs * output_numel + 2 * n_layer * feature_numel
 
 
 def layer_groups(modules: Sequence[str], max_layers: int) -> dict[str, str]:
@@ -721,6 +836,15 @@ def _stability(now: list[Tensor] | None, then: list[Tensor]) -> float:
     return same / sum(a.numel() for a in then)
 
 
+def _keep(labels: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """``[*labels.shape, 1]`` of 1 where the class index is a class and 0 where it is −100; ``None`` when nothing
+    is ignored (or there are no class indices)."""
+    if labels is None:
+        return None
+    kept = labels != IGNORE_INDEX
+    return None if bool(kept.all()) else kept.unsqueeze(-1).to(dtype)
+
+
 def _to_device(value: Any, device: Any) -> Any:
     if isinstance(value, Tensor):
         return value.to(device)
@@ -731,4 +855,4 @@ def _to_device(value: Any, device: Any) -> Any:
     return value
 
 
-__all__ = ["LazinessProbe", "layer_groups"]
+__all__ = ["LazinessProbe", "ProbeMemoryError", "layer_groups", "probe_numbers"]

@@ -62,20 +62,8 @@ def regression_target_and_mask(output: Tensor, target: Tensor) -> tuple[Tensor, 
     output (the loss, Δ, κ's residual, kernels on the targets), as ``F.cross_entropy(ignore_index=-100)`` does.
     """
     if not target.is_floating_point() and not target.is_complex():
-        if output.dim() < 2 or target.shape != output.shape[:-1]:
-            raise ValueError(
-                f"integer targets of shape {tuple(target.shape)} cannot be matched to outputs of shape "
-                f"{tuple(output.shape)}: class-index targets have the output's shape without its last (class) "
-                "dimension, e.g. [N] for outputs [N, num_classes]"
-            )
         num_classes = output.shape[-1]
-        ignored = target == IGNORE_INDEX
-        classes = target[~ignored]
-        if classes.numel() and (classes.min() < 0 or classes.max() >= num_classes):
-            raise ValueError(
-                f"class-index targets must lie in [0, {num_classes}) for outputs with {num_classes} classes (or be "
-                f"{IGNORE_INDEX}, ignored), got values in [{int(classes.min())}, {int(classes.max())}]"
-            )
+        ignored = _check_classes(output, target)
         if not bool(ignored.any()):
             return F.one_hot(target.long(), num_classes).to(output.dtype), None
         keep = (~ignored).unsqueeze(-1).to(output.dtype)
@@ -86,6 +74,50 @@ def regression_target_and_mask(output: Tensor, target: Tensor) -> tuple[Tensor, 
             "give targets of the output's shape, or class indices [N] for a classifier"
         )
     return target.to(output.dtype), None
+
+
+def _check_classes(output: Tensor, target: Tensor) -> Tensor:
+    """Raise ``ValueError`` unless ``target`` holds class indices over ``output``'s last dimension (or −100);
+    return where it is −100."""
+    if output.dim() < 2 or target.shape != output.shape[:-1]:
+        raise ValueError(
+            f"integer targets of shape {tuple(target.shape)} cannot be matched to outputs of shape "
+            f"{tuple(output.shape)}: class-index targets have the output's shape without its last (class) "
+            "dimension, e.g. [N] for outputs [N, num_classes]"
+        )
+    num_classes = output.shape[-1]
+    ignored = target == IGNORE_INDEX
+    classes = target[~ignored]
+    if classes.numel() and (classes.min() < 0 or classes.max() >= num_classes):
+        raise ValueError(
+            f"class-index targets must lie in [0, {num_classes}) for outputs with {num_classes} classes (or be "
+            f"{IGNORE_INDEX}, ignored), got values in [{int(classes.min())}, {int(classes.max())}]"
+        )
+    return ignored
+
+
+def squared_distance(output: Tensor, target: Tensor | None) -> Tensor:
+    """‖(output − y*)·keep‖²_F, a 0-d tensor in the output's dtype, without building a one-hot y*.
+
+    ``target``: ``None`` (y* = 0), a tensor of the output's shape, or class indices of the output's shape
+    without its last dimension (y* their one-hot encoding; positions whose index is :data:`IGNORE_INDEX`, −100,
+    are left out, ``keep`` = 0 there, as in :func:`regression_target_and_mask`). For class indices the squared
+    errors are (f_j)² off the target class and (f_y − 1)² on it, written into one tensor of the output's size:
+    elementwise the very numbers ((f − onehot(y))·keep)² holds, so the sum is the one-hot formula's, while token
+    logits ``[N, T, V]`` need no ``[N, T, V]`` one-hot (nor the difference and the product it takes). Raises
+    ``ValueError`` as :func:`as_regression_target` does.
+    """
+    if target is None:
+        return output.square().sum()
+    if target.is_floating_point() or target.is_complex():
+        return (output - as_regression_target(output, target)).square().sum()
+    ignored = _check_classes(output, target)
+    index = target.long().clamp_min(0).unsqueeze(-1)
+    errors = output.square()
+    errors.scatter_(-1, index, (output.gather(-1, index) - 1).square())
+    if bool(ignored.any()):
+        errors.mul_((~ignored).unsqueeze(-1).to(errors.dtype))
+    return errors.sum()
 
 
 def cross_entropy(output: Tensor, target: Tensor) -> Tensor:

@@ -7,10 +7,10 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import jvp, vjp
 
-from lightning_lazy._params import check_finite, functional_call
+from lightning_lazy._params import check_finite
 from lightning_lazy.diagnostics._common import (
     DEFAULT_MEMORY_BUDGET,
     ModelLike,
@@ -23,7 +23,7 @@ from lightning_lazy.diagnostics._common import (
     _trainable_params,
 )
 from lightning_lazy.diagnostics.lanczos import extreme_eigenpair
-from lightning_lazy.scaling import IGNORE_INDEX, as_regression_target, regression_target_and_mask
+from lightning_lazy.scaling import IGNORE_INDEX, as_regression_target, squared_distance
 
 
 def jacobian_norm(
@@ -36,12 +36,15 @@ def jacobian_norm(
     seed: int = 0,
     start: Tensor | None = None,
     return_direction: bool = False,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """‖Dh(w)‖ = σ_max(J) / √N, J = ∂h(x; w)/∂w the ``[N·K, P]`` probe Jacobian, matrix-free.
 
     Lanczos on J Jᵀ (``[N·K, N·K]``), each product one vjp (reusing one recorded backward) and one jvp; the
-    Lanczos basis lives in the N·K output space, so its memory is at most ``max_iter``·N·K numbers
-    whatever the parameter count. Returns a 0-dim tensor in the output's dtype. Cost: one forward, then
+    Lanczos basis lives in the N·K output space, so its memory is at most min(``max_iter``, max(2,
+    ``memory_budget`` // N·K))·N·K numbers whatever the parameter count (beyond, Lanczos restarts from its Ritz
+    vector: token logits of 16 sequences of 128 positions over GPT-2's 50257 tokens are 1.0e8 numbers, so 2
+    vectors under the default budget instead of up to 100). Returns a 0-dim tensor in the output's dtype. Cost: one forward, then
     one vjp + one jvp per iteration, until the Ritz residual is below ``tol`` (relative, on σ²): 10-40
     iterations on the models of ``benchmarks/monitor_cost.py`` from a random start (the monitor uses
     ``tol=1e-3``). ``start`` (``[N, K]`` or ``[N·K]``, e.g. the direction an earlier call returned with
@@ -50,7 +53,7 @@ def jacobian_norm(
     needs fewer products. With ``return_direction=True`` returns ``(norm, direction)``.
     """
     norm, _, direction = _jacobian_norm_and_output(model, x, params, max_iter=max_iter, tol=tol, seed=seed,
-                                                   start=start)
+                                                   start=start, memory_budget=memory_budget)
     return (norm, direction) if return_direction else norm
 
 
@@ -72,7 +75,7 @@ def jacobian_norm_from_ntk(kernel: Tensor, num_inputs: int) -> Tensor:
 
 def _jacobian_norm_and_output(
     model: ModelLike, x: Tensor, params: Params | None, *, max_iter: int = 100, tol: float = 1e-6, seed: int = 0,
-    start: Tensor | None = None,
+    start: Tensor | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> tuple[Tensor, Tensor, Tensor]:
     _check_probe(x)
     params = _trainable_params(model, params)
@@ -90,7 +93,8 @@ def _jacobian_norm_and_output(
         elif start.numel() != out.numel():
             raise ValueError(f"start must have one number per output, {tuple(out.shape)}, got {tuple(start.shape)}")
         start = start.reshape(out.shape).to(dtype=out.dtype, device=out.device)
-        largest, direction = extreme_eigenpair(gram, start, max_iter=max_iter, tol=tol)
+        largest, direction = extreme_eigenpair(gram, start, max_iter=max_iter, tol=tol,
+                                               max_basis=max(2, memory_budget // max(1, out.numel())))
     return torch.sqrt(largest.clamp_min(0) / out.shape[0]), out.detach(), direction
 
 
@@ -240,30 +244,31 @@ def _hessian_vector_products(
     return product
 
 
-def _ignoring(model: ModelLike, x: Tensor, target: Tensor, params: Params) -> tuple[ModelLike, Tensor]:
-    """``(fn, target)``: the model with the outputs at positions whose target is −100 set to 0 (a functional model,
-    in the module's eval mode), and the regression target (0 there): the model restricted to the positions trained."""
-    with _evaluating(model):
-        shape = _output_shape(model, x, params)
-    target, keep = regression_target_and_mask(torch.empty(shape, dtype=next(iter(params.values())).dtype,
-                                                          device=target.device), target)
-    keep = keep.expand(shape).reshape(shape[0], -1)
-    target = target.reshape(shape[0], -1)
+def _ignoring(model: ModelLike, target: Tensor) -> ModelLike:
+    """The model with the outputs at positions whose class ``target`` is −100 set to 0 (a functional model, in the
+    module's eval mode): the model restricted to the positions trained. The mask is ``[N, ..., 1]``, broadcast over
+    the classes of each position (never an output-sized tensor of its own)."""
+    keep = (target != IGNORE_INDEX).unsqueeze(-1)
 
     def restricted(p: Params, inputs: Tensor) -> Tensor:
         with _evaluating(model):
-            return _as_function(model, inputs)(p) * keep.to(device=inputs.device)
+            out = _as_function(model, inputs)(p)
+        kept = out.reshape(*keep.shape[:-1], -1) * keep.to(dtype=out.dtype, device=out.device)
+        return kept.reshape(out.shape)
 
-    return restricted, target
+    return restricted
 
 
-def _output_shape(model: ModelLike, x: Tensor, params: Params) -> tuple[int, ...]:
-    """The unflattened output shape of ``model`` on ``x`` (one no-grad forward)."""
-    with torch.no_grad():
-        out = functional_call(model, params, (x,)) if isinstance(model, nn.Module) else model(params, x)
-    if not isinstance(out, Tensor):
-        raise TypeError(f"the model must return one tensor [N, K], got {type(out).__name__}")
-    return tuple(out.shape)
+def _classes_view(out: Tensor, target: Tensor) -> Tensor:
+    """The flattened output ``[N, K]`` as ``[*target.shape, C]``, for class-index targets of the unflattened output's
+    shape without its last dimension (C = K / the positions per example)."""
+    positions = max(1, target[0].numel()) if target.dim() else 1
+    if target.dim() == 0 or target.shape[0] != out.shape[0] or out.shape[1] % positions:
+        raise ValueError(
+            f"integer targets of shape {tuple(target.shape)} cannot be matched to outputs of {out.shape[1]} numbers "
+            f"per example: class-index targets have the output's shape without its last (class) dimension"
+        )
+    return out.reshape(*target.shape, -1)
 
 
 class Kappa(NamedTuple):
@@ -309,8 +314,9 @@ def kappa(
     """
     _check_probe(x)
     params = _trainable_params(model, params)
-    if not target.is_floating_point() and bool((target == IGNORE_INDEX).any()):
-        model, target = _ignoring(model, x, target, params)
+    classes = not target.is_floating_point()
+    if classes and bool((target == IGNORE_INDEX).any()):
+        model = _ignoring(model, target)
     if jacobian is None:
         # One forward: the output the residual needs is the one recorded for the Jacobian's vjp.
         jac, out, _ = _jacobian_norm_and_output(model, x, params, **(jacobian_kwargs or {}))
@@ -318,8 +324,10 @@ def kappa(
         out = _output(model, x, params)
         check_finite(out, "the model output on the probe")
         jac = jacobian
-    target = as_regression_target(out, target.reshape(target.shape[0], -1) if target.is_floating_point() else target)
-    residual = (out - target).norm() / math.sqrt(out.shape[0])
+    if classes:  # ‖h − onehot(y)‖ without the one-hot (token logits [N, T, V] would double the output's memory)
+        residual = squared_distance(_classes_view(out, target), target).sqrt() / math.sqrt(out.shape[0])
+    else:
+        residual = (out - as_regression_target(out, target.reshape(target.shape[0], -1))).norm() / math.sqrt(out.shape[0])
     if float(jac) == 0.0:
         raise ValueError("the Jacobian vanishes on the probe: the output does not depend on the parameters there")
     hess = hessian if hessian is not None else hessian_norm(model, x, params, **(hessian_kwargs or {}))

@@ -19,29 +19,47 @@ from lightning_lazy.diagnostics._common import (
     _output,
 )
 from lightning_lazy.diagnostics.ntk import owning_module
-from lightning_lazy.scaling import regression_target_and_mask
+from lightning_lazy.scaling import IGNORE_INDEX, _check_classes, squared_distance
 
 
-def path_divergence(output: Tensor, tangent_output: Tensor, target: Tensor, initial_output: Tensor) -> Tensor:
+def path_divergence(output: Tensor, tangent_output: Tensor, target: Tensor | None, initial_output: Tensor) -> Tensor:
     """Δ = ‖α h(w(t)) − α h̄(w̄(t))‖_F / ‖y* − α h(w0)‖_F on the probe, all arguments ``[N, K]``.
 
     ``output`` / ``tangent_output``: the trained model and its linearized twin; ``initial_output``: the
     trained model at initialization. ``target`` may be class indices of the output's shape without its last
-    dimension (``[N]`` for ``[N, K]``, ``[N, T]`` for token logits ``[N, T, V]``; one-hot encoded); positions whose
-    class index is −100 (``scaling.IGNORE_INDEX``, the loss's ``ignore_index``) are left out of both norms.
+    dimension (``[N]`` for ``[N, K]``, ``[N, T]`` for token logits ``[N, T, V]``; y* their one-hot encoding, never
+    built: :func:`~lightning_lazy.scaling.squared_distance`), or ``None`` (y* = 0); positions whose class index is
+    −100 (``scaling.IGNORE_INDEX``, the loss's ``ignore_index``) are left out of both norms. The denominator is
+    fixed along training: :func:`divergence_scale` computes it once.
     """
     for name, tensor in (("output", output), ("tangent_output", tangent_output), ("initial_output", initial_output)):
         if tensor.shape != output.shape:
             raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected the output's {tuple(output.shape)}")
         check_finite(tensor, name)
-    target, keep = regression_target_and_mask(output, target)
-    check_finite(target, "target")
-    if keep is not None:  # the ignored positions are in no norm: as in the loss, they are not trained
-        output, tangent_output, initial_output = output * keep, tangent_output * keep, initial_output * keep
-    scale = (target - initial_output).norm()
+    return divergence_numerator(output, tangent_output, target) / divergence_scale(target, initial_output)
+
+
+def divergence_scale(target: Tensor | None, initial_output: Tensor) -> Tensor:
+    """Δ's denominator ‖y* − α h(w0)‖_F (``target`` and ``initial_output`` as in :func:`path_divergence`), a 0-d
+    tensor. Raises ``ValueError`` when it is 0 (the divergence then has no scale) or the targets do not fit."""
+    if target is not None:
+        check_finite(target, "target")
+    scale = squared_distance(initial_output, target).sqrt()
     if float(scale) == 0.0:
         raise ValueError("the target equals the initial output on the probe: the divergence has no scale")
-    return (output - tangent_output).norm() / scale
+    return scale
+
+
+def divergence_numerator(output: Tensor, tangent_output: Tensor, target: Tensor | None = None) -> Tensor:
+    """Δ's numerator ‖α h(w(t)) − α h̄(w̄(t))‖_F, leaving out the positions whose class ``target`` is −100 (the
+    ignored positions are in no norm: as in the loss, they are not trained). One temporary of the output's size."""
+    difference = output - tangent_output
+    if target is not None and not target.is_floating_point():
+        _check_classes(difference, target)
+        keep = (target != IGNORE_INDEX).unsqueeze(-1).to(difference.dtype)
+        if not bool(keep.all()):
+            difference.mul_(keep)
+    return difference.norm()
 
 
 # ----------------------------------------------------------------------------------------------------
