@@ -110,7 +110,10 @@ class LazyTrainingMonitor(Callback):
         probe: fixed probe inputs ``x`` or ``(x, y)`` (``x`` a tensor or a dict of tensors, ``y`` with −100 at
             positions to ignore), or a Hugging Face batch with ``labels``; default ``probe_size`` examples drawn once,
             with a private generator, from the train set.
-        probe_size: examples in the default probe (divergence, activation stability).
+        probe_size: examples in the default probe (divergence, activation stability). A probe whose output-sized
+            tensors (token logits ``[N, T, V]``: :func:`~lightning_lazy.probe.probe_numbers`) exceed
+            ``lightning_lazy.diagnostics.DEFAULT_MEMORY_BUDGET`` is refused at fit start, naming the largest
+            ``probe_size`` that fits (never lowered silently: a smaller probe gives other numbers).
         kappa_probe_size: the first examples of the probe used for κ, ‖Dh‖, ‖D²h‖.
         ntk_probe_size: the first examples of the probe used for the empirical NTK.
         ntk_outputs: which outputs the empirical NTK is taken of: ``"auto"`` (default; for token logits
@@ -839,8 +842,9 @@ class LazyTrainingMonitor(Callback):
         chosen silently: a smaller probe gives other numbers)."""
         if not error.largest:
             return str(error)
-        way = (f"give a probe= of at most {error.largest} examples" if self.probe is not None else
-               f"pass probe_size={error.largest} (or a probe= of at most {error.largest} examples)")
+        examples = f"{error.largest} example{'s' if error.largest > 1 else ''}"
+        way = (f"give a probe= of at most {examples}" if self.probe is not None else
+               f"pass probe_size={error.largest} (or a probe= of at most {examples})")
         given = "" if self.probe is not None else f" with probe_size={self.probe_size}"
         return (f"{error.cause}{given}: {way}, lower kappa_probe_size / layer_probe_size, or raise "
                 "lightning_lazy.diagnostics.DEFAULT_MEMORY_BUDGET")

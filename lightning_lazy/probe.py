@@ -87,7 +87,13 @@ class LazinessProbe:
 
     Raises ``ValueError`` when the output has not one row per example, the targets do not fit the output,
     the network has no parameter, or the NTK would hold more than
-    :data:`~lightning_lazy.diagnostics.DEFAULT_MEMORY_BUDGET` numbers (before any of it is computed).
+    :data:`~lightning_lazy.diagnostics.DEFAULT_MEMORY_BUDGET` numbers (before any of it is computed);
+    :class:`ProbeMemoryError` (a ``ValueError``) when the output-sized tensors of the measures
+    (:func:`probe_numbers`) would, found from one forward of two examples before the probe's own.
+
+    Memory: the probe keeps no tensor of the output's size. Class-index targets stay indices (Δ and κ's residual
+    by :func:`~lightning_lazy.scaling.squared_distance`, the mask of −100 positions ``[N, ..., 1]``), and of h(w0)
+    only Δ's denominator ‖y* − αh(w0)‖ is kept; targets given as floats are kept as given (``[N, K]``).
 
     Work shared between measures: the constructor's forward gives h(w0) and the ReLU states at w0; each later
     measurement runs one forward of the probe for both Δ's output and activation stability; ‖Dh‖ is read off
@@ -754,7 +760,7 @@ class ProbeMemoryError(ValueError):
 
     def __init__(self, cause: str, largest: int) -> None:
         self.cause, self.largest = cause, largest
-        remedy = (f"give at most {largest} probe examples" if largest else
+        remedy = (f"give at most {largest} probe example{'s' if largest > 1 else ''}" if largest else
                   "not even one example fits: lower layer_probe_size and kappa_probe_size, or per_layer=False")
         super().__init__(f"{cause}: {remedy}, or raise diagnostics.DEFAULT_MEMORY_BUDGET")
 

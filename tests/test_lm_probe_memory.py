@@ -191,7 +191,25 @@ def test_a_probe_given_by_hand_is_refused_naming_probe_and_a_direct_probe_raises
     x = {k: batch[k] for k in ("input_ids", "attention_mask")}
     with pytest.raises(ProbeMemoryError) as caught:
         LazinessProbe(Watched(gpt2(1000, 8)), x, batch["labels"])
-    assert 1 <= caught.value.largest < 10 and f"at most {caught.value.largest} probe examples" in str(caught.value)
-    with pytest.raises(MisconfigurationException, match=r"give a probe= of at most \d+ examples") as refused:
+    assert 1 <= caught.value.largest < 10 and f"at most {caught.value.largest} probe example" in str(caught.value)
+    with pytest.raises(MisconfigurationException, match=r"give a probe= of at most \d+ example") as refused:
         fit(LazyTrainingMonitor("cross_entropy", probe=(x, batch["labels"]), figure=False), 1000, 8, n=4)
     assert "\n" not in str(refused.value) and "probe_size=256" not in str(refused.value)
+
+
+def test_a_checkpoint_of_the_older_format_loads_with_the_same_divergence_scale():
+    model = Watched(gpt2(97, 8).double().eval())
+    batch = collate(examples(4, 97, 8))
+    x = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    probe = LazinessProbe(model, x, batch["labels"], measure_kappa=False, measure_ntk=False)
+    state = probe.state_dict()
+    with torch.no_grad():
+        logits = model(x)
+    keep = (batch["labels"] != IGNORE_INDEX).unsqueeze(-1).double()
+    old = {k: v for k, v in state.items() if k != "initial_distance"}  # h(w0), one-hot y and mask, all [N, K]
+    old.update(initial_output=logits.reshape(4, -1), y=(F.one_hot(batch["labels"].clamp_min(0), 97) * keep).reshape(4, -1),
+               mask=keep.expand(logits.shape).reshape(4, -1))
+    restored = LazinessProbe(model, x, batch["labels"], measure_kappa=False, measure_ntk=False)
+    restored.load_state_dict(old)
+    assert float(restored.initial_distance) == pytest.approx(float(probe.initial_distance), rel=1e-12)
+    assert restored.y is None and torch.equal(restored.mask, probe.mask)
