@@ -197,7 +197,8 @@ def laziness_figure(history: list[dict[str, float]], *, horizon: float | None = 
         _no_data(ax, "divergence and bound")
     has_bound = len(_series(history, "bound", log_y=True)[0]) > 0
     ax.set_title("(a) divergence Δ and the bound t̃²·κ(w0): lazy guaranteed while the bound < 1" if has_bound else
-                 "(a) divergence Δ from the tangent model (no bound: it holds for gradient descent only)", **_PANEL_TITLE)
+                 "(a) divergence Δ from the tangent model (no bound: it holds for gradient descent only)",
+                 **_PANEL_TITLE)
 
     # (b) Share of piecewise-linear units whose linear piece is still that of w0, on [0, 1] whatever the run.
     ax = axes["b"]
