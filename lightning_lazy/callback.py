@@ -894,7 +894,7 @@ class LazyTrainingMonitor(Callback):
         else:
             for name, value in scalars.items():
                 pl_module.log(name, value, sync_dist=True)  # equal on every rank: quiets Lightning's advice
-        # Rendering costs about a second: at epoch ends (never at log steps) while that stays under 5 % of the
+        # Rendering costs a few tenths of a second: at epoch ends (never at log steps) while that stays under 5 % of the
         # time since the last drawing, and at fit end.
         if trainer.is_global_zero and not on_step and time.perf_counter() - self._drawn_at >= 19 * self._draw_seconds:
             self._draw(trainer)
