@@ -3,9 +3,12 @@
 Runs the code block of the README's "Add it to your trainer" section as it stands (an MLP 64-256-256-10 on
 scikit-learn's digits, SGD with momentum, 29 steps per epoch, a TensorBoard logger), in a temporary folder,
 once as written (the monitor at its defaults), once with the monitor's line replaced by ``callbacks=[]``,
-and once with ``LazyTrainingMonitor(loss="cross_entropy", track_tangent=False)`` (no twin), alternating
-``--repeats`` times after one warm-up run (imports, first calls); the ratios of the medians are the monitor's
-cost. ``--profile`` prints where the monitored run spends its time (cProfile, cumulative). Writes JSON.
+and once with ``LazyTrainingMonitor(loss="cross_entropy", track_tangent=False)`` (no twin), and once with
+``floor``: a bare callback that only takes the exact tangent step any lock-step twin must take at each training
+step (one forward-mode pass through the network at w0 with tangent w̄ − w0, its backward, an SGD step), with no
+check, measure, log or figure: what following every step exactly costs at least in eager PyTorch on this
+example. Alternating ``--repeats`` times after one warm-up run (imports, first calls); the ratios of the medians
+are the costs. ``--profile`` prints where the monitored run spends its time (cProfile, cumulative). Writes JSON.
 
     OMP_NUM_THREADS=1 python benchmarks/readme_cost.py [--repeats 1] [--profile]
 """
@@ -25,8 +28,12 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from pytorch_lightning import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
 MONITOR_LINE = 'callbacks=[LazyTrainingMonitor(loss="cross_entropy")],'
@@ -34,7 +41,30 @@ VARIANTS = {
     "without": "callbacks=[],",
     "with": MONITOR_LINE,
     "without_twin": 'callbacks=[LazyTrainingMonitor(loss="cross_entropy", track_tangent=False)],',
+    "floor": "callbacks=[BareTangentStep()],",
 }
+
+
+class BareTangentStep(Callback):
+    """The least a lock-step twin computes per training step: w̄ ← w̄ − SGD(∇ℓ(f(w0) + J(w0)(w̄ − w0))).
+
+    The README's optimizer (SGD, lr 0.05, momentum 0.9) on the tangent model of ``pl_module.net``, by
+    ``torch.autograd.forward_ad`` (primal w0, tangent w̄ − w0) and one backward; nothing else.
+    """
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self.w0 = {k: v.detach().clone() for k, v in pl_module.net.named_parameters()}
+        self.w = {k: v.detach().clone().requires_grad_() for k, v in pl_module.net.named_parameters()}
+        self.optimizer = torch.optim.SGD(self.w.values(), lr=0.05, momentum=0.9)
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.optimizer.zero_grad()
+        with fwAD.dual_level():
+            duals = {k: fwAD.make_dual(self.w0[k], self.w[k] - self.w0[k]) for k in self.w0}
+            primal, tangent = fwAD.unpack_dual(torch.func.functional_call(pl_module.net, duals, (x,)))
+        F.cross_entropy(primal + tangent, y).backward()
+        self.optimizer.step()
 
 
 def readme_snippet(readme: Path = ROOT / "README.md") -> str:
@@ -57,7 +87,7 @@ def run_seconds(code: str, profile: cProfile.Profile | None = None) -> float:
             start = time.perf_counter()
             if profile is not None:
                 profile.enable()
-            exec(compile(code, "README.md", "exec"), {"__name__": "__readme__"})
+            exec(compile(code, "README.md", "exec"), {"__name__": "__readme__", "BareTangentStep": BareTangentStep})
             if profile is not None:
                 profile.disable()
             return time.perf_counter() - start
@@ -83,7 +113,8 @@ def main() -> None:
     ratios = {name: medians[name] / medians["without"] for name in codes}
     print(f"README snippet, {torch.get_num_threads()} thread(s), median of {args.repeats}: without the monitor "
           f"{medians['without']:.2f} s; with it {medians['with']:.2f} s ({ratios['with']:.2f}x); with "
-          f"track_tangent=False {medians['without_twin']:.2f} s ({ratios['without_twin']:.2f}x)")
+          f"track_tangent=False {medians['without_twin']:.2f} s ({ratios['without_twin']:.2f}x); the bare tangent step "
+          f"alone (the floor of any exact lock-step twin) {medians['floor']:.2f} s ({ratios['floor']:.2f}x)")
     if profile is not None:
         pstats.Stats(profile).sort_stats("cumulative").print_stats(40)
     result = {"args": vars(args), "machine": platform.processor() or platform.machine(),

@@ -235,6 +235,10 @@ def _describe(module: nn.Module | None, failing: nn.Module | None) -> str:
     return f"{name or '<root>'} ({type(failing).__name__})" if name is not None else type(failing).__name__
 
 
+# ids of the modules a forward_ad_safe block is open for (innermost last).
+_SAFE_NOW: list[int] = []
+
+
 @contextlib.contextmanager
 def forward_ad_safe(module: nn.Module | None = None, what: str = "lightning_lazy") -> Iterator[None]:
     """Run forward-mode AD on ``module`` with kernels that have a forward-AD rule, and locate failures.
@@ -248,8 +252,16 @@ def forward_ad_safe(module: nn.Module | None = None, what: str = "lightning_lazy
     one line naming the innermost module that was running (``what`` says which computation needed it) and
     the monitor's options that still work, chained to nothing.
     """
+    if module is not None and id(module) in _SAFE_NOW:
+        # Already inside for this module (the twin's forward around LinearizedModel's): the outer block swaps the
+        # same kernels and locates failures, and entering again would cost its setup at every step.
+        yield
+        return
     tracker = _ModuleStack()
     with contextlib.ExitStack() as stack:
+        if module is not None:
+            _SAFE_NOW.append(id(module))
+            stack.callback(_SAFE_NOW.pop)
         stack.enter_context(_mha_fastpath_off())
         stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
         if _has_rnn(module):

@@ -190,8 +190,8 @@ def tensor_norms(tensors: list[Tensor | None]) -> list[float | None]:
         return [None] * len(tensors)
     with torch.no_grad():
         norms = torch._foreach_norm(present)
-        try:
-            values = iter(torch.stack([n.double() for n in norms]).tolist())
+        try:  # stack promotes mixed dtypes exactly (a float16 norm is a float32 number)
+            values = iter(torch.stack(norms).tolist())
         except RuntimeError:  # tensors on several devices
             values = iter([float(n) for n in norms])
     return [None if t is None else next(values) for t in tensors]

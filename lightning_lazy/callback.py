@@ -911,7 +911,7 @@ class LazyTrainingMonitor(Callback):
         else:
             for name, value in scalars.items():
                 pl_module.log(name, value, sync_dist=True)  # equal on every rank: quiets Lightning's advice
-        # Rendering costs about a second: at epoch ends (never at log steps) while that stays under 5 % of the
+        # Rendering costs a few tenths of a second: at epoch ends (never at log steps) while that stays under 5 % of the
         # time since the last drawing, and at fit end.
         if trainer.is_global_zero and not on_step and time.perf_counter() - self._drawn_at >= 19 * self._draw_seconds:
             self._draw(trainer)
@@ -934,34 +934,58 @@ class LazyTrainingMonitor(Callback):
             return  # no logger: no run folder to save it in
         self._drawn = len(self.history)
         started = time.perf_counter()
-        from matplotlib.image import imsave
-
-        from lightning_lazy.report import figure_to_array, laziness_figure
+        from lightning_lazy.report import figure_to_png, laziness_figure
 
         horizon = self.summary_values()["horizon"]
-        pixels = figure_to_array(laziness_figure(self.history, horizon=horizon, per_tensor=self._last_per_tensor,
-                                                 alpha=self._loss_scale ** -0.5))
-        if self._log_folder is not None:
-            os.makedirs(self._log_folder, exist_ok=True)
-            imsave(os.path.join(self._log_folder, "laziness.png"), pixels)
-        if writer is not None:
-            writer.add_image("lazy/figure", pixels, trainer.global_step, dataformats="HWC")
-        self._draw_layers(writer, imsave)
+        png = figure_to_png(laziness_figure(self.history, horizon=horizon, per_tensor=self._last_per_tensor,
+                                            alpha=self._loss_scale ** -0.5))
+        self._save_png(png, "laziness.png", writer, "lazy/figure", trainer.global_step)
+        self._draw_layers(writer)
         self._drawn_at = time.perf_counter()
         self._draw_seconds = self._drawn_at - started
 
-    def _draw_layers(self, writer: Any, imsave: Callable) -> None:
+    def _draw_layers(self, writer: Any) -> None:
         """The per-layer heat map (feature movement and NTK share, layers × measurements): a TensorBoard image
         ``lazy/layers`` and ``layers.png`` in the log folder."""
         if not self.layer_history:
             return
-        from lightning_lazy.report import figure_to_array, layers_figure
+        from lightning_lazy.report import figure_to_png, layers_figure
 
-        pixels = figure_to_array(layers_figure(self.layer_history))
+        png = figure_to_png(layers_figure(self.layer_history))
+        self._save_png(png, "layers.png", writer, "lazy/layers", int(self.layer_history[-1]["step"]))
+
+    def _save_png(self, png: bytes, file: str, writer: Any, tag: str, step: int) -> None:
+        """One encoded figure, the same bytes twice: ``file`` in the log folder and the TensorBoard image ``tag``.
+
+        torch's ``SummaryWriter`` takes the PNG as it is, in the image summary it would have built
+        (``add_image`` takes pixels only and would encode them again); another writer (tensorboardX, with
+        its own protobuf classes) gets the decoded pixels through its ``add_image``.
+        """
         if self._log_folder is not None:
-            imsave(os.path.join(self._log_folder, "layers.png"), pixels)
-        if writer is not None:
-            writer.add_image("lazy/layers", pixels, int(self.layer_history[-1]["step"]), dataformats="HWC")
+            os.makedirs(self._log_folder, exist_ok=True)
+            with open(os.path.join(self._log_folder, file), "wb") as f:
+                f.write(png)
+        if writer is None:
+            return
+        try:
+            from tensorboard.compat.proto.summary_pb2 import Summary
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # no tensorboard package: the writer is tensorboardX's
+            SummaryWriter = None  # noqa: N806
+        if SummaryWriter is None or not isinstance(writer, SummaryWriter):
+            import io
+
+            import numpy as np
+            from PIL import Image
+
+            with Image.open(io.BytesIO(png)) as image:
+                writer.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+            return
+        # A PNG's size is in its header chunk (IHDR): width and height, 4 bytes big-endian each, from byte 16.
+        width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+        summary = Summary(value=[Summary.Value(tag=tag, image=Summary.Image(
+            height=height, width=width, colorspace=3, encoded_image_string=png))])
+        writer._get_file_writer().add_summary(summary, step)
 
     def _moved_layers(self, count: int = 3) -> list[tuple[str, str, float]]:
         """The ``count`` layers that moved most at the last measurement, by feature movement (else displacement):

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "twin_step.py"
@@ -143,3 +144,26 @@ def test_monitor_cost_accuracy_study_quick_run(tmp_path: Path) -> None:
     assert max(fit_start.values()) <= fit_start["reference"] * 1.05
     assert record["values"]["jacobian_norm"]["Lanczos tol=0.0001"] == pytest.approx(
         record["values"]["jacobian_norm"]["reference"], rel=1e-3)
+
+
+def test_readme_cost_floor_takes_the_twins_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks/readme_cost.py's floor (a bare tangent step per batch) is a fair floor: it computes the same
+    tangent path as the monitor's twin, run side by side on the README's snippet: their weights agree after an
+    epoch in which they moved."""
+    spec = importlib.util.spec_from_file_location("readme_cost_under_test", ROOT / "benchmarks" / "readme_cost.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    code = module.readme_snippet().replace(module.MONITOR_LINE, "callbacks=[monitor, floor],").replace(
+        "max_epochs=10", "max_epochs=1")
+    floor = module.BareTangentStep()
+    from lightning_lazy import LazyTrainingMonitor
+
+    monitor = LazyTrainingMonitor(loss="cross_entropy", log_steps=None, figure=False, measure_kappa=False,
+                                  measure_ntk=False, per_layer=False)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {"__name__": "__readme__", "monitor": monitor, "floor": floor})
+    twin = monitor.twin.parameters()
+    assert monitor.twin.steps == 29
+    for name, value in floor.w.items():
+        torch.testing.assert_close(value.detach(), twin[f"inner.net.{name}"], rtol=1e-4, atol=1e-6)
+    assert max((floor.w[k] - floor.w0[k]).abs().max().item() for k in floor.w) > 1e-3  # it moved

@@ -1,12 +1,16 @@
 import glob
+import io
 import math
 
+import numpy as np
 import pytest
 import torch
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_lazy import report
 from lightning_lazy.callback import LazyTrainingMonitor
 
 from lightning_helpers import Regressor, loaders, trainer
@@ -50,6 +54,40 @@ def test_tensorboard_holds_every_tag_with_finite_values(tmp_path):
     bound = [e.value for e in events.Scalars("lazy/bound")]
     assert bound[-1] == pytest.approx(time[-1] ** 2 * monitor.initial_kappa, rel=1e-5)
     assert monitor.laziness_horizon == pytest.approx(monitor.initial_kappa ** -0.5)
+
+
+def test_figure_files_and_tensorboard_images_are_the_same_pictures(tmp_path):
+    # Each figure is drawn and encoded once; the PNG in the log folder and the TensorBoard image are those bytes.
+    train, val = loaders()
+    monitor = LazyTrainingMonitor(log_steps=None)
+    trainer(tmp_path, [monitor], max_epochs=2).fit(Regressor(alpha=10.0), train, val)
+    events = _events(tmp_path)
+    folder = tmp_path / "runs" / "version_0"
+    pictures = {}
+    for file, tag in (("laziness.png", "lazy/figure"), ("layers.png", "lazy/layers")):
+        (image,) = events.Images(tag)
+        shown = np.asarray(Image.open(io.BytesIO(image.encoded_image_string)))
+        pictures[file] = np.asarray(Image.open(folder / file))
+        assert shown.shape == (image.height, image.width, 3) and np.array_equal(pictures[file], shown), file
+        assert pictures[file].std() > 10, file  # not a blank canvas
+    # The heat map is the monitor's layer history drawn as report.layers_figure draws it, pixel for pixel.
+    assert np.array_equal(pictures["layers.png"], report.figure_to_array(report.layers_figure(monitor.layer_history)))
+
+
+def test_a_writer_other_than_torchs_gets_the_decoded_figure(tmp_path):
+    # tensorboardX's SummaryWriter has its own protobuf classes: it gets the pixels through add_image.
+    class Writer:
+        def add_image(self, tag, pixels, step, dataformats):
+            self.added = (tag, pixels, step, dataformats)
+
+    fig = report.layers_figure([{"normalized_time": 1.0, "layers": {"net.0": {"feature_movement": 0.1}}}])
+    png, writer, monitor = report.figure_to_png(fig), Writer(), LazyTrainingMonitor()
+    monitor._log_folder = str(tmp_path)
+    monitor._save_png(png, "layers.png", writer, "lazy/layers", 7)
+    tag, pixels, step, dataformats = writer.added
+    assert (tag, step, dataformats) == ("lazy/layers", 7, "HWC")
+    assert np.array_equal(pixels, report.figure_to_array(fig))
+    assert (tmp_path / "layers.png").read_bytes() == png
 
 
 def test_model_linear_in_parameters_has_zero_divergence_through_the_trainer(tmp_path):
