@@ -25,6 +25,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_lazy._cost import MeasurementCost
 from lightning_lazy._forward_ad import as_forward_ad_error
 from lightning_lazy._inputs import as_inputs, inputs_to, num_examples, take
 from lightning_lazy._optim import adaptive_optimizer
@@ -272,6 +273,7 @@ class LazyTrainingMonitor(Callback):
         self._batch: tuple | None = None
         self._objective_checked = False
         self._warned_no_twin = False
+        self._cost = MeasurementCost()  # says once when a measurement costs as much as many training steps
         self._last_scalars: tuple[Any, dict[str, float]] = (None, {})  # (step, weights) and the values last logged
         self.layer_history: list[dict[str, Any]] = []  # per measurement: step, t̃ and {layer: {measure: value}}
         self.kernel_baseline_values: dict[str, float] | None = None  # lazy/kernel/val_{loss,acc}
@@ -416,10 +418,12 @@ class LazyTrainingMonitor(Callback):
         if self.measures is None:
             self._measure_at_w0(trainer, pl_module)
         if self._following_twin() is None:
+            self._cost.step_started()
             return
         # The trainer converts inputs inside training_step (e.g. to float64 under precision="64-true").
         self._batch = self._read_batch(trainer.precision_plugin.convert_input(batch))
         self.twin.arm()
+        self._cost.step_started()
 
     @override
     def on_before_zero_grad(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
@@ -463,6 +467,9 @@ class LazyTrainingMonitor(Callback):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Measure at the requested global steps."""
+        self._cost.step_ended()
+        if len(self._cost.step_seconds) == 1:  # the measurement at w0 against the first step: say it early
+            self._advise_on_cost("initial")
         if self._is_log_step(trainer.global_step):
             self._measure_and_log(trainer, pl_module, on_step=True)
 
@@ -748,7 +755,16 @@ class LazyTrainingMonitor(Callback):
                 f"returned {real:.6g}: the monitor trains its twin on another objective than yours, so its divergence "
                 "is not meaningful. Pass the loss you train with: LazyTrainingMonitor(loss=callable(output, y)) "
                 "(including any 1/alpha^2 factor through alpha=), or the model/output/batch_to_xy your training_step uses."
+                + self._causal_lm_hint()
             )
+
+    def _causal_lm_hint(self) -> str:
+        """For token batches read by the default ``batch_to_xy``: the causal-LM reader, which shifts self-labels."""
+        x = self._batch[0] if self._batch else None
+        if self.batch_to_xy is not default_batch_to_xy or not isinstance(x, Mapping) or "input_ids" not in x:
+            return ""
+        return (" For a causal LM whose labels are its input tokens (the model shifts them inside its own loss), pass "
+                "batch_to_xy=lightning_lazy.callback.causal_lm_batch_to_xy.")
 
     def _probe_dtype(self) -> torch.dtype:
         params = list(self._watched.parameters())
@@ -884,6 +900,7 @@ class LazyTrainingMonitor(Callback):
                     pl_module.log(name, value, sync_dist=True)
             return
         values = self.measure(pl_module)
+        self._advise_on_cost("last")
         per_tensor = values.pop("displacement_per_tensor")
         self._last_per_tensor = per_tensor
         scalars = {f"lazy/{name}": value for name, value in values.items()}
@@ -1130,6 +1147,24 @@ class LazyTrainingMonitor(Callback):
         if self._eval_is_classification:
             pl_module.log(f"lazy/tangent/{stage}_acc", float(totals[1] / totals[2]), sync_dist=True)
         self._eval_loss_sum, self._eval_correct, self._eval_count = 0.0, 0, 0
+
+    def _advise_on_cost(self, bucket: str) -> None:
+        """Warn once when the measurement ``bucket`` ("initial", "last") cost as much as many training steps."""
+        advice = self._cost.advice(self.timings.get(bucket, {}), self._measured_when())
+        if advice is not None:
+            rank_zero_warn(advice)
+
+    def _measured_when(self) -> str:
+        """When measurements run, in words (for the cost warning)."""
+        if self.log_steps is None:
+            steps = ""
+        elif self.log_steps == "log":
+            steps = "at steps 1, 2, 4, 8, ..."
+        else:
+            listed = list(self.log_steps)
+            steps = f"at steps {', '.join(map(str, listed[:6]))}{', ...' if len(listed) > 6 else ''}"
+        epochs = "every epoch end" if self.every_n_epochs == 1 else f"every {self.every_n_epochs} epochs"
+        return f"{steps} and {epochs}" if steps else epochs
 
     def _is_log_step(self, step: int) -> bool:
         if self.log_steps is None or step == 0:

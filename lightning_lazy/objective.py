@@ -46,7 +46,8 @@ def resolve_objective(pl_module: pl.LightningModule, loss: LossLike | None,
     if loss is None:
         raise MisconfigurationException(
             "LazyTrainingMonitor does not know the loss the model is trained on: pass "
-            "LazyTrainingMonitor(loss='mse' | 'cross_entropy' | callable), or give AlphaScaled(..., loss=...)"
+            "LazyTrainingMonitor(loss='mse' | 'cross_entropy' | callable), or give AlphaScaled(..., loss=...) (a Hugging "
+            "Face causal LM trained on its own tokens: loss='cross_entropy', batch_to_xy=lightning_lazy.callback.causal_lm_batch_to_xy)"
         )
     scale = 1.0 / alpha**2
 
