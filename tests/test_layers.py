@@ -84,6 +84,27 @@ def test_per_layer_blocks_are_the_per_module_jacobian_grams(implementation, trac
         torch.testing.assert_close(sum(blocks.values()), whole, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 5, 12])
+@pytest.mark.parametrize("trace", [False, True])
+def test_symmetric_products_by_pairs_of_column_chunks_are_the_jacobian_grams(chunk_size, trace):
+    """x2 = x1: the products route takes Gram matrices of the vjp rows over pairs of column chunks (here 12 columns
+    in chunks of 1, 5 (uneven) and 12); its blocks are the explicit ones, and so is their sum."""
+    net = _net()
+    torch.manual_seed(3)
+    x = torch.randn(4, 2, 4, 4, dtype=torch.float64)
+    expected = _jacobian_blocks(net, x, x)
+    for per_layer in (True, False):
+        got = D.empirical_ntk(net, x, implementation="products", chunk_size=chunk_size, trace=trace, per_layer=per_layer)
+        blocks = got if per_layer else {"": got}
+        references = expected if per_layer else {"": sum(expected.values())}
+        assert list(blocks) == list(references)
+        for name, block in blocks.items():
+            reference = references[name]
+            if trace:
+                reference = reference.reshape(4, 3, 4, 3).diagonal(dim1=1, dim2=3).sum(-1)
+            torch.testing.assert_close(block, reference, rtol=1e-9, atol=1e-12)
+
+
 def test_per_layer_on_a_functional_model_groups_by_name_and_splits_a_bias_of_another_group():
     torch.manual_seed(2)
     params = {"a.w": torch.randn(4, 3, dtype=torch.float64), "b.bias": torch.randn(4, dtype=torch.float64),

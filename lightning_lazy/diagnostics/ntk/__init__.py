@@ -40,7 +40,7 @@ NTK_IMPLEMENTATIONS = tuple(member.value for member in NtkImplementation)
 
 def _products(model: ModelLike, x1: Tensor, x2: Tensor, symmetric: bool, params: Params, implementation: str,
               chunk_size: int | None, trace: bool, budget: int, groups: dict[str, str]) -> dict[str, Tensor]:
-    return _ntk_products_by_group(model, x1, x2, params, groups, list(params), chunk_size, trace, budget)
+    return _ntk_products_by_group(model, x1, x2, params, groups, list(params), chunk_size, trace, budget, symmetric)
 
 
 def owning_module(name: str) -> str:
@@ -98,6 +98,9 @@ def empirical_ntk(
     - ``"products"`` — the reference: column blocks Jᵀ(x2)E (vmapped vjp of unit cotangents) then J(x1)
       applied to them (vmapped jvp). Cost: N2·K backward passes through the whole probe, so quadratic in
       the number of inputs; memory ``chunk_size`` parameter-sized vectors. Exact whatever the model does.
+      For x2 = x1 with several parameter groups (``per_layer``), or columns that fit one chunk, the blocks are
+      Gram matrices of the rows of Jᵀ alone, Θ_l = (J_lᵀE)ᵀ(J_lᵀE) over pairs of column chunks, when that
+      takes fewer passes than a vjp and a jvp per group.
     - ``"auto"`` (default) — ``"structured"``; ``"products"`` when the examples of the probe interact
       (a ``F.batch_norm`` call in training mode, e.g. a functional model that keeps BatchNorm on batch
       statistics), and for a generic parameter group on which ``vmap`` fails.
@@ -124,7 +127,7 @@ def empirical_ntk(
     is a sum over parameters of ⟨∂h/∂w_p, ∂h/∂w_p⟩, and the blocks split that sum by module (Novak et al. 2022
     compute the same per-layer terms, §3). Only the differentiated parameters count (``params``, by default the
     trainable ones): a frozen module has no block. Every implementation supports it at the cost of the whole
-    kernel, except ``"products"``, which runs once per module (the ``"auto"`` fallback too). Default ``False``:
+    kernel (``"products"`` and the ``"auto"`` fallback with x2 ≠ x1: once per module). Default ``False``:
     the kernel itself, one tensor.
 
     ``chunk_size``: for ``"products"`` the number of cotangents per vmapped vjp; otherwise the maximal

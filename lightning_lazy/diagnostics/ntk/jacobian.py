@@ -132,7 +132,7 @@ def _ntk_fast(
     parts = [_blocked_kernel(compute, x1, x2, symmetric, per_example, feature_budget, trace, transient_budget, owners)
              for compute, per_example, owners in passes]
     if oversized:
-        parts.append(_ntk_products_by_group(model, x1, x2, params, groups, oversized, None, trace, budget))
+        parts.append(_ntk_products_by_group(model, x1, x2, params, groups, oversized, None, trace, budget, symmetric))
     for part in parts:
         for name, block in part.items():
             kernels[name] = block if name not in kernels else kernels[name] + block.reshape(kernels[name].shape)
