@@ -24,6 +24,7 @@ Outputs: ``huggingface_lm.csv`` (every measurement of the monitor) in ``--out-di
 
     HF_HUB_OFFLINE=1 python examples/huggingface_lm.py --out-dir outputs/huggingface_lm --log-dir runs/huggingface_lm
     python examples/huggingface_lm.py --quick      # seconds, for tests
+    python examples/huggingface_lm.py --vocab-size 50257 --probe-size 3 --epochs 1   # a real vocabulary's cost
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the initialization and the batch order")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (tiny model: 1 is fastest)")
     parser.add_argument("--quick", action="store_true", help="a few epochs (seconds), for tests")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="embedding rows (default: the characters seen, plus padding); e.g. 50257, GPT-2's, to see "
+                             "what a real vocabulary costs the monitor (the characters keep the first ids)")
+    parser.add_argument("--probe-size", type=int, default=16, help="sequences in the monitor's probe")
     args = parser.parse_args(argv)
     if args.quick:
         args.epochs, args.every = 2, 1
@@ -150,10 +155,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     pl.seed_everything(args.seed, verbose=False)
     sequences, vocabulary = encode(zen_of_python(), args.length)
     train, val = sequences[:-4], sequences[-4:]  # the last lines held out
-    model = CharacterLM(len(vocabulary) + 1, args.length, args.lr)
+    vocab_size = max(len(vocabulary) + 1, args.vocab_size or 0)
+    model = CharacterLM(vocab_size, args.length, args.lr)
     # κ and the NTK on the probe's first 4 sequences: a GPT-2's attention masks defeat vmap, so its kernel is
     # computed by Jacobian products, whose cost grows as the square of the examples.
-    monitor = LazyTrainingMonitor(loss="cross_entropy", probe_size=16, kappa_probe_size=4, ntk_probe_size=4,
+    monitor = LazyTrainingMonitor(loss="cross_entropy", probe_size=args.probe_size, kappa_probe_size=4, ntk_probe_size=4,
                                   every_n_epochs=args.every, log_steps="log")
     trainer = pl.Trainer(max_epochs=args.epochs, callbacks=[monitor],
                          logger=TensorBoardLogger(str(args.log_dir), name="gpt2_zen"), log_every_n_steps=1,
@@ -169,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         writer.writeheader()
         writer.writerows(monitor.history)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    print(f"{len(train)} training sequences, vocabulary {len(vocabulary) + 1}, {args.epochs} epochs in {seconds:.1f} s; "
+    print(f"{len(train)} training sequences, vocabulary {vocab_size}, {args.epochs} epochs in {seconds:.1f} s; "
           f"the NTK on {monitor.measures.ntk_outputs!r} outputs, kernel {tuple(monitor.measures.initial_kernel.shape)}")
     print({k: round(v, 4) for k, v in sorted(metrics.items())})
     return {"history": monitor.history, "metrics": metrics, "seconds": seconds, "monitor": monitor,
