@@ -1011,7 +1011,9 @@ class LazyTrainingMonitor(Callback):
             return []
         layers = self.layer_history[-1]["layers"]
         measure = "feature_movement" if any("feature_movement" in v for v in layers.values()) else "displacement"
-        ranked = sorted(((name, v[measure]) for name, v in layers.items() if measure in v), key=lambda item: -item[1])
+        # A layer that did not move (learning rate 0, a frozen one) is no answer to "which moved most".
+        ranked = sorted(((name, v[measure]) for name, v in layers.items() if v.get(measure, 0.0) > 0.0),
+                        key=lambda item: -item[1])
         return [(name, measure, value) for name, value in ranked[:count]]
 
     def _fit_kernel_baseline(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -283,6 +283,7 @@ def test_per_layer_distances_are_exactly_zero_at_lr_zero(tmp_path):
             assert measures["feature_movement"] == 0.0
             assert measures["ntk_distance"] == 0.0
     assert not any("kernel_velocity" in entry for entry in monitor.history)  # no time passed: no velocity
+    assert "layers that moved most" not in monitor.summary()  # none moved: none is named
 
 
 def test_layer_groups_keep_hundreds_of_modules_readable():
