@@ -45,10 +45,10 @@ class MeasurementCost:
             self.step_seconds.append(perf_counter() - self._started)
             self._started = None
 
-    def advice(self, timing: Mapping[str, float], when: str) -> str | None:
+    def advice(self, timing: Mapping[str, float], when: str, rarer: str = "log_steps=None / every_n_epochs=N") -> str | None:
         """The one-line warning, the first time a measurement (``timing``: ``{part: seconds, "total": seconds}``, as
         ``LazinessProbe.timings["initial"]`` or ``["last"]``) takes ``seconds`` and ``steps`` training steps; else ``None``. ``when``
-        says when measurements run (e.g. "at steps 1, 2, 4, 8, ... and every epoch end")."""
+        says when measurements run (e.g. "at steps 1, 2, 4, 8, ... and every epoch end"), ``rarer`` what makes them rarer."""
         if self.reported or not self.step_seconds or "total" not in timing:
             return None
         total, step = timing["total"], statistics.median(self.step_seconds[-100:])
@@ -60,4 +60,4 @@ class MeasurementCost:
         ways = list(dict.fromkeys(_PARTS[name][1] for _, name in parts))
         return (f"LazyTrainingMonitor: a measurement took {total:.3g} s ({named}), the time of {total / step:.0f} "
                 f"training steps, and measurements run {when}: pass {'; or '.join(ways)} to make them cheaper, or "
-                "log_steps=None / every_n_epochs=N to measure less often")
+                f"{rarer} to measure less often")

@@ -861,7 +861,7 @@ class LazyTrainingMonitor(Callback):
         examples = f"{error.largest} example{'s' if error.largest > 1 else ''}"
         way = (f"give a probe= of at most {examples}" if self.probe is not None else
                f"pass probe_size={error.largest} (or a probe= of at most {examples})")
-        given = "" if self.probe is not None else f" with probe_size={self.probe_size}"
+        given = "" if self.probe is not None else f" (probe_size={self.probe_size}, at most the training set)"
         return (f"{error.cause}{given}: {way}, lower kappa_probe_size / layer_probe_size, or raise "
                 "lightning_lazy.diagnostics.DEFAULT_MEMORY_BUDGET")
 
@@ -1152,7 +1152,8 @@ class LazyTrainingMonitor(Callback):
 
     def _advise_on_cost(self, bucket: str) -> None:
         """Warn once when the measurement ``bucket`` ("initial", "last") cost as much as many training steps."""
-        advice = self._cost.advice(self.timings.get(bucket, {}), self._measured_when())
+        rarer = "every_n_epochs=N" if self.log_steps is None else "log_steps=None / every_n_epochs=N"
+        advice = self._cost.advice(self.timings.get(bucket, {}), self._measured_when(), rarer)
         if advice is not None:
             rank_zero_warn(advice)
 

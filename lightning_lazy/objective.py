@@ -70,6 +70,7 @@ def resolve_watched(pl_module: pl.LightningModule, model: WatchLike,
         if not hasattr(module, part):
             raise MisconfigurationException(
                 f"LazyTrainingMonitor(model={model!r}): {type(module).__name__} has no attribute {part!r}"
+                + _children_hint(module)
             )
         module = getattr(module, part)
     if not isinstance(module, nn.Module):
@@ -79,12 +80,19 @@ def resolve_watched(pl_module: pl.LightningModule, model: WatchLike,
     if model is None and type(pl_module).forward.__qualname__ in ("LightningModule.forward",
                                                                  "Module._forward_unimplemented"):
         # LightningModule.forward is nn.Module's: it raises a bare "missing forward" error.
+        child = next(iter(dict(pl_module.named_children())), "model")
         raise MisconfigurationException(
             f"{type(pl_module).__name__} has no forward(), so LazyTrainingMonitor cannot call it: say what to "
-            "watch, LazyTrainingMonitor(model='model') for the sub-module training_step calls, or "
-            "model=lambda module, x: module.model(x)"
+            f"watch, LazyTrainingMonitor(model='{child}') for the sub-module training_step calls, or "
+            f"model=lambda module, x: module.{child}(x)" + _children_hint(pl_module)
         )
     return Watched(module, output=output)
+
+
+def _children_hint(module: Any) -> str:
+    """``"; its sub-modules: 'a', 'b'"`` for a module with named children, else ``""``."""
+    names = list(dict(module.named_children())) if isinstance(module, nn.Module) else []
+    return f" (its sub-modules: {', '.join(repr(n) for n in names[:8])}{', ...' if len(names) > 8 else ''})" if names else ""
 
 
 __all__ = ["Objective", "WatchLike", "resolve_objective", "resolve_watched"]

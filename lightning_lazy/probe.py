@@ -245,7 +245,7 @@ class LazinessProbe:
             return
         largest = next((m for m in range(n - 1, 0, -1) if probe_numbers(m, **sizes) <= budget), 0)
         shape = "x".join(str(d) for d in output.shape[1:])
-        cause = (f"the probe's output-sized tensors (output {shape} per example, {n} examples, "
+        cause = (f"the probe's output-sized tensors (output {shape} per example, a probe of {n} examples, "
                  f"layer_probe_size={sizes['layer_probe_size']}, kappa_probe_size={self.kappa_probe_size}) would "
                  f"hold {numbers:.3g} numbers, over the memory budget of {budget:.3g} (diagnostics.DEFAULT_MEMORY_BUDGET)")
         raise ProbeMemoryError(cause, largest)

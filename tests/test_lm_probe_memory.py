@@ -146,7 +146,7 @@ def test_the_probe_keeps_no_output_sized_tensor_and_its_one_hot_is_built_only_on
 
 def test_gpt2_vocabulary_default_probe_is_refused_in_one_line_naming_the_probe_size_that_fits():
     message = refusal(GPT2_VOCABULARY, 32, n=40)  # the default probe: the 40 examples of the train set
-    assert "\n" not in message and "output 32x50257 per example, 40 examples" in message
+    assert "\n" not in message and "output 32x50257 per example, a probe of 40 examples" in message
     assert "probe_size=256" in message and f"{diagnostics.DEFAULT_MEMORY_BUDGET:.3g}" in message
     largest = int(re.search(r"pass probe_size=(\d+)", message).group(1))
     numbers = float(re.search(r"would hold ([0-9.e+]+) numbers", message).group(1))

@@ -26,6 +26,8 @@ def test_costly_measurement_is_named_once_with_its_ways_out() -> None:
     assert "measure_ntk=False or a smaller ntk_probe_size; or measure_kappa=False or a smaller kappa_probe_size" in advice
     assert "log_steps=None / every_n_epochs=N" in advice
     assert cost.advice(timing, "every epoch end") is None  # once
+    again = _cost([0.1]).advice(timing, "every epoch end", rarer="every_n_epochs=N")
+    assert again is not None and again.endswith("or every_n_epochs=N to measure less often")
 
 
 @pytest.mark.parametrize(("steps", "total"), [([0.1], 9.9), ([1.0], 40.0)])

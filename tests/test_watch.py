@@ -237,3 +237,24 @@ def test_lightning_pytorch_trainer_gets_everything(tmp_path):
     assert "lazy/figure" in events.Tags()["images"]
     assert any("custom_scalars" in tag for tag in events.Tags()["tensors"])  # the layout
     assert "lazy/divergence" in events.Tags()["scalars"]
+
+
+def test_the_errors_on_what_to_watch_name_the_modules_sub_modules():
+    """Without forward(), the refusal suggests the module's own sub-module (not a fixed name) and lists them; a
+    model= path that does not exist lists what does."""
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+    from lightning_lazy.objective import resolve_watched
+
+    class NoForward(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.lm = nn.Linear(3, 2)
+            self.head = nn.Linear(2, 2)
+
+    with pytest.raises(MisconfigurationException,
+                       match=r"model='lm'\) for the sub-module .* module\.lm\(x\) \(its sub-modules: 'lm', 'head'\)"):
+        resolve_watched(NoForward(), None, None)
+    with pytest.raises(MisconfigurationException, match=r"has no attribute 'model' \(its sub-modules: 'lm', 'head'\)"):
+        resolve_watched(NoForward(), "model", None)
+    assert isinstance(resolve_watched(NoForward(), "lm", None).inner, nn.Linear)
