@@ -21,30 +21,49 @@ def _default_chunk(num_params: int, num_outputs: int, budget: int = 1 << 25) -> 
     return max(1, min(num_outputs, budget // max(num_params, 1)))
 
 
+def _restricted(model: ModelLike, x: Tensor, params: Params, names: list[str]) -> tuple[Callable[[Params], Tensor], Params]:
+    """The model on ``x`` as a function of the parameters ``names`` alone (the others held fixed), and their values."""
+    fixed = {k: v for k, v in params.items() if k not in names}
+    g = _as_function(model, x)
+
+    def f(p: Params) -> Tensor:
+        return g({**fixed, **p})
+
+    return f, {k: params[k] for k in names}
+
+
+def _checked_vjp(f: Callable[[Params], Tensor], subset: Params) -> tuple[Tensor, Callable, int]:
+    """``f``'s output at ``subset`` (checked finite), its vjp, and the number of parameters in ``subset``."""
+    out, vjp_fn = vjp(f, subset)
+    check_finite(out, "the model output on the probe")
+    return out, vjp_fn, sum(p.numel() for p in subset.values())
+
+
+def _traced(kernel: Tensor, k: int) -> Tensor:
+    """``[n1·k, n2·k]`` → the output-traced ``[n1, n2]``: Σ_k Θ((i, k), (j, k))."""
+    n1, n2 = kernel.shape[0] // k, kernel.shape[1] // k
+    return kernel.reshape(n1, k, n2, k).diagonal(dim1=1, dim2=3).sum(-1)
+
+
 def _ntk_products(
     model: ModelLike, x1: Tensor, x2: Tensor, params: Params, names: list[str], chunk: int | None,
     trace: bool, budget: int,
 ) -> Tensor:
     """J_S(x1) J_S(x2)ᵀ for the parameters ``names`` (the others held fixed), column block by column block."""
-    fixed = {k: v for k, v in params.items() if k not in names}
-    subset = {k: params[k] for k in names}
-    g1, g2 = _as_function(model, x1), _as_function(model, x2)
+    f1, subset = _restricted(model, x1, params, names)
+    f2, _ = _restricted(model, x2, params, names)
+    return _columns_kernel(f1, f2, subset, *_checked_vjp(f2, subset), chunk, trace, budget)
 
-    def f1(p: Params) -> Tensor:
-        return g1({**fixed, **p})
 
-    def f2(p: Params) -> Tensor:
-        return g2({**fixed, **p})
-
-    out2, vjp_fn = vjp(f2, subset)
-    check_finite(out2, "the model output on the probe")
-    n_params = sum(p.numel() for p in subset.values())
+def _columns_kernel(
+    f1: Callable[[Params], Tensor], f2: Callable[[Params], Tensor], subset: Params, out2: Tensor, vjp_fn: Callable,
+    n_params: int, chunk: int | None, trace: bool, budget: int,
+) -> Tensor:
+    """:func:`_ntk_columns` with its chunk from the budget (a quarter of it for ``chunk`` parameter-sized vectors),
+    output-traced when asked."""
     chunk = chunk or _default_chunk(n_params, out2.numel(), max(1, budget // 4))
     kernel = _ntk_columns(f1, f2, subset, out2, vjp_fn, chunk)
-    if trace:
-        n1, n2, k = kernel.shape[0] // out2.shape[1], out2.shape[0], out2.shape[1]
-        kernel = kernel.reshape(n1, k, n2, k).diagonal(dim1=1, dim2=3).sum(-1)
-    return kernel
+    return _traced(kernel, out2.shape[1]) if trace else kernel
 
 
 def _ntk_products_by_group(
@@ -54,22 +73,15 @@ def _ntk_products_by_group(
     """:func:`_ntk_products` for each group of the parameters ``names`` separately: ``{group: its block}``.
 
     With ``symmetric`` (x2 = x1) and several groups, or columns that take few chunks, the blocks come from the
-    vjps alone (:func:`_ntk_gram_by_group`) when that takes fewer passes than a vjp and a jvp per group.
+    vjps alone (:func:`_ntk_gram_by_group`) when that takes fewer passes than a vjp and a jvp per group; one group
+    otherwise reuses the vjp computed to decide.
     """
     by_group: dict[str, list[str]] = {}
     for name in names:
         by_group.setdefault(groups[name], []).append(name)
     if symmetric:
-        subset = {k: params[k] for k in names}
-        fixed = {k: v for k, v in params.items() if k not in names}
-        g = _as_function(model, x1)
-
-        def f(p: Params) -> Tensor:
-            return g({**fixed, **p})
-
-        out, vjp_fn = vjp(f, subset)
-        check_finite(out, "the model output on the probe")
-        n_params = sum(p.numel() for p in subset.values())
+        f, subset = _restricted(model, x1, params, names)
+        out, vjp_fn, n_params = _checked_vjp(f, subset)
         # Two chunks of directions are held at once: each gets half of the quarter the single-chunk route uses.
         pair_chunk = chunk or _default_chunk(n_params, out.numel(), max(1, budget // 8))
         single_chunk = chunk or _default_chunk(n_params, out.numel(), max(1, budget // 4))
@@ -77,11 +89,9 @@ def _ntk_products_by_group(
         singles = -(-out.numel() // single_chunk)
         if pairs * (pairs + 1) // 2 < singles * 2 * len(by_group):  # vjp chunks against vjp + jvp chunks per group
             kernels = _ntk_gram_by_group(vjp_fn, out, by_group, pair_chunk)
-            if trace:
-                n, k = out.shape[0], out.shape[1]
-                kernels = {group: kernel.reshape(n, k, n, k).diagonal(dim1=1, dim2=3).sum(-1)
-                           for group, kernel in kernels.items()}
-            return kernels
+            return {group: _traced(kernel, out.shape[1]) for group, kernel in kernels.items()} if trace else kernels
+        if len(by_group) == 1:
+            return {next(iter(by_group)): _columns_kernel(f, f, subset, out, vjp_fn, n_params, chunk, trace, budget)}
     return {group: _ntk_products(model, x1, x2, params, members, chunk, trace, budget)
             for group, members in by_group.items()}
 
