@@ -417,13 +417,12 @@ class LazyTrainingMonitor(Callback):
         self._rewind(trainer, pl_module)
         if self.measures is None:
             self._measure_at_w0(trainer, pl_module)
+        self._cost.step_started()  # the step's time, the twin's included, not the measurement's
         if self._following_twin() is None:
-            self._cost.step_started()
             return
         # The trainer converts inputs inside training_step (e.g. to float64 under precision="64-true").
         self._batch = self._read_batch(trainer.precision_plugin.convert_input(batch))
         self.twin.arm()
-        self._cost.step_started()
 
     @override
     def on_before_zero_grad(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
