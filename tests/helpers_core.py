@@ -12,6 +12,17 @@ def mlp(d_in: int = 5, width: int = 16, d_out: int = 3, act: type[nn.Module] = n
     return nn.Sequential(nn.Linear(d_in, width), act(), nn.Linear(width, width), act(), nn.Linear(width, d_out)).double()
 
 
+class FrozenFeatures(nn.Module):
+    """Random ReLU features that are never trained: a model on top of them is linear in its trained weights."""
+
+    def __init__(self, d_in: int, width: int) -> None:
+        super().__init__()
+        self.layer = nn.Linear(d_in, width).requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(self.layer(x))
+
+
 def flat_function(model: nn.Module, x: Tensor):
     """(flat parameter vector -> flat output [N*K]) and the flat vector at the current parameters."""
     params = {k: v.detach() for k, v in model.named_parameters()}

@@ -20,23 +20,14 @@ from pytorch_lightning.plugins.precision import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from helpers_core import FrozenFeatures
+
 from lightning_lazy import LazyTrainingMonitor
 
 N, D, K, TOKENS, VOCAB = 48, 6, 3, 5, 11
 
 
 # --------------------------------------------------------------------------------------------- the zoo
-
-
-class FrozenFeatures(nn.Module):
-    """Random features that are never trained: a model on top of them is linear in its trained weights."""
-
-    def __init__(self, d_in: int, width: int) -> None:
-        super().__init__()
-        self.layer = nn.Linear(d_in, width).requires_grad_(False)
-
-    def forward(self, x):
-        return torch.relu(self.layer(x))
 
 
 class Additive(nn.Module):

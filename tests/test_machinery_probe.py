@@ -25,6 +25,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 
+from helpers_core import FrozenFeatures
+
 from lightning_lazy import LazyTrainingMonitor
 
 N, D, K, TOKENS, VOCAB = 32, 5, 3, 4, 9
@@ -33,17 +35,6 @@ TWIN_BASED = ("divergence", "tangent_gap")
 
 
 # --------------------------------------------------------------------------------------------- models
-
-
-class Frozen(nn.Module):
-    """Random ReLU features that are never trained: a head on top is linear in its trained weights."""
-
-    def __init__(self, d_in: int, width: int) -> None:
-        super().__init__()
-        self.layer = nn.Linear(d_in, width).requires_grad_(False)
-
-    def forward(self, x):
-        return torch.relu(self.layer(x))
 
 
 class Bag(nn.Module):
@@ -80,7 +71,7 @@ class Checkpointed(nn.Module):
         # (Reentrant checkpointing gives no gradient to a block whose input needs none: the nonlinear block gets
         # a trainable stem before it, as in a real network.)
         self.stem = nn.Identity() if linear else nn.Linear(D, 12)
-        self.block = Frozen(D, 12) if linear else nn.Sequential(nn.Tanh(), nn.Linear(12, 12), nn.Tanh())
+        self.block = FrozenFeatures(D, 12) if linear else nn.Sequential(nn.Tanh(), nn.Linear(12, 12), nn.Tanh())
         self.head = nn.Linear(12, K)
 
     def forward(self, x):

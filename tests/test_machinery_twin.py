@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from helpers_core import FrozenFeatures
+
 from lightning_lazy import LazyTrainingMonitor
 from lightning_lazy.twin import TangentTwin, Watched
 
@@ -26,19 +28,8 @@ N, D, K = 32, 6, 3
 TWIN_MEASURES = ("divergence", "tangent_gap")
 
 
-class FrozenFeatures(nn.Module):
-    """Random ReLU features that are never trained: a model on top of them is linear in its trained weights."""
-
-    def __init__(self, d_in: int = D, width: int = 12) -> None:
-        super().__init__()
-        self.layer = nn.Linear(d_in, width).requires_grad_(False)
-
-    def forward(self, x):
-        return torch.relu(self.layer(x))
-
-
 def linear_net() -> nn.Module:
-    return nn.Sequential(FrozenFeatures(), nn.Linear(12, K))
+    return nn.Sequential(FrozenFeatures(D, 12), nn.Linear(12, K))
 
 
 def mlp() -> nn.Module:
