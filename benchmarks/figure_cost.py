@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from lightning_lazy import report  # noqa: E402
+from lightning_lazy.watch import report  # noqa: E402
 from lightning_lazy.callback import LazyTrainingMonitor  # noqa: E402
 from readme_cost import readme_snippet  # noqa: E402
 

@@ -165,9 +165,9 @@ def monitor_measures(model, args, device) -> dict:
     ``lightning_lazy/callback.py`` runs them, timed by the probe itself (``LazinessProbe.timings``)."""
     import torch
 
-    from lightning_lazy.probe import LazinessProbe
+    from lightning_lazy.watch.probe import LazinessProbe
     from lightning_lazy.scaling import half_squared_error
-    from lightning_lazy.twin import TangentTwin
+    from lightning_lazy.watch.twin import TangentTwin
 
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(args.probe_size, 3, 32, 32, generator=generator).to(device)
@@ -207,9 +207,9 @@ def per_layer_cost(model, args, device) -> dict:
     of wall time; ``ratio`` = with / without, in CPU time (``wall_ratio`` in wall time)."""
     import torch
 
-    from lightning_lazy.probe import LazinessProbe
+    from lightning_lazy.watch.probe import LazinessProbe
     from lightning_lazy.scaling import half_squared_error
-    from lightning_lazy.twin import TangentTwin
+    from lightning_lazy.watch.twin import TangentTwin
 
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(args.probe_size, 3, 32, 32, generator=generator).to(device)
@@ -265,7 +265,7 @@ def accuracy_study(model, args, device) -> dict:
     import torch
 
     from lightning_lazy import diagnostics
-    from lightning_lazy.probe import CAREFUL_HESSIAN, LazinessProbe
+    from lightning_lazy.watch.probe import CAREFUL_HESSIAN, LazinessProbe
 
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(args.probe_size, 3, 32, 32, generator=generator).to(device)

@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.image import imsave
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_lazy.report import figure_to_array, layers_figure
+from lightning_lazy.watch.report import figure_to_array, layers_figure
 
 
 def layer_history(run: Path) -> list[dict]:

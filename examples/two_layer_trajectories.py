@@ -47,7 +47,7 @@ from lightning_lazy.callback import LazyTrainingMonitor  # noqa: E402
 from lightning_lazy.data.teacher import TeacherStudentDataModule  # noqa: E402
 from lightning_lazy.models.shallow import TwoLayerReLU  # noqa: E402
 from lightning_lazy.quiet import quiet_third_party_output  # noqa: E402
-from lightning_lazy.report import FEATURE_LEARNING, IN_BETWEEN, LAZY, classify_regime  # noqa: E402
+from lightning_lazy.watch.report import FEATURE_LEARNING, IN_BETWEEN, LAZY, classify_regime  # noqa: E402
 from lightning_lazy.scaling import AlphaScaled  # noqa: E402
 
 SIGN_COLOURS = {1.0: "tab:red", -1.0: "tab:blue"}

@@ -1,7 +1,7 @@
 """LazyTrainingMonitor: watch, in any Lightning Trainer, how far training is from its linearization.
 
-The Lightning glue around two Lightning-free pieces: :class:`~lightning_lazy.twin.TangentTwin` (the
-linearized twin trained in lock-step with the real network) and :class:`~lightning_lazy.probe.LazinessProbe`
+The Lightning glue around two Lightning-free pieces: :class:`~lightning_lazy.watch.twin.TangentTwin` (the
+linearized twin trained in lock-step with the real network) and :class:`~lightning_lazy.watch.probe.LazinessProbe`
 (the measures on a fixed probe, against w0). This file wires Lightning's hooks to them, in lifecycle order,
 and owns logging.
 """
@@ -25,15 +25,15 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_lazy._cost import MeasurementCost
+from lightning_lazy.watch.cost import MeasurementCost
 from lightning_lazy._forward_ad import as_forward_ad_error
 from lightning_lazy._inputs import as_inputs, inputs_to, num_examples, take
 from lightning_lazy._optim import adaptive_optimizer
 from lightning_lazy._params import tensor_norms
-from lightning_lazy.objective import WatchLike, resolve_objective, resolve_watched
-from lightning_lazy.probe import NTK_OUTPUTS, LazinessProbe, NtkOutputs, ProbeMemoryError
+from lightning_lazy.watch.objective import WatchLike, resolve_objective, resolve_watched
+from lightning_lazy.watch.probe import NTK_OUTPUTS, LazinessProbe, NtkOutputs, ProbeMemoryError
 from lightning_lazy.scaling import IGNORE_INDEX, LossLike, check_alpha, resolve_loss
-from lightning_lazy.twin import OutputSelector, TangentTwin, TwinError, Watched
+from lightning_lazy.watch.twin import OutputSelector, TangentTwin, TwinError, Watched
 
 BatchToXY = Callable[[Any], tuple]
 
@@ -112,7 +112,7 @@ class LazyTrainingMonitor(Callback):
             positions to ignore), or a Hugging Face batch with ``labels``; default ``probe_size`` examples drawn once,
             with a private generator, from the train set.
         probe_size: examples in the default probe (divergence, activation stability). A probe whose output-sized
-            tensors (token logits ``[N, T, V]``: :func:`~lightning_lazy.probe.probe_numbers`) exceed
+            tensors (token logits ``[N, T, V]``: :func:`~lightning_lazy.watch.probe.probe_numbers`) exceed
             ``lightning_lazy.diagnostics.DEFAULT_MEMORY_BUDGET`` is refused at fit start, naming the largest
             ``probe_size`` that fits (never lowered silently: a smaller probe gives other numbers).
         kappa_probe_size: the first examples of the probe used for κ, ‖Dh‖, ‖D²h‖.
@@ -120,7 +120,7 @@ class LazyTrainingMonitor(Callback):
         ntk_outputs: which outputs the empirical NTK is taken of: ``"auto"`` (default; for token logits
             ``[N, T, V]`` with class targets, ``"labels"``), ``"all"``, ``"labels"`` (each kept position's
             target-class logit, as Malladi et al. 2023) or ``callable(output, y) -> [N, K']``; see
-            :class:`~lightning_lazy.probe.LazinessProbe`. A kernel over the memory budget is refused at fit start.
+            :class:`~lightning_lazy.watch.probe.LazinessProbe`. A kernel over the memory budget is refused at fit start.
         every_n_epochs: measure at the end of every n-th training epoch.
         log_steps: also measure after these global steps: ``"log"`` (the default) for 1, 2, 4, 8, ..., so the
             early phase, which often already passes the horizon, is seen; a list; or ``None`` (epoch ends only).
@@ -138,7 +138,7 @@ class LazyTrainingMonitor(Callback):
             distance of its NTK block.
         layer_probe_size: the first examples of the probe whose module outputs are kept for feature movement.
         max_layers: per-layer entries logged at most: beyond, modules are grouped by the watched network's
-            top-level child (then consecutive groups merged), see :func:`lightning_lazy.probe.layer_groups`.
+            top-level child (then consecutive groups merged), see :func:`lightning_lazy.watch.probe.layer_groups`.
         kernel_baseline: ``None`` (default) or a number of training examples (512 is a good start): at the start
             of fit, fit the kernel predictor at w0 (the tangent model trained to convergence on that many
             training examples, drawn once, in closed form: :meth:`LazinessProbe.kernel_regression`) and log its
@@ -149,7 +149,7 @@ class LazyTrainingMonitor(Callback):
             subset's once per 4·``kernel_baseline`` validation examples), once per fit.
 
     Logged under ``lazy/``: ``regime`` (1 lazy, 0.5 in between, 0 feature learning:
-    :data:`lightning_lazy.report.REGIME_CODES`), ``divergence`` Δ, ``bound`` (= t̃²·κ(w0); only for gradient
+    :data:`lightning_lazy.watch.report.REGIME_CODES`), ``divergence`` Δ, ``bound`` (= t̃²·κ(w0); only for gradient
     descent and SGD with momentum, see :mod:`lightning_lazy._optim`), ``kappa``, ``jacobian_norm``,
     ``hessian_norm``, ``displacement``, ``tangent_gap``, ``ntk_distance``, ``kernel_alignment``,
     ``activation_stability``, ``normalized_time``, ``tangent/train_loss``, ``tangent/val_loss``
@@ -323,7 +323,7 @@ class LazyTrainingMonitor(Callback):
         return values
 
     def summary_values(self) -> dict[str, Any]:
-        """The numbers of the fit-end summary (:func:`lightning_lazy.report.laziness_summary`). After a fit run in
+        """The numbers of the fit-end summary (:func:`lightning_lazy.watch.report.laziness_summary`). After a fit run in
         spawned processes (``strategy="ddp_spawn"``), those its rank 0 handed back (and ``history`` is its)."""
         self._collect()
         if self.measures is None and self._carried is not None:
@@ -346,7 +346,7 @@ class LazyTrainingMonitor(Callback):
 
     def summary(self) -> str:
         """The laziness summary printed and logged at the end of fit."""
-        from lightning_lazy.report import laziness_summary
+        from lightning_lazy.watch.report import laziness_summary
 
         text = laziness_summary(self.summary_values())
         if self.measures is None and self._carried is not None:
@@ -407,7 +407,7 @@ class LazyTrainingMonitor(Callback):
         self._log_folder = trainer.log_dir if trainer.loggers else None
         writer = _tensorboard(trainer)
         if writer is not None and trainer.is_global_zero:
-            from lightning_lazy.report import custom_scalars_layout
+            from lightning_lazy.watch.report import custom_scalars_layout
 
             writer.add_custom_scalars(custom_scalars_layout())
 
@@ -912,7 +912,7 @@ class LazyTrainingMonitor(Callback):
             self.layer_history.append({"step": float(trainer.global_step), "normalized_time": values["normalized_time"],
                                        "layers": layers})
 
-        from lightning_lazy.report import regime_code
+        from lightning_lazy.watch.report import regime_code
 
         code = regime_code(values)
         if math.isfinite(code):
@@ -950,7 +950,7 @@ class LazyTrainingMonitor(Callback):
             return  # no logger: no run folder to save it in
         self._drawn = len(self.history)
         started = time.perf_counter()
-        from lightning_lazy.report import figure_to_png, laziness_figure
+        from lightning_lazy.watch.report import figure_to_png, laziness_figure
 
         horizon = self.summary_values()["horizon"]
         png = figure_to_png(laziness_figure(self.history, horizon=horizon, per_tensor=self._last_per_tensor,
@@ -965,7 +965,7 @@ class LazyTrainingMonitor(Callback):
         ``lazy/layers`` and ``layers.png`` in the log folder."""
         if not self.layer_history:
             return
-        from lightning_lazy.report import figure_to_png, layers_figure
+        from lightning_lazy.watch.report import figure_to_png, layers_figure
 
         png = figure_to_png(layers_figure(self.layer_history))
         self._save_png(png, "layers.png", writer, "lazy/layers", int(self.layer_history[-1]["step"]))
@@ -1087,7 +1087,7 @@ class LazyTrainingMonitor(Callback):
 
     def _log_hparams(self, trainer: pl.Trainer) -> None:
         """The regime and the last measures as HParams metrics of the TensorBoard loggers: runs compare there."""
-        from lightning_lazy.report import regime_code
+        from lightning_lazy.watch.report import regime_code
 
         last = self.history[-1]
         metrics = {f"lazy/{key}": float(last[key]) for key in ("divergence", "activation_stability", "kernel_alignment")

@@ -29,7 +29,7 @@ from lightning_lazy import diagnostics
 from lightning_lazy.callback import LazyTrainingMonitor
 from lightning_lazy.data.teacher import TeacherStudentDataModule
 from lightning_lazy.quiet import quiet_third_party_output
-from lightning_lazy.report import FEATURE_LEARNING, IN_BETWEEN, LAZY, classify_regime
+from lightning_lazy.watch.report import FEATURE_LEARNING, IN_BETWEEN, LAZY, classify_regime
 from lightning_lazy.scaling import AlphaScaled
 
 DEPTH = 2

@@ -131,7 +131,7 @@ def test_monitor_cost_accuracy_study_quick_run(tmp_path: Path) -> None:
                "--device", "cpu", "--output", str(out)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    from lightning_lazy.probe import CAREFUL_HESSIAN
+    from lightning_lazy.watch.probe import CAREFUL_HESSIAN
 
     assert f"{tuple(CAREFUL_HESSIAN.values())} (default)" in done.stdout and "Lanczos tol=0.001 (monitor)" in done.stdout
     record = json.loads(out.read_text())["monitor"]["mlp"]

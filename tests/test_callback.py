@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_lazy import report
+from lightning_lazy.watch import report
 from lightning_lazy.callback import LazyTrainingMonitor
 
 from lightning_helpers import Regressor, loaders, trainer

@@ -100,7 +100,7 @@ def test_two_layer_trajectories_small_tau_moves_large_tau_stays(tmp_path):
     assert "two_layer_trajectories" in tensorboard_images(logs)
     assert "lazy/divergence" in tensorboard_scalars(logs)  # the monitor logged through Lightning
     # The panels name the regime the monitor measured: small τ learns features, large τ is lazy.
-    from lightning_lazy.report import FEATURE_LEARNING, LAZY
+    from lightning_lazy.watch.report import FEATURE_LEARNING, LAZY
 
     assert (small["regime"], large["regime"]) == (FEATURE_LEARNING, LAZY)
     assert module.panel_title(small).startswith("τ = 0.1 (feature learning)")

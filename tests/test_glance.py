@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_lazy import LazyTrainingMonitor, report
+from lightning_lazy import LazyTrainingMonitor
+from lightning_lazy.watch import report
 from lightning_lazy._optim import adaptive_optimizer
 
 from lightning_helpers import Regressor, loaders, trainer

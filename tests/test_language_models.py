@@ -24,9 +24,9 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException  # 
 
 from lightning_lazy import LazyTrainingMonitor, diagnostics  # noqa: E402
 from lightning_lazy.callback import causal_lm_batch_to_xy, default_batch_to_xy  # noqa: E402
-from lightning_lazy.probe import LazinessProbe  # noqa: E402
+from lightning_lazy.watch.probe import LazinessProbe  # noqa: E402
 from lightning_lazy.scaling import IGNORE_INDEX, cross_entropy, half_squared_error  # noqa: E402
-from lightning_lazy.twin import Watched  # noqa: E402
+from lightning_lazy.watch.twin import Watched  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 T = 8  # positions

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lazy import diagnostics as D
 from lightning_lazy.callback import LazyTrainingMonitor
-from lightning_lazy.probe import layer_groups
+from lightning_lazy.watch.probe import layer_groups
 
 from lightning_helpers import Regressor, loaders, regression_data, trainer
 

@@ -21,9 +21,9 @@ pl = pytest.importorskip("pytorch_lightning")
 from pytorch_lightning.utilities.exceptions import MisconfigurationException  # noqa: E402
 
 from lightning_lazy import LazyTrainingMonitor, diagnostics  # noqa: E402
-from lightning_lazy.probe import LazinessProbe, ProbeMemoryError, probe_numbers  # noqa: E402
+from lightning_lazy.watch.probe import LazinessProbe, ProbeMemoryError, probe_numbers  # noqa: E402
 from lightning_lazy.scaling import IGNORE_INDEX, squared_distance  # noqa: E402
-from lightning_lazy.twin import Watched  # noqa: E402
+from lightning_lazy.watch.twin import Watched  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 GPT2_VOCABULARY = 50257

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from helpers_core import FrozenFeatures
 
 from lightning_lazy import LazyTrainingMonitor
-from lightning_lazy.twin import TangentTwin, Watched
+from lightning_lazy.watch.twin import TangentTwin, Watched
 
 N, D, K = 32, 6, 3
 TWIN_MEASURES = ("divergence", "tangent_gap")

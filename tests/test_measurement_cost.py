@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from lightning_lazy._cost import MeasurementCost
+from lightning_lazy.watch.cost import MeasurementCost
 
 
 def _cost(step_seconds: list[float], **thresholds: float) -> MeasurementCost:
@@ -43,7 +43,7 @@ def test_nothing_before_a_training_step() -> None:
 def test_monitor_warns_when_measuring_dominates(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """In a real fit: with the thresholds at 0 every measurement dominates, and the warning comes once, naming
     when measurements run; with the default thresholds this tiny model's run gets none; both log the same values."""
-    import lightning_lazy._cost as cost_module
+    import lightning_lazy.watch.cost as cost_module
     from lightning_helpers import Regressor, loaders, trainer
 
     from lightning_lazy import LazyTrainingMonitor

@@ -48,7 +48,7 @@ def test_probe_mode_batch_statistics_without_updating_them_and_restores_modes():
 
 def test_probe_kernel_holds_batchnorm_statistics_and_matches_the_products_kernel():
     from lightning_lazy import diagnostics
-    from lightning_lazy.probe import LazinessProbe
+    from lightning_lazy.watch.probe import LazinessProbe
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2),

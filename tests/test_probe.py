@@ -11,7 +11,7 @@ from torch import nn
 from torch.func import jacrev
 
 from lightning_lazy import diagnostics
-from lightning_lazy.probe import LazinessProbe
+from lightning_lazy.watch.probe import LazinessProbe
 
 
 def _explicit_jacobian_norm(probe: LazinessProbe, n: int) -> float:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lightning_lazy import report
+from lightning_lazy.watch import report
 
 TIMES = [0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 100.0]
 PER_TENSOR = {"model.module.0.weight": 0.3, "model.module.0.bias": 0.02, "model.module.2.weight": 0.001}

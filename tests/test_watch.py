@@ -244,7 +244,7 @@ def test_the_errors_on_what_to_watch_name_the_modules_sub_modules():
     model= path that does not exist lists what does."""
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-    from lightning_lazy.objective import resolve_watched
+    from lightning_lazy.watch.objective import resolve_watched
 
     class NoForward(pl.LightningModule):
         def __init__(self):

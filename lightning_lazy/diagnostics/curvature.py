@@ -131,7 +131,7 @@ def hessian_norm(
     Cost, in Hessian-vector products (each about two backward passes of the probe): at most
     restarts·max_rounds·max_iter, plus restarts·max_rounds forward-over-forward D²h[u, u] (each about two
     products). The monitor's settings, a careful search at fit start and then a short one warm-started from
-    the last direction, are ``CAREFUL_HESSIAN`` and ``WARM_HESSIAN`` in ``lightning_lazy.probe``, with their
+    the last direction, are ``CAREFUL_HESSIAN`` and ``WARM_HESSIAN`` in ``lightning_lazy.watch.probe``, with their
     measured cost and accuracy.
 
     ``start`` (a flat ``[P]`` direction, e.g. the one returned by an earlier call with

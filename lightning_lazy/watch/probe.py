@@ -62,7 +62,7 @@ class LazinessProbe:
     Args:
         network: a module mapping a probe batch ``x`` to one output tensor ``[N, ...]``.
         x: probe inputs ``[N, ...]``, or a dict of tensors sharing their first dimension (``input_ids``,
-            ``attention_mask``; the network is then called on the dict, see :class:`~lightning_lazy.twin.Watched`).
+            ``attention_mask``; the network is then called on the dict, see :class:`~lightning_lazy.watch.twin.Watched`).
         y: probe targets, of the output's shape or class indices over its last dimension (one-hot encoded),
             or ``None`` (then y* = 0 and Δ is relative to ‖α h(w0)‖). Class indices equal to −100
             (:data:`~lightning_lazy.scaling.IGNORE_INDEX`, the loss's ``ignore_index`` and Hugging Face's label
@@ -537,7 +537,7 @@ class LazinessProbe:
         """The measures now, as floats, over the parameters ``names``.
 
         ``time``: Σ of the learning rates of the steps taken, times the objective's 1/α² (so that
-        t̃ = time·‖Dh(w0)‖²). ``twin``: a :class:`~lightning_lazy.twin.TangentTwin` of the network, for Δ and
+        t̃ = time·‖Dh(w0)‖²). ``twin``: a :class:`~lightning_lazy.watch.twin.TangentTwin` of the network, for Δ and
         the tangent gap. ``displacement_per_tensor`` is a dict of floats by tensor name; with the NTK, the
         values of :meth:`kernel_measures`; with ``per_layer``, ``layers`` = :meth:`layer_measures`, a dict by
         layer of dicts of floats.

@@ -3,7 +3,7 @@
 Lightning glue (errors are Lightning's ``MisconfigurationException``), kept out of ``callback.py`` so that the
 callback only wires hooks. :func:`resolve_objective` finds the loss R and the scale α (the twin's objective is
 R(output)/α², as for an :class:`~lightning_lazy.scaling.AlphaScaled`); :func:`resolve_watched` finds the
-network whose output the loss reads, as a :class:`~lightning_lazy.twin.Watched` module.
+network whose output the loss reads, as a :class:`~lightning_lazy.watch.twin.Watched` module.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
 from lightning_lazy.scaling import AlphaScaled, LossLike
-from lightning_lazy.twin import OutputSelector, Watched
+from lightning_lazy.watch.twin import OutputSelector, Watched
 
 WatchLike = str | Callable[[nn.Module, Tensor], Any] | None
 Objective = Callable[..., Tensor]
