@@ -120,7 +120,7 @@ def squared_distance(output: Tensor, target: Tensor | None) -> Tensor:
     return errors.sum()
 
 
-def cross_entropy(output: Tensor, target: Tensor) -> Tensor:
+def cross_entropy(output: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
     """Mean cross-entropy of logits ``output`` against class indices or probabilities ``target``.
 
     :func:`torch.nn.functional.cross_entropy`, which takes classes on dimension 1 (``[N, C, d1, ...]``), also
@@ -129,10 +129,12 @@ def cross_entropy(output: Tensor, target: Tensor) -> Tensor:
     ``ignore_index``, the label padding of Hugging Face collators). The targets are those of the logits at the
     same position: labels for a causal LM are the *next* tokens (Hugging Face models shift them inside their own
     loss; shift them in the data when the monitor computes the loss).
+    ``label_smoothing``: torch's (the targets mixed with the uniform distribution by that weight).
     """
     if output.dim() > 2 and not target.is_floating_point() and target.shape == output.shape[:-1]:
-        return F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX)
-    return F.cross_entropy(output, target, ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX,
+                               label_smoothing=label_smoothing)
+    return F.cross_entropy(output, target, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
 
 
 _NAMED_LOSSES: dict[str, LossFn] = {

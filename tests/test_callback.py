@@ -74,22 +74,6 @@ def test_figure_files_and_tensorboard_images_are_the_same_pictures(tmp_path):
     assert np.array_equal(pictures["layers.png"], report.figure_to_array(report.layers_figure(monitor.layer_history)))
 
 
-def test_a_writer_other_than_torchs_gets_the_decoded_figure(tmp_path):
-    # tensorboardX's SummaryWriter has its own protobuf classes: it gets the pixels through add_image.
-    class Writer:
-        def add_image(self, tag, pixels, step, dataformats):
-            self.added = (tag, pixels, step, dataformats)
-
-    fig = report.layers_figure([{"normalized_time": 1.0, "layers": {"net.0": {"feature_movement": 0.1}}}])
-    png, writer, monitor = report.figure_to_png(fig), Writer(), LazyTrainingMonitor()
-    monitor._log_folder = str(tmp_path)
-    monitor._save_png(png, "layers.png", writer, "lazy/layers", 7)
-    tag, pixels, step, dataformats = writer.added
-    assert (tag, step, dataformats) == ("lazy/layers", 7, "HWC")
-    assert np.array_equal(pixels, report.figure_to_array(fig))
-    assert (tmp_path / "layers.png").read_bytes() == png
-
-
 def test_model_linear_in_parameters_has_zero_divergence_through_the_trainer(tmp_path):
     # Momentum, a StepLR schedule and gradient clipping: the twin follows all of them, so for a model linear
     # in its parameters the two paths coincide.
@@ -214,7 +198,7 @@ def test_no_loss_known_is_a_clear_error(tmp_path):
     # With the loss named, a plain (unscaled) model is monitored with alpha = 1.
     monitor = LazyTrainingMonitor(loss="mse")
     trainer(tmp_path / "ok", [monitor], max_epochs=1).fit(Regressor(alpha=None), train)
-    assert monitor._loss_scale == 1.0
+    assert monitor.core.alpha == 1.0
 
 
 def test_ambiguous_or_contradicting_alpha_is_a_clear_error(tmp_path):
@@ -250,12 +234,15 @@ def test_several_optimizers_and_manual_optimization_are_refused(tmp_path):
             self.manual_backward(self._loss(batch))
             opt.step()
 
+    # Manual optimization is followed (tests/test_adapters.py checks its numbers); several optimizers have no
+    # single tangent path: the twin is refused in one line naming the way out, and without it the fit runs.
     manual = Manual()
-    with pytest.raises(MisconfigurationException, match="manual optimization"):
-        trainer(tmp_path, [LazyTrainingMonitor()], max_epochs=1).fit(manual, train)
+    monitor = LazyTrainingMonitor()
+    trainer(tmp_path, [monitor], max_epochs=1).fit(manual, train)
+    assert monitor.history and "divergence" in monitor.history[-1]
     two = TwoOptimizers()
     two.automatic_optimization = False  # Lightning itself needs manual optimization for several optimizers
-    with pytest.raises(MisconfigurationException, match="manual optimization|exactly one optimizer"):
+    with pytest.raises(MisconfigurationException, match="track_tangent=False"):
         trainer(tmp_path, [LazyTrainingMonitor()], max_epochs=1).fit(two, train)
 
 
@@ -335,7 +322,7 @@ class _MSEModule(Regressor):
 
 def test_a_monitor_told_another_loss_than_training_step_uses_warns_once(tmp_path):
     train, val = loaders()
-    with pytest.warns(UserWarning, match=r"twin's loss on the first batch is .* but training_step returned"):
+    with pytest.warns(UserWarning, match=r"another objective than yours \(its loss on the first batch is .*, the training step's"):
         # torch's summed squared error is not this package's "mse" (half of it, averaged over examples)
         trainer(tmp_path / "a", [LazyTrainingMonitor("mse")], max_epochs=1).fit(
             _MSEModule(lambda out, y: torch.nn.functional.mse_loss(out, y, reduction="sum")), train, val)

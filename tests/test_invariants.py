@@ -215,7 +215,7 @@ def test_invariants(name, mechanism, tmp_path):
     assert last["displacement"] > 0, "the run must train for (b) and (c) to mean anything"
     # Normalized time counts the optimizer steps that moved the weights, no more.
     expected_steps = {"skip_none": 10, "skip_rest_of_epoch": 8, "accumulate": 6, "scaler_skips": 10}.get(mechanism, 12)
-    assert monitor._steps == expected_steps
+    assert monitor.core.steps == expected_steps
     # (b) a model linear in its trained parameters is its own tangent model
     if linear:
         assert last["divergence"] <= 1e-10, last

@@ -169,7 +169,7 @@ def test_max_norm_embeddings_measured_on_copies(net, optimizer, tmp_path):
     # (2) no Δ from a twin that could not follow; the displacement is the real weights' own distance from w0 (the
     # renormalizations included)
     assert all(key not in entry for entry in monitor.history for key in TWIN_BASED)
-    names = monitor._measured_names()
+    names = monitor.core.measured_names()
     moved = sum(float((watched.get_parameter(n[6:]).detach() - initial[n[6:]]).pow(2).sum()) for n in names)
     scale = sum(float(initial[n[6:]].pow(2).sum()) for n in names)
     assert monitor.history[-1]["displacement"] == pytest.approx(math.sqrt(moved / scale), rel=1e-12)
@@ -228,12 +228,12 @@ def test_pruning_keeps_w0_and_stops_the_twin(package, linear, tmp_path):
     assert later and all(key not in entry for entry in later for key in TWIN_BASED)
     # The renamed parameter kept its w0 and its name: its displacement is its real distance from w0 (at the last
     # measurement: weight_orig when the pruning is not made permanent after it).
-    assert "net.head.weight" in monitor._last_per_tensor
+    assert "net.head.weight" in monitor.core._last_per_tensor
     if linear:  # made permanent at the end of training: the same Parameter, named weight again
         assert isinstance(watched.net.head.weight, nn.Parameter) and not hasattr(watched.net.head, "weight_orig")
     else:
         w, w0 = watched.net.head.weight_orig.detach(), initial["net.head.weight"]
-        assert monitor._last_per_tensor["net.head.weight"] == pytest.approx(float((w - w0).norm() / w0.norm()),
+        assert monitor.core._last_per_tensor["net.head.weight"] == pytest.approx(float((w - w0).norm() / w0.norm()),
                                                                             rel=1e-12)
     # (2) at lr 0 the weights never move: every displacement is 0 before and after pruning, and no Δ after it
     with pytest.warns(UserWarning, match="pruning"):
@@ -308,9 +308,9 @@ def test_tuner_trial_steps_are_not_taken(tuner, linear, tmp_path):
     plain, _, _ = _fit(make, False, 0.05, False, tmp_path / "without", callbacks=lambda: make_callbacks(True))
     _same_run(watched, plain)
     # Only the steps the real run kept (the trainer's count, restored with the checkpoint).
-    assert monitor._steps == watched.trainer.global_step == plain.trainer.global_step
+    assert monitor.core.steps == watched.trainer.global_step == plain.trainer.global_step
     if steps_per_epoch:
-        assert monitor._steps == 3 * N // 8
+        assert monitor.core.steps == 3 * N // 8
     last = monitor.history[-1]
     assert last["displacement"] > 0 and [e["epoch"] for e in monitor.history].count(2.0) >= 1
     if linear:

@@ -280,7 +280,7 @@ def test_any_optimizer_is_copied_with_its_state_and_groups(optimizer, net, tmp_p
     make = lambda lr=0.05: TrainEval(net, lr=lr, optimizer=OPTIMIZERS[optimizer])  # noqa: E731
     monitor, said = assert_same_run(make, tmp_path, epochs=3)
     assert_followed(monitor, said, linear=net == "linear")
-    assert monitor._steps == 12
+    assert monitor.core.steps == 12
     if net == "linear":
         frozen, said = fit(make(0.0), True, tmp_path / "lr0")
         assert not [s for s in said if "no longer logged" in s], said
@@ -397,7 +397,7 @@ def test_gradients_changed_between_backward_and_step_are_reported(where, net, tm
     assert_reported(monitor, said, "register_hook" if where == "register_hook" else "changed between backward")
     assert monitor.twin.lost_at == 1  # found at the first step: nothing twin-based was ever logged
     if where != "configure_gradient_clipping":  # (clipping by the total norm changes every gradient)
-        assert f"'net.{len(monitor._watched.inner.net) - 1}.weight' (Linear)" in monitor.twin.lost
+        assert f"'net.{len(monitor.core._watched.inner.net) - 1}.weight' (Linear)" in monitor.twin.lost
 
 
 # --------------------------------------------------------------------------------- weights written outside
@@ -425,7 +425,7 @@ def test_weights_written_by_a_hook_are_reported(net, through_data, tmp_path):
     monitor, said = assert_same_run(lambda: Shrinks(net, through_data), tmp_path)
     where = "outside the optimizer's update" if through_data else "was written between the optimizer's steps"
     assert_reported(monitor, said, where)
-    assert f"'net.{len(monitor._watched.inner.net) - 1}.weight' (Linear)" in monitor.twin.lost
+    assert f"'net.{len(monitor.core._watched.inner.net) - 1}.weight' (Linear)" in monitor.twin.lost
     assert monitor.twin.lost_at == 2  # written after the first step, found during the second
 
 
