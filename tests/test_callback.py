@@ -118,7 +118,7 @@ def test_gradient_accumulation_steps_the_twin_with_the_optimizer(tmp_path):
                 precision="64-true").fit(model, train, val)
         results.append((monitor, model))
     (mono, model_a), (acc, model_b) = results
-    assert mono._steps == acc._steps == 8
+    assert mono.core.steps == acc.core.steps == 8
     twin_a, twin_b = mono.twin.parameters(), acc.twin.parameters()
     for name, a in twin_a.items():
         torch.testing.assert_close(a, twin_b[name], rtol=1e-9, atol=1e-12, msg=name)
