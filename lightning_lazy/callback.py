@@ -231,6 +231,8 @@ class LazyTrainingMonitor(Callback):
         self._log_folder: str | None = None
         self._warned_no_twin = False
         self._manual = False
+        self._clip_call: tuple | None = None  # manual optimization: the self.clip_gradients call of this step
+        self._unpatch: Callable[[], None] | None = None
         # Where a fit run in processes this one spawned (strategy="ddp_spawn") hands its results back.
         self._origin_pid = os.getpid()
         self._hand_back_path = os.path.join(tempfile.gettempdir(), f"lightning_lazy_{os.getpid()}_{uuid.uuid4().hex}.pt")
@@ -353,10 +355,11 @@ class LazyTrainingMonitor(Callback):
                 "first-order optimizer, or LazyTrainingMonitor(track_tangent=False) to keep the other measures."
             )
         host = _LightningHost(trainer, pl_module)
+        clip = self._manual_clipper(pl_module) if self._manual else self._clipper(trainer, pl_module)
         with _refusals():
-            self.core = LazinessWatch(pl_module, optimizer, options=self.options, host=host,
-                                      clip=self._clipper(trainer, pl_module), reduce_gradients=self._reducer(trainer),
-                                      unscale=self._unscaler(trainer), infer_loss_weight=self._manual)
+            self.core = LazinessWatch(pl_module, optimizer, options=self.options, host=host, clip=clip,
+                                      reduce_gradients=self._reducer(trainer), unscale=self._unscaler(trainer),
+                                      infer_loss_weight=self._manual)
         self.core.on_step_taken = lambda: None  # measured at on_train_batch_end, by the trainer's global step
         loaded, self._loaded = self._loaded, None
         if loaded is not None:
@@ -385,6 +388,7 @@ class LazyTrainingMonitor(Callback):
             with _refusals():
                 core.start_measuring()
         core.step_started()  # the step's time, the twin's included, not the measurement's
+        self._clip_call = None  # manual optimization: a clipping this batch calls is replayed at its step
         if core.following_twin() is None:
             return
         with _refusals():
@@ -405,10 +409,11 @@ class LazyTrainingMonitor(Callback):
             return
         x, y, extra = self._batch
         self._batch = None
+        # Manual optimization: the loop scales its loss as it accumulates; the gradient check at w0 finds the weight.
         weight = 1.0 if self._manual else 1.0 / trainer.accumulate_grad_batches
+        real = None if self._manual else self._real_loss(trainer, loss)
         with _refusals():
-            self.core.accumulate(x, y, extra, weight=weight, real_loss=self._real_loss(trainer, loss),
-                                 precision=str(trainer.precision))
+            self.core.accumulate(x, y, extra, weight=weight, real_loss=real, precision=str(trainer.precision))
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -525,6 +530,35 @@ class LazyTrainingMonitor(Callback):
     def _release(self) -> None:
         if self.core is not None:
             self.core.release()
+        if self._unpatch is not None:
+            self._unpatch()
+            self._unpatch = None
+
+    def _manual_clipper(self, pl_module: pl.LightningModule) -> Callable[[torch.optim.Optimizer], Any]:
+        """Manual optimization clips in ``training_step`` through ``self.clip_gradients(opt, val, algorithm)``: record
+        each call (per step) and replay it on the twin's optimizer, the same routine on the twin's gradients."""
+        original = pl_module.clip_gradients
+        monitor = self
+
+        def clip_gradients(optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+            monitor._clip_call = (args, kwargs)
+            return original(optimizer, *args, **kwargs)
+
+        had = "clip_gradients" in vars(pl_module)
+        pl_module.clip_gradients = clip_gradients
+
+        def unpatch() -> None:
+            if not had:
+                vars(pl_module).pop("clip_gradients", None)
+
+        self._unpatch = unpatch
+
+        def replay(optimizer: torch.optim.Optimizer) -> None:
+            if monitor._clip_call is not None:
+                args, kwargs = monitor._clip_call
+                original(optimizer, *args, **kwargs)
+
+        return replay
 
     def _hand_back(self, trainer: pl.Trainer) -> None:
         """In a process the fit was spawned into (``strategy="ddp_spawn"``), rank 0 hands the history, the summary's

@@ -26,6 +26,7 @@ import math
 import os
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -161,6 +162,8 @@ class LazinessWatch:
         self.batch_to_xy = options.watch.batch_to_xy or default_batch_to_xy
         self.schedule = Schedule(options.when.log_steps, options.when.every_n_epochs)
         module = _unwrap_module(model)
+        # Every object whose zero_grad() clears the real gradients: the optimizer, its wrappers, the model.
+        self._clearers = [o for o in (optimizer, _unwrap_optimizer(optimizer), model, module) if o is not None]
         optimizer = _unwrap_optimizer(optimizer)
         self._objective, self._loss_scale = resolve_objective(module, options.watch.loss, options.watch.alpha,
                                                               self.who)
@@ -212,6 +215,7 @@ class LazinessWatch:
         self._cost = MeasurementCost()
         self._closed = False
         self._writers_set_up = False
+        self._grads_at_step: list[tuple[Any, int] | None] | None = None
         if host is None:  # a plain loop: follow the optimizer from now on, and the first forward's random numbers
             self.start()
             self.arm()
@@ -233,7 +237,7 @@ class LazinessWatch:
         twin = self.following_twin()
         if twin is not None:
             twin.follow()  # its step hook first: a measurement after the step sees the twin stepped too
-            for obj in {id(o): o for o in (self.optimizer, *extra_zero_grad) if o is not None}.values():
+            for obj in {id(o): o for o in (*self._clearers, *extra_zero_grad) if o is not None}.values():
                 self._patch_zero_grad(obj)
         if self.optimizer is not None:
             self._handles = [self.optimizer.register_step_post_hook(self._on_real_step)]
@@ -259,6 +263,7 @@ class LazinessWatch:
         def zero_grad(*args: Any, **kwargs: Any) -> Any:
             result = original(*args, **kwargs)
             twin.zero_grad()
+            self._grads_at_step = None  # cleared where the twin saw it
             return result
 
         self._patched.append((obj, "zero_grad", vars(obj).get("zero_grad", _ABSENT)))
@@ -323,13 +328,14 @@ class LazinessWatch:
         return x, y, extra
 
     def accumulate(self, x: Any, y: Any, extra: Mapping[str, Any] | None = None, *, weight: float = 1.0,
-                   real_loss: float | None = None, precision: str = "32") -> None:
+                   real_loss: float | None = None, precision: str = "32") -> float | None:
         """Back-propagate the twin's loss on the batch ``(x, y)`` the real loss was (or is about to be)
         back-propagated on, times ``weight`` (1/k under Lightning's accumulation of k batches); ``real_loss``: the
-        loss the real step computed on it, unscaled, compared at w0 at the tolerance of ``precision``."""
+        loss the real step computed on it, unscaled, compared at w0 at the tolerance of ``precision``. Returns the
+        twin's loss (unweighted), ``None`` without a following twin."""
         twin = self.following_twin()
         if twin is None:
-            return
+            return None
         try:
             twin_loss = float(twin.accumulate(x, y, extra, weight=weight * self._weight))
         except TwinError as error:  # the twin's backward reached a real gradient: refuse before it changes the run
@@ -349,12 +355,14 @@ class LazinessWatch:
             if real_loss is not None and not self._close(real_loss, twin_loss, _tolerance(precision, self._dtype())):
                 self._objective_differs(f"its loss on the first batch is {twin_loss:.6g}, the training step's "
                                         f"{real_loss:.6g}", x)
+        return twin_loss
 
-    def check_gradients(self, precision: str = "32", scale: float = 1.0) -> None:
+    def check_gradients(self, precision: str = "32", scale: float = 1.0, clip_norm: float | None = None) -> None:
         """Right after the real backward of the first batch (the twin accumulated the same batch): at w0 the twin is
         the network, so their gradients must agree, at the tolerance of ``precision`` (``scale``: the real
-        gradients' loss scale, AMP's). Where the real gradient is a constant multiple 1/k of the twin's (a loop
-        dividing its loss by k for accumulation) and ``infer_loss_weight``, the twin takes that weight."""
+        gradients' loss scale, AMP's; ``clip_norm``: the real ones were already clipped to that total norm). Where
+        the real gradient is a constant multiple 1/k of the twin's (a loop dividing its loss by k for accumulation)
+        and ``infer_loss_weight``, the twin takes that weight."""
         if not self._pending_check:
             return
         self._pending_check = False
@@ -375,7 +383,8 @@ class LazinessWatch:
         ratio = float(g @ t) / tt if tt > 0 else math.inf
         residual = float((g - ratio * t).norm()) / max(float(g.norm()), 1e-300) if math.isfinite(ratio) else math.inf
         tolerance = _tolerance(precision, self._dtype())
-        if residual <= tolerance and abs(ratio - 1.0) <= tolerance:
+        expected = 1.0 if clip_norm is None else min(1.0, clip_norm / max(math.sqrt(tt), 1e-300))
+        if residual <= tolerance and abs(ratio - expected) <= tolerance * expected:
             return
         k = round(1.0 / ratio) if ratio > 0 and math.isfinite(ratio) else 0
         if self._infer_loss_weight and residual <= tolerance and 2 <= k <= 4096 and abs(ratio * k - 1.0) <= tolerance:
@@ -425,6 +434,10 @@ class LazinessWatch:
             self._time += lr
         self.steps += 1
         self._trained.update(self._names[id(p)] for p in stepped if id(p) in self._names)
+        if self.twin is not None:
+            # Weak references, not ids: a tensor made after the old one died may reuse its id.
+            self._grads_at_step = [None if r.grad is None else (weakref.ref(r.grad), r.grad._version)
+                                   for r, _ in self.twin._param_pairs]
         self.on_step_taken()
 
     def on_step_taken(self) -> None:
@@ -448,11 +461,29 @@ class LazinessWatch:
         if self.measures is None:
             self.start_measuring(first_batch=(x, y))
         real = None if loss is None else float(loss.detach() if isinstance(loss, Tensor) else loss)
+        self._follow_unseen_clearing()
         self.accumulate(x, y, extra, real_loss=real)
         if self.following_twin() is not None:
             self.twin.gradients_produced()
         self.check_gradients()
         self.arm()
+
+    def _follow_unseen_clearing(self) -> None:
+        """The first backward since the last step has run: if the real gradients were cleared by something the twin
+        did not see (``p.grad = None``, a wrapper's own ``zero_grad``), clear the twin's too. Seen from the
+        gradient tensors: a new one (set to ``None``, then made by backward), or one written twice (zeroed in place,
+        then accumulated into) where accumulation alone writes once."""
+        recorded, self._grads_at_step = self._grads_at_step, None
+        twin = self.following_twin()
+        if recorded is None or twin is None:
+            return
+        for (real, _), then in zip(twin._param_pairs, recorded):
+            grad = real.grad
+            if then is None or grad is None:
+                continue
+            if then[0]() is not grad or grad._version - then[1] >= 2:
+                twin.zero_grad()
+                return
 
     def epoch_end(self, epoch: int | None = None) -> None:
         """An epoch ended: the epoch's mean tangent training loss; a measurement every ``every_n_epochs``."""
@@ -1005,7 +1036,9 @@ def _tolerance(precision: str, dtype: torch.dtype) -> float:
         return 5e-2
     if "16" in precision:
         return 1e-2
-    return 1e3 * torch.finfo(dtype).eps if dtype.is_floating_point else 1e-6
+    # At least 1e-6: a loop may compute its loss in another dtype than the parameters' (Fabric's "64-true" casts
+    # outputs to float32); the objectives this check tells apart differ by far more.
+    return max(1e3 * torch.finfo(dtype).eps, 1e-6) if dtype.is_floating_point else 1e-6
 
 
 def _unwrap_module(model: nn.Module) -> nn.Module:

@@ -565,6 +565,10 @@ class TangentTwin:
         for real, twin in self._param_pairs:
             if real.grad is None:
                 twin.grad = None
+            elif twin.grad is None and twin.requires_grad:
+                # The real optimizer steps this parameter with a gradient (zeros kept by zero_grad(set_to_none=False),
+                # which weight decay and momentum act on): so does the twin's.
+                twin.grad = torch.zeros_like(twin)
         grads = [p.grad for p in self._twin_params.values() if p.grad is not None]
         if self.reduce_gradients is not None and grads:
             flat = self.reduce_gradients(torch.cat([g.reshape(-1) for g in grads]))

@@ -83,3 +83,13 @@ def writers_for_folder(log_dir: str, backends: Sequence[str] = ("tensorboard", "
     from torch.utils.tensorboard import SummaryWriter
 
     return [FolderWriter(log_dir), TensorBoardWriter(SummaryWriter(log_dir))]
+
+
+def writers_for_report_to(report_to: Any, logging_dir: str, output_dir: str) -> list[Writer]:
+    from torch.utils.tensorboard import SummaryWriter
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    writers: list[Writer] = [FolderWriter(output_dir)]
+    if "tensorboard" in names or "all" in names:
+        writers.append(TensorBoardWriter(SummaryWriter(logging_dir)))
+    return writers
