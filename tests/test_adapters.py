@@ -346,3 +346,23 @@ def test_huggingface_trainer_keeps_the_invariants(tmp_path):
     _, still = _hf_fit(tmp_path / "c", lr=0.0, accumulate=2)
     assert still.core.twin.lost is None
     assert all(h[k] == 0.0 for h in still.history for k in DISTANCES)
+
+
+@pytest.mark.parametrize("clear", ["model.zero_grad", "grad = None", "grad.zero_()"])
+def test_plain_loop_follows_however_the_gradients_are_cleared(clear):
+    x, y = _data(dtype=torch.float64)
+    model = LinearInParams().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.5)
+    watch = LazinessWatch(model, opt, loss="mse", probe=(x, y))
+    for i in range(6):
+        if clear == "model.zero_grad":
+            model.zero_grad()
+        for p in model.parameters():
+            if p.grad is not None and clear == "grad = None":
+                p.grad = None
+            elif p.grad is not None and clear == "grad.zero_()":
+                p.grad.zero_()
+        _half_mse(model(x[i * 6:i * 6 + 8]), y[i * 6:i * 6 + 8]).backward()
+        watch.batch(x[i * 6:i * 6 + 8], y[i * 6:i * 6 + 8])
+        opt.step()
+    assert watch.twin.lost is None and watch.measure()["divergence"] < 1e-10
