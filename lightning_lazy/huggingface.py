@@ -212,8 +212,8 @@ class LazyTrainingCallback(TrainerCallback):
         if self.core is not None:
             self.core.close()
             if self.core.history:
-                self.core.host.info(self.core.summary() + f"\nLazyTrainingCallback: figures and summary in "
-                                    f"{os.path.abspath(args.output_dir)}")
+                self.core.host.info(f"LazyTrainingCallback: {self.core.summary().splitlines()[0]} Figures and summary "
+                                    f"in {os.path.abspath(args.output_dir)}")
 
     # ------------------------------------------------------------------------------------------ helpers
 

@@ -176,3 +176,16 @@ def test_examples_reject_bad_arguments(name, argv, message, capsys):
     with pytest.raises(SystemExit):
         module.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, folder_option", [("plain_pytorch_loop", "--log-dir"), ("fabric_loop", "--log-dir"),
+                                                 ("huggingface_trainer", "--output-dir")])
+def test_each_way_of_training_has_an_example_that_runs(name, folder_option, tmp_path):
+    # One example per adapter: LazinessWatch in a plain loop and under Fabric, LazyTrainingCallback in a Trainer.
+    module = load_example(name)
+    result = module.main(["--quick", folder_option, str(tmp_path)])
+    values = next(iter(result.values())) if name == "plain_pytorch_loop" else result
+    assert values["divergence"] > 0 and math.isfinite(values["divergence"])
+    for file in ("laziness.png", "layers.png", "lazy_summary.txt"):
+        assert list(tmp_path.rglob(file)), file
+    assert "lazy/figure" in tensorboard_images(tmp_path)
