@@ -242,8 +242,8 @@ class LazyTrainingMonitor(Callback):
 
     @property
     def history(self) -> list[dict[str, float]]:
-        """One dict per measurement: ``step``, ``epoch`` and the measures."""
-        self._collect()
+        """One dict per measurement: ``step``, ``epoch`` and the measures (after a fit in spawned processes, rank 0's
+        once :meth:`summary` has read them back)."""
         if self.core is None:
             return list(self._carried["history"]) if self._carried is not None else []
         return self.core.history
@@ -304,7 +304,9 @@ class LazyTrainingMonitor(Callback):
         if (self.core is None or self.core.measures is None) and self._carried is not None:
             return dict(self._carried["summary"])
         if self.core is None:
-            raise RuntimeError("LazyTrainingMonitor has measured nothing: fitting has not started")
+            return {key: None for key in ("alpha", "adaptive_optimizer", "kappa0", "horizon", "normalized_time",
+                                          "divergence", "activation_stability", "kernel_alignment", "displacement",
+                                          "loss", "tangent_loss")} | {"moved_layers": []}
         return self.core.summary_values()
 
     def summary(self) -> str:
@@ -317,7 +319,7 @@ class LazyTrainingMonitor(Callback):
                     f"\n(measured by rank 0 of the processes the fit ran in; its values were logged under "
                     f"{self._carried['log_folder'] or 'no log folder: the trainer had no logger'})")
         if self.core is None:
-            raise RuntimeError("LazyTrainingMonitor has measured nothing: fitting has not started")
+            return "LazyTrainingMonitor has measured nothing: fitting has not started"
         return self.core.summary()
 
     # -------------------------------------------------------------------------- hooks, in lifecycle order

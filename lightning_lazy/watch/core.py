@@ -20,6 +20,7 @@ writing to ``log_dir``, which is what a plain PyTorch loop or Lightning Fabric n
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -336,8 +337,9 @@ class LazinessWatch:
         twin = self.following_twin()
         if twin is None:
             return None
+        self._last_weight = weight * self._weight
         try:
-            twin_loss = float(twin.accumulate(x, y, extra, weight=weight * self._weight))
+            twin_loss = float(twin.accumulate(x, y, extra, weight=self._last_weight))
         except TwinError as error:  # the twin's backward reached a real gradient: refuse before it changes the run
             raise WatchError(f"{self.who}: {error} (track_tangent=False)") from None
         except (RuntimeError, NotImplementedError) as error:
@@ -352,10 +354,35 @@ class LazinessWatch:
         if not self._checked and self.steps == 0:
             self._checked = True
             self._pending_check = True
-            if real_loss is not None and not self._close(real_loss, twin_loss, _tolerance(precision, self._dtype())):
-                self._objective_differs(f"its loss on the first batch is {twin_loss:.6g}, the training step's "
-                                        f"{real_loss:.6g}", x)
+            tolerance = _tolerance(precision, self._dtype())
+            if real_loss is not None and not self._close(real_loss, twin_loss, tolerance):
+                shifted = self._shifted_loss(x, y, extra, real_loss, tolerance)
+                if shifted is not None:
+                    twin_loss = shifted
+                else:
+                    self._objective_differs(f"its loss on the first batch is {twin_loss:.6g}, the training step's "
+                                            f"{real_loss:.6g}", x)
         return twin_loss
+
+    def _shifted_loss(self, x: Any, y: Any, extra: Mapping[str, Any] | None, real_loss: float,
+                      tolerance: float) -> float | None:
+        """A language model trained on its own tokens, read unshifted: when the shifted labels give the loss the
+        training step computed, the twin's batch is taken again with them, and every later batch is shifted
+        (the model shifts its labels inside its loss). Returns the twin's loss then, else ``None``."""
+        if self.batch_to_xy is not default_batch_to_xy or not self_labelled(x, y):
+            return None
+        twin, shifted = self.twin, shift_labels(y)
+        with torch.no_grad(), (twin._rng.replay() if twin._rng is not None else contextlib.nullcontext()):
+            loss = float(self._objective(twin.forward(x), shifted, **(extra or {})))
+        if not self._close(real_loss, loss, tolerance):
+            return None
+        twin.zero_grad()  # the unshifted batch is the only one in the twin's gradients: take it again, shifted
+        self._causal_lm = True
+        loss = float(twin.accumulate(x, shifted, extra, weight=self._last_weight))
+        self._twin_loss_sum = loss / self._loss_scale
+        self.host.info(f"{self.who}: the labels are the input tokens, and the training step's loss is the one of the "
+                       "next tokens: the monitor shifts them as the model does.")
+        return loss
 
     def check_gradients(self, precision: str = "32", scale: float = 1.0, clip_norm: float | None = None) -> None:
         """Right after the real backward of the first batch (the twin accumulated the same batch): at w0 the twin is
@@ -372,8 +399,8 @@ class LazinessWatch:
         reals, mine = [], []
         for real, copy in twin._param_pairs:
             if real.grad is not None and copy.grad is not None and real.grad.shape == copy.grad.shape:
-                reals.append(real.grad.detach().double().reshape(-1) / scale)
-                mine.append(copy.grad.detach().double().reshape(-1))
+                reals.append(_dense(real.grad).double().reshape(-1) / scale)
+                mine.append(_dense(copy.grad).double().reshape(-1))
         if not reals:
             return
         g, t = torch.cat(reals), torch.cat(mine)
@@ -1015,6 +1042,10 @@ class LazinessWatch:
 
 
 _ABSENT = object()
+
+
+def _dense(grad: Tensor) -> Tensor:
+    return (grad.to_dense() if grad.is_sparse else grad).detach()
 
 
 def _step_size(optimizer: torch.optim.Optimizer) -> float | None:

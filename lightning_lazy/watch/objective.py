@@ -48,7 +48,8 @@ def resolve_objective(pl_module: nn.Module, loss: LossLike | None,
         raise WatchError(
             f"{who} does not know the loss the model is trained on: pass "
             f"{who}(loss='mse' | 'cross_entropy' | callable), or give AlphaScaled(..., loss=...) (a Hugging "
-            "Face causal LM trained on its own tokens: loss='cross_entropy'; its labels are shifted as the model shifts them)"
+            "Face causal LM trained on its own tokens: loss='cross_entropy', and its labels are shifted as the model shifts them, "
+            "or say so with batch_to_xy=lightning_lazy.watch.batches.causal_lm_batch_to_xy)"
         )
     scale = 1.0 / alpha**2
 
