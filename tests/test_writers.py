@@ -293,11 +293,11 @@ def test_writers_for_loggers_of_either_lightning_package(loggers_module, wandb_o
     csv_logger = loggers_module.CSVLogger(str(tmp_path), name="csv")
     loggers = [tensorboard, wandb_logger, mlflow_logger, csv_logger]
     writers = W.writers_for_loggers(loggers, tensorboard.log_dir)
-    assert [type(w) for w in writers] == [W.TensorBoardWriter, W.WandbWriter, W.MLflowWriter, W.FolderWriter,
+    assert [type(w) for w in writers] == [W.TensorBoardWriter, W.FolderWriter, W.WandbWriter, W.MLflowWriter,
                                           W.FolderWriter]
-    assert [w.folder for w in writers if isinstance(w, W.FolderWriter)] == [csv_logger.log_dir, tensorboard.log_dir]
-    # The figures' folder once: the CSV logger's folder as log_dir adds no second writer there.
-    assert len(W.writers_for_loggers([csv_logger], csv_logger.log_dir)) == 1
+    assert [w.folder for w in writers if isinstance(w, W.FolderWriter)] == [tensorboard.log_dir, csv_logger.log_dir]
+    # log_dir is the fallback for loggers that keep no outputs of their own: here it adds nothing.
+    assert len(W.writers_for_loggers([csv_logger, wandb_logger], tmp_path / "elsewhere")) == 2
     for writer in writers:
         writer.image("lazy/figure", FIGURE, 7, W.FIGURE_FILE)
         writer.image("lazy/layers", LAYERS, 7, W.LAYERS_FILE)
@@ -315,7 +315,7 @@ def test_writers_for_loggers_of_either_lightning_package(loggers_module, wandb_o
     _assert_wandb_run(run_dir, "trainer/global_step")
 
 
-def test_writers_for_loggers_skip_other_ranks_and_other_loggers(tmp_path):
+def test_writers_for_loggers_skip_other_ranks_and_fall_back_on_log_dir(tmp_path):
     from lightning_fabric.loggers.logger import _DummyExperiment
 
     class TensorBoardLogger:  # another rank's: Lightning's dummy experiment
@@ -324,12 +324,15 @@ def test_writers_for_loggers_skip_other_ranks_and_other_loggers(tmp_path):
     class NeptuneLogger:
         experiment = object()
 
-    writers = W.writers_for_loggers([TensorBoardLogger(), NeptuneLogger()], tmp_path)
-    assert [type(w) for w in writers] == [W.FolderWriter] and writers[0].folder == str(tmp_path)
+    # A logger unknown here: the figures and the summary in log_dir (trainer.log_dir: its save_dir).
+    writers = W.writers_for_loggers([NeptuneLogger()], tmp_path)
+    assert [(type(w), w.folder) for w in writers] == [(W.FolderWriter, str(tmp_path))]
+    # Another rank: nothing at all, not even the folder.
+    assert W.writers_for_loggers([TensorBoardLogger(), NeptuneLogger()], tmp_path) == []
     assert W.writers_for_loggers([], None) == []
 
 
-def test_writers_for_report_to(wandb_offline, mlflow_uri, tmp_path):
+def test_writers_for_report_to(wandb_offline, mlflow_uri, monkeypatch, tmp_path):
     import mlflow
 
     logging_dir, output_dir = tmp_path / "logs", tmp_path / "out"
@@ -354,6 +357,14 @@ def test_writers_for_report_to(wandb_offline, mlflow_uri, tmp_path):
     _assert_mlflow_artifacts(mlflow_artifacts(mlflow.MlflowClient(mlflow_uri), mlflow_run.info.run_id))
     _assert_tensorboard(logging_dir)
     assert (output_dir / W.FIGURE_FILE).read_bytes() == FIGURE
+    # transformers 5 has no logging_dir: HF's TENSORBOARD_LOGGING_DIR when set, else output_dir/runs/lazy.
+    (writer, _), folder = W.writers_for_report_to("tensorboard", None, output_dir), output_dir / "runs" / "lazy"
+    assert writer.folder == str(folder)
+    writer.close()
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "hf"))
+    (writer, _) = W.writers_for_report_to(["tensorboard"], None, output_dir)
+    assert writer.folder == str(tmp_path / "hf")
+    writer.close()
     run_dir = run.dir
     finish_wandb()
     _assert_wandb_run(run_dir, "train/global_step")

@@ -509,34 +509,46 @@ def _add_folder(writers: list[Writer], folder: str | os.PathLike | None) -> None
         writers.append(FolderWriter(folder))
 
 
+_LOGGERS = {"TensorBoardLogger", "WandbLogger", "MLFlowLogger", "CSVLogger"}
+
+
 def writers_for_loggers(loggers: Sequence[Any], log_dir: str | os.PathLike | None) -> list[Writer]:
     """Writers for a Lightning trainer's loggers (``trainer.loggers``), from ``lightning.pytorch``,
     ``pytorch_lightning`` or ``lightning.fabric``, recognised by class name:
 
-    - ``TensorBoardLogger``: :class:`TensorBoardWriter` of its ``experiment``;
+    - ``TensorBoardLogger``: :class:`TensorBoardWriter` of its ``experiment``, and a :class:`FolderWriter` of
+      its ``log_dir`` (the PNG files and the summary beside the event file);
     - ``WandbLogger``: :class:`WandbWriter` of its run, step key ``"trainer/global_step"`` (the x-axis the
       logger declared);
     - ``MLFlowLogger``: :class:`MLflowWriter` of its client and ``run_id``;
     - ``CSVLogger``: :class:`FolderWriter` of its ``log_dir`` (the files beside ``metrics.csv``);
-    - and a :class:`FolderWriter` for ``log_dir`` (``trainer.log_dir``: the figures' folder), once.
+    - another logger: nothing (its API is unknown here). When no logger took the outputs, a
+      :class:`FolderWriter` of ``log_dir`` (``trainer.log_dir``: for another logger, its ``save_dir``), if given.
 
-    Another logger gets nothing (its experiment's API is unknown here). Call on global rank zero.
+    Each folder gets one writer. Call on global rank zero: a logger's ``experiment`` elsewhere is Lightning's
+    dummy, which gets no writer (nor the fallback folder).
     """
     writers: list[Writer] = []
+    dummy = False
     for logger in loggers:
-        names = _class_names(logger)
-        if "TensorBoardLogger" in names:
-            if not _is_dummy(experiment := logger.experiment):
-                writers.append(TensorBoardWriter(experiment))
-        elif "WandbLogger" in names:
-            if not _is_dummy(experiment := logger.experiment):
-                writers.append(WandbWriter(experiment, step_metric="trainer/global_step", define_step=False))
-        elif "MLFlowLogger" in names:
-            if not _is_dummy(experiment := logger.experiment) and logger.run_id is not None:
-                writers.append(MLflowWriter(experiment, logger.run_id))
-        elif "CSVLogger" in names:
+        kind = _LOGGERS.intersection(_class_names(logger))
+        if not kind:
+            continue
+        experiment = logger.experiment
+        if _is_dummy(experiment):
+            dummy = True
+        elif "TensorBoardLogger" in kind:
+            writers.append(TensorBoardWriter(experiment))
             _add_folder(writers, logger.log_dir)
-    _add_folder(writers, log_dir)
+        elif "WandbLogger" in kind:
+            writers.append(WandbWriter(experiment, step_metric="trainer/global_step", define_step=False))
+        elif "MLFlowLogger" in kind:
+            if logger.run_id is not None:
+                writers.append(MLflowWriter(experiment, logger.run_id))
+        else:
+            _add_folder(writers, logger.log_dir)
+    if not writers and not dummy:
+        _add_folder(writers, log_dir)
     return writers
 
 
@@ -595,12 +607,15 @@ def _warner(warn: Callable[[str], Any] | None) -> Callable[[str], Any]:
     return lambda message: warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def writers_for_report_to(report_to: Sequence[str] | str | None, logging_dir: str | os.PathLike,
+def writers_for_report_to(report_to: Sequence[str] | str | None, logging_dir: str | os.PathLike | None,
                           output_dir: str | os.PathLike, warn: Callable[[str], Any] | None = None) -> list[Writer]:
     """Writers for the Hugging Face ``Trainer``'s integrations (``TrainingArguments.report_to``):
 
-    - ``"tensorboard"``: a ``SummaryWriter`` of its own on ``logging_dir`` (where HF's ``TensorBoardCallback``
-      writes: TensorBoard merges the two event files of one folder into one run);
+    - ``"tensorboard"``: a ``SummaryWriter`` of its own on ``logging_dir``; by default (``None``) on
+      ``$TENSORBOARD_LOGGING_DIR`` when set (where HF's ``TensorBoardCallback`` writes then: TensorBoard merges
+      two event files of one folder into one run), else ``output_dir/runs/lazy`` (HF's own folder,
+      ``output_dir/runs/<time>_<host>``, is chosen in its ``on_train_begin`` and not shown to other callbacks;
+      transformers 5 has no ``TrainingArguments.logging_dir``);
     - ``"wandb"``: ``wandb.run`` (started by HF's ``WandbCallback`` in ``on_train_begin``), step key
       ``"train/global_step"`` (the x-axis HF declared);
     - ``"mlflow"``: ``mlflow.active_run()`` (started by HF's ``MLflowCallback``);
@@ -614,6 +629,8 @@ def writers_for_report_to(report_to: Sequence[str] | str | None, logging_dir: st
     Args:
         warn: how to warn (``warnings.warn`` by default).
     """
+    if logging_dir is None:
+        logging_dir = os.getenv("TENSORBOARD_LOGGING_DIR") or os.path.join(os.fspath(output_dir), "runs", "lazy")
     warn = _warner(warn)
     names = [report_to] if isinstance(report_to, str) or report_to is None else list(report_to)
     names = [str(name).lower() for name in names if name is not None]
