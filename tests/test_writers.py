@@ -178,7 +178,8 @@ def _assert_wandb_run(run_dir: str, step_metric: str, step: int = 7) -> list[dic
     (row,) = [row for row in rows if "lazy/summary/path" in row]
     assert row["lazy/summary/_type"] == "html-file" and row[step_metric] == step
     page = (files / row["lazy/summary/path"]).read_text(encoding="utf-8")
-    assert "<pre>Regime: lazy (Δ = 0.01 &lt; 0.1)\n  κ(w0)   0.02\n  &lt;b&gt;not markup&lt;/b&gt; &amp; more</pre>" in page
+    escaped = "Regime: lazy (Δ = 0.01 &lt; 0.1)\n  κ(w0)   0.02\n  &lt;b&gt;not markup&lt;/b&gt; &amp; more"
+    assert f"<pre>{escaped}</pre>" in page
     return rows
 
 
@@ -244,6 +245,23 @@ def test_mlflow_writer_with_the_module_and_its_active_run(mlflow_uri, tmp_path):
             _write_all(writer)
     _assert_mlflow_artifacts(mlflow_artifacts(mlflow.MlflowClient(mlflow_uri), run.info.run_id))
     assert (tmp_path / "loop" / W.SUMMARY_FILE).exists()
+
+
+def test_mlflow_refusing_a_changed_param_warns_and_keeps_the_writer(mlflow_uri):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    run_id = client.create_run(client.create_experiment("refit")).info.run_id
+    warned = []
+    group = W.Writers([W.MLflowWriter(client, run_id)], warn=warned.append)
+    group.hparams({"lazy/alpha": 10.0}, {}, 1)
+    group.hparams({"lazy/alpha": 10.0}, {}, 2)  # the same value again: accepted
+    assert not warned
+    group.hparams({"lazy/alpha": 3.0}, {}, 3)  # a second fit of the run with another alpha: MLflow refuses
+    assert len(warned) == 1 and "failed writing the hyperparameters (MlflowException" in warned[0]
+    group.image("lazy/figure", FIGURE, 3, W.FIGURE_FILE)
+    assert (mlflow_artifacts(client, run_id) / W.FIGURE_FILE).read_bytes() == FIGURE
+    assert client.get_run(run_id).data.params == {"lazy/alpha": "10.0"}
 
 
 def test_mlflow_writer_refuses_what_is_not_mlflow():

@@ -1,28 +1,25 @@
 """Where the monitor's outputs go: TensorBoard, Weights & Biases, MLflow, a CSV file, a folder of files.
 
 The core draws each figure once (:func:`~lightning_lazy.watch.report.figure_to_png`), writes the summary once,
-and hands them to the run's writers; each writer puts them where its backend shows them:
+and hands them to the run's writers; each puts them where its backend shows them:
 
-===================  =====================================  ==========================================  ==================
-writer               figures (``laziness.png``,             summary (``lazy_summary.txt``)              scalars
-                     ``layers.png``)
-===================  =====================================  ==========================================  ==================
-TensorBoardWriter    image summaries ``lazy/figure``,       text ``lazy/summary`` (Text tab)            ``add_scalar``
-                     ``lazy/layers`` (Images tab)
-WandbWriter          ``wandb.Image`` rows (Media panels),   ``wandb.Html`` row (``<pre>`` block) and    ``run.log`` rows
-                     the PNG files in the run's Files       ``lazy_summary.txt`` in the run's Files
-MLflowWriter         artifacts of the run                   artifact ``lazy_summary.txt``               ``log_batch``
-FolderWriter         the PNG files                          ``lazy_summary.txt``                        (none)
-CSVWriter            (none)                                 (none)                                      ``metrics.csv``
-===================  =====================================  ==========================================  ==================
+- :class:`TensorBoardWriter`: the figures as images ``lazy/figure`` and ``lazy/layers`` (Images tab), the
+  summary as text ``lazy/summary`` (Text tab), HParams, the custom-scalars layout; scalars by ``add_scalar``.
+- :class:`WandbWriter`: the figures as ``wandb.Image`` rows (media panels) and as files of the run
+  (``laziness.png``, ``layers.png``), the summary as a ``wandb.Html`` row (a ``<pre>`` block) and the file
+  ``lazy_summary.txt``; params into the run's config; scalars as ``run.log`` rows.
+- :class:`MLflowWriter`: ``laziness.png``, ``layers.png`` and ``lazy_summary.txt`` as artifacts of the run;
+  params as params; scalars as metrics with their step.
+- :class:`FolderWriter`: the three files in a folder. :class:`CSVWriter`: scalars in ``metrics.csv``.
+- :class:`Writers`: several as one; a writer that fails is dropped with one warning.
 
 Scalars (:meth:`Writer.scalars`) are for adapters whose framework has no logging of its own for them (a plain
 loop, the Hugging Face ``Trainer``); the Lightning adapter logs its scalars through ``LightningModule.log``.
 
 Nothing here imports Lightning, transformers, wandb or mlflow at module level: logger objects are recognised by
-class name (both ``lightning.pytorch`` and ``pytorch_lightning``), and a backend is imported when a writer for it
-is made. Call the functions that build writers on global rank zero only (a logger's ``experiment`` on another
-rank is Lightning's dummy, which these functions skip).
+class name (both ``lightning.pytorch`` and ``pytorch_lightning``), and a backend is imported when a writer
+first uses it. Call the functions that build writers on global rank zero only (a logger's ``experiment`` on
+another rank is Lightning's dummy, which these functions skip).
 """
 
 from __future__ import annotations
@@ -420,7 +417,8 @@ class Writers(Writer):
     """Several writers as one: each call goes to each writer in turn.
 
     A writer that raises is dropped with one warning naming it, what it was writing and the error: a logging
-    backend that fails (a full disk, a closed run) never stops the training run or the other writers.
+    backend that fails (a full disk, a closed run) never stops the training run or the other writers. A failure
+    to write :meth:`hparams` warns and keeps the writer.
 
     Args:
         writers: the writers.
@@ -444,14 +442,16 @@ class Writers(Writer):
     def __len__(self) -> int:
         return len(self.writers)
 
-    def _each(self, what: str, method: str, *args: Any) -> None:
+    def _each(self, what: str, method: str, *args: Any, drop: bool = True) -> None:
         for writer in list(self.writers):
             try:
                 getattr(writer, method)(*args)
             except Exception as error:  # noqa: BLE001 - any backend failure: warn, drop the writer, go on
-                self.writers.remove(writer)
+                if drop:
+                    self.writers.remove(writer)
                 message = (f"lightning_lazy: {writer!r} failed writing {what} ({type(error).__name__}: "
-                           f"{str(error).splitlines()[0] if str(error) else ''}); nothing more is written there.")
+                           f"{str(error).splitlines()[0] if str(error) else ''})"
+                           + ("; nothing more is written there." if drop else "."))
                 if self._warn is None:
                     import warnings
 
@@ -472,7 +472,8 @@ class Writers(Writer):
         self._each(f"{file}", "text", tag, text, step, file)
 
     def hparams(self, params: Params, metrics: Mapping[str, float], step: int) -> None:
-        self._each("the hyperparameters", "hparams", params, metrics, step)
+        # Kept on failure: MLflow refuses to change a param (a second fit of one run), the figures still go there.
+        self._each("the hyperparameters", "hparams", params, metrics, step, drop=False)
 
     def flush(self) -> None:
         self._each("(flush)", "flush")
