@@ -131,6 +131,9 @@ def test_folder_writer_writes_the_files(tmp_path):
     writer.image("lazy/figure", LAYERS, 9, W.FIGURE_FILE)  # a later figure replaces the file, nothing left over
     assert (folder / W.FIGURE_FILE).read_bytes() == LAYERS
     assert sorted(os.listdir(folder)) == sorted([W.FIGURE_FILE, W.LAYERS_FILE, W.SUMMARY_FILE])
+    with open(folder / "plain", "wb"):  # the files get the permissions any file made here gets
+        pass
+    assert {(folder / file).stat().st_mode for file in os.listdir(folder)} == {(folder / "plain").stat().st_mode}
 
 
 def _csv(path) -> tuple[list[str], list[dict]]:
@@ -214,6 +217,18 @@ def test_wandb_writer_rows_survive_a_run_whose_step_is_ahead(wandb_offline, recw
     assert [row["trainer/global_step"] for row in rows if "lazy/divergence" in row] == [2]
     assert [row["trainer/global_step"] for row in rows if "lazy/figure/path" in row] == [2]
     assert not [w for w in recwarn if "step" in str(w.message).lower()]
+
+
+def test_a_disabled_wandb_run_gets_no_writer_and_no_files(wandb_offline, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = wandb_offline.init(mode="disabled")
+    assert W.wandb_disabled(run)
+    assert [type(w) for w in W.writers_for_folder(tmp_path / "loop", backends=("wandb",))] == [W.FolderWriter]
+    writer = W.WandbWriter(run)  # made by hand: it logs nothing and writes no file
+    assert writer.folder is None
+    _write_all(writer)
+    assert not Path(run.dir).exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 def _assert_mlflow_artifacts(folder: Path) -> None:

@@ -87,12 +87,12 @@ def _numbers(values: Mapping[str, Any]) -> dict[str, float]:
 
 
 def _write_atomically(path: str, data: bytes) -> None:
-    """``data`` into ``path`` through a temporary file and a rename: a viewer never reads half a PNG."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    """``data`` into ``path`` through a temporary file beside it and a rename: a viewer never reads half a PNG.
+    (``open``, not ``mkstemp``: the file gets the usual permissions, not 0600.)"""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    temporary = f"{path}.{os.getpid()}.tmp"
     try:
-        with os.fdopen(handle, "wb") as f:
+        with open(temporary, "wb") as f:
             f.write(data)
         os.replace(temporary, path)
     except BaseException:
@@ -220,7 +220,7 @@ class WandbWriter(Writer):
         self.run, self.step_metric = run, step_metric
         self.define_step = step_metric == "lazy/step" if define_step is None else define_step
         self._defined = False
-        folder = getattr(run, "dir", None)
+        folder = None if wandb_disabled(run) else getattr(run, "dir", None)  # a disabled run's dir is not made
         self.folder = str(folder) if folder else None
 
     def setup(self) -> None:
@@ -266,6 +266,11 @@ class WandbWriter(Writer):
 
     def hparams(self, params: Params, metrics: Mapping[str, float], step: int) -> None:
         self.run.config.update(dict(params), allow_val_change=True)
+
+
+def wandb_disabled(run: Any) -> bool:
+    """Whether a W&B run is a disabled one (``mode="disabled"``: it logs nothing, keeps no files)."""
+    return type(run).__name__ in ("NoopRun", "RunDisabled") or getattr(run, "disabled", False) is True
 
 
 # ------------------------------------------------------------------------------------------------- MLflow
@@ -497,6 +502,14 @@ def _is_dummy(experiment: Any) -> bool:
     return experiment is None or "DummyExperiment" in type(experiment).__name__
 
 
+def _active_wandb_run() -> Any | None:
+    """``wandb.run`` when wandb was imported and a run is active and not disabled (a run is only ever started
+    by wandb's user)."""
+    wandb = sys.modules.get("wandb")
+    run = getattr(wandb, "run", None) if wandb is not None else None
+    return None if run is None or wandb_disabled(run) else run
+
+
 def _same_folder(a: str, b: str) -> bool:
     return os.path.realpath(os.path.abspath(a)) == os.path.realpath(os.path.abspath(b))
 
@@ -520,7 +533,7 @@ def writers_for_loggers(loggers: Sequence[Any], log_dir: str | os.PathLike | Non
     - ``TensorBoardLogger``: :class:`TensorBoardWriter` of its ``experiment``, and a :class:`FolderWriter` of
       its ``log_dir`` (the PNG files and the summary beside the event file);
     - ``WandbLogger``: :class:`WandbWriter` of its run, step key ``"trainer/global_step"`` (the x-axis the
-      logger declared);
+      logger declared); none for a disabled run;
     - ``MLFlowLogger``: :class:`MLflowWriter` of its client and ``run_id``;
     - ``CSVLogger``: :class:`FolderWriter` of its ``log_dir`` (the files beside ``metrics.csv``);
     - another logger: nothing (its API is unknown here). When no logger took the outputs, a
@@ -542,7 +555,8 @@ def writers_for_loggers(loggers: Sequence[Any], log_dir: str | os.PathLike | Non
             writers.append(TensorBoardWriter(experiment))
             _add_folder(writers, logger.log_dir)
         elif "WandbLogger" in kind:
-            writers.append(WandbWriter(experiment, step_metric="trainer/global_step", define_step=False))
+            if not wandb_disabled(experiment):
+                writers.append(WandbWriter(experiment, step_metric="trainer/global_step", define_step=False))
         elif "MLFlowLogger" in kind:
             if logger.run_id is not None:
                 writers.append(MLflowWriter(experiment, logger.run_id))
@@ -554,12 +568,6 @@ def writers_for_loggers(loggers: Sequence[Any], log_dir: str | os.PathLike | Non
 
 
 _BACKENDS = ("tensorboard", "wandb", "mlflow", "csv")
-
-
-def _active_wandb_run() -> Any | None:
-    """``wandb.run`` when wandb was imported and a run is active (a run is only ever started by wandb's user)."""
-    wandb = sys.modules.get("wandb")
-    return getattr(wandb, "run", None) if wandb is not None else None
 
 
 def _active_mlflow_run_id() -> str | None:
