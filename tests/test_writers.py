@@ -223,7 +223,9 @@ def test_a_disabled_wandb_run_gets_no_writer_and_no_files(wandb_offline, tmp_pat
     monkeypatch.chdir(tmp_path)
     run = wandb_offline.init(mode="disabled")
     assert W.wandb_disabled(run)
-    assert [type(w) for w in W.writers_for_folder(tmp_path / "loop", backends=("wandb",))] == [W.FolderWriter]
+    with pytest.warns(RuntimeWarning, match=r"'wandb' in backends, but the W&B run is disabled \(mode='disabled'\)"):
+        writers = W.writers_for_folder(tmp_path / "loop", backends=("wandb",))
+    assert [type(w) for w in writers] == [W.FolderWriter]
     writer = W.WandbWriter(run)  # made by hand: it logs nothing and writes no file
     assert writer.folder is None
     _write_all(writer)

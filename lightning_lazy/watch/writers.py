@@ -594,8 +594,13 @@ def _backend_writers(backends: Sequence[str], tensorboard_dir: str, csv_dir: str
                 writers.append(WandbWriter(run, step_metric="train/global_step" if who == "report_to" else "lazy/step",
                                            define_step=who != "report_to"))
             elif warn is not None:
-                warn(f"lightning_lazy: {who} names 'wandb' but no W&B run is active (wandb.run is None): the "
-                     f"figures and summary go to the folder only. Call wandb.init() before the monitor starts.")
+                wandb = sys.modules.get("wandb")
+                if getattr(wandb, "run", None) is not None:
+                    warn(f"lightning_lazy: 'wandb' in {who}, but the W&B run is disabled (mode='disabled'): the "
+                         f"figures and summary go to the folder only.")
+                else:
+                    warn(f"lightning_lazy: 'wandb' in {who}, but no W&B run is active (wandb.run is None): the "
+                         f"figures and summary go to the folder only. Call wandb.init() before the monitor starts.")
         elif backend == "mlflow":
             run_id = _active_mlflow_run_id()
             if run_id is not None:
@@ -603,7 +608,7 @@ def _backend_writers(backends: Sequence[str], tensorboard_dir: str, csv_dir: str
 
                 writers.append(MLflowWriter(mlflow, run_id))
             elif warn is not None:
-                warn(f"lightning_lazy: {who} names 'mlflow' but no MLflow run is active (mlflow.active_run() is "
+                warn(f"lightning_lazy: 'mlflow' in {who}, but no MLflow run is active (mlflow.active_run() is "
                      f"None): the figures and summary go to the folder only. Call mlflow.start_run() first.")
     return writers
 
