@@ -143,13 +143,14 @@ def _csv(path) -> tuple[list[str], list[dict]]:
 
 
 def test_csv_writer_one_row_per_step_and_growing_columns(tmp_path):
+    assert W.METRICS_FILE == "lazy_metrics.csv"  # beside a user's or a CSVLogger's metrics.csv, not over it
     writer = W.CSVWriter(tmp_path)
     writer.scalars({"lazy/divergence": 0.0}, 0)
     writer.scalars({"lazy/kappa": 0.5}, 0)  # same step: the same row
     writer.scalars({"lazy/divergence": 0.125, "lazy/kappa": None}, 4)
     writer.scalars({"lazy/tangent/train_loss": 2.0}, 8)  # a new column: the file is written again whole
     writer.flush()
-    columns, rows = _csv(tmp_path / "metrics.csv")
+    columns, rows = _csv(tmp_path / W.METRICS_FILE)
     assert columns == ["step", "lazy/divergence", "lazy/kappa", "lazy/tangent/train_loss"]
     assert rows == [
         {"step": "0", "lazy/divergence": "0.0", "lazy/kappa": "0.5", "lazy/tangent/train_loss": ""},
@@ -158,12 +159,12 @@ def test_csv_writer_one_row_per_step_and_growing_columns(tmp_path):
     ]
     writer.scalars({"lazy/divergence": float("nan")}, 9)  # a measured NaN is written as such
     writer.close()
-    assert _csv(tmp_path / "metrics.csv")[1][-1]["lazy/divergence"] == "nan"
+    assert _csv(tmp_path / W.METRICS_FILE)[1][-1]["lazy/divergence"] == "nan"
     # A resumed run continues the file and keeps its columns.
     again = W.CSVWriter(tmp_path)
     again.scalars({"lazy/kappa": 0.75, "lazy/ntk_distance": 0.1}, 12)
     again.close()
-    columns, rows = _csv(tmp_path / "metrics.csv")
+    columns, rows = _csv(tmp_path / W.METRICS_FILE)
     assert columns == ["step", "lazy/divergence", "lazy/kappa", "lazy/tangent/train_loss", "lazy/ntk_distance"]
     assert [row["step"] for row in rows] == ["0", "4", "8", "9", "12"]
     assert rows[-1]["lazy/ntk_distance"] == "0.1" and rows[0]["lazy/kappa"] == "0.5"
@@ -412,7 +413,7 @@ def test_writers_for_folder_default_and_refusal(tmp_path):
     for writer in writers:
         _write_all(writer)
     _assert_tensorboard(tmp_path)
-    assert _csv(tmp_path / "metrics.csv")[1] == [{"step": "7", "lazy/divergence": "0.25", "lazy/kappa": "0.5"}]
+    assert _csv(tmp_path / W.METRICS_FILE)[1] == [{"step": "7", "lazy/divergence": "0.25", "lazy/kappa": "0.5"}]
     assert (tmp_path / W.LAYERS_FILE).read_bytes() == LAYERS
     with pytest.raises(ValueError, match="unknown backend 'neptune' for the monitor's outputs: choose among"):
         W.writers_for_folder(tmp_path, backends=("tensorboard", "neptune"))

@@ -10,7 +10,7 @@ and hands them to the run's writers; each puts them where its backend shows them
   ``lazy_summary.txt``; params into the run's config; scalars as ``run.log`` rows.
 - :class:`MLflowWriter`: ``laziness.png``, ``layers.png`` and ``lazy_summary.txt`` as artifacts of the run;
   params as params; scalars as metrics with their step.
-- :class:`FolderWriter`: the three files in a folder. :class:`CSVWriter`: scalars in ``metrics.csv``.
+- :class:`FolderWriter`: the three files in a folder. :class:`CSVWriter`: scalars in ``lazy_metrics.csv``.
 - :class:`Writers`: several as one; a writer that fails is dropped with one warning.
 
 Scalars (:meth:`Writer.scalars`) are for adapters whose framework has no logging of its own for them (a plain
@@ -39,7 +39,8 @@ from typing import Any
 FIGURE_FILE = "laziness.png"
 LAYERS_FILE = "layers.png"
 SUMMARY_FILE = "lazy_summary.txt"
-METRICS_FILE = "metrics.csv"
+# Not metrics.csv: a plain loop's log_dir or HF's output_dir may hold the user's own (or a CSVLogger's).
+METRICS_FILE = "lazy_metrics.csv"
 
 Params = Mapping[str, "float | str"]
 
@@ -353,7 +354,7 @@ class FolderWriter(Writer):
 
 
 class CSVWriter(Writer):
-    """Scalars in ``folder/metrics.csv``: a ``step`` column, then one column per tag in the order tags first
+    """Scalars in ``folder/lazy_metrics.csv`` (or ``file``): a ``step`` column, then one column per tag in the order tags first
     came; one row per step (values given at the same step in several calls share a row); a missing value is
     an empty cell. A file already there is continued (a resumed run), its columns kept.
 
@@ -666,7 +667,7 @@ def writers_for_report_to(report_to: Sequence[str] | str | None, logging_dir: st
 
 def writers_for_folder(log_dir: str | os.PathLike, backends: Sequence[str] | str = ("tensorboard", "csv"),
                        warn: Callable[[str], Any] | None = None) -> list[Writer]:
-    """Writers for a plain loop's ``log_dir``: by default TensorBoard event files and ``metrics.csv`` there;
+    """Writers for a plain loop's ``log_dir``: by default TensorBoard event files and ``lazy_metrics.csv`` there;
     ``"wandb"`` / ``"mlflow"`` add the active W&B / MLflow run (started by the user); always the figures and
     the summary as files in ``log_dir``.
 
