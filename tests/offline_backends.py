@@ -20,7 +20,8 @@ def wandb_offline(tmp_path, monkeypatch):
         "WANDB_DISABLE_GIT": "true", "WANDB_DISABLE_CODE": "true", "WANDB_CONSOLE": "off",
         "WANDB_CONFIG_DIR": str(root / "config"), "WANDB_CACHE_DIR": str(root / "cache"),
         "WANDB_DATA_DIR": str(root / "data"), "WANDB_ARTIFACT_DIR": str(root / "artifacts"),
-        "WANDB__DISABLE_STATS": "true", "WANDB__DISABLE_MACHINE_INFO": "true", "WANDB_PROJECT": "lightning-lazy-test",
+        "WANDB__DISABLE_STATS": "true", "WANDB__DISABLE_MACHINE_INFO": "true", "WANDB_ERROR_REPORTING": "false",
+        "WANDB_PROJECT": "lightning-lazy-test",
     }.items():
         monkeypatch.setenv(name, value)
     import wandb
@@ -45,6 +46,7 @@ def mlflow_uri(tmp_path, monkeypatch):
     and the URI is unset (Lightning's ``MLFlowLogger`` sets it globally)."""
     # MLflow 3 refuses a file store (in maintenance) unless told; the tests ask for one on tmp_path.
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")  # nothing in ~/.config/mlflow, no network tries
     uri = f"file:{tmp_path / 'mlruns'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     import mlflow

@@ -174,7 +174,8 @@ def test_a_plain_loop_writes_to_tensorboard_csv_wandb_and_mlflow(tmp_path, wandb
     finish_wandb()
     assert _assert_files(run_dir, summary) == pictures
     rows = history(run_dir)
-    assert _scalar_rows(rows, "lazy/divergence") and all("lazy/step" in row for row in rows if "lazy/figure/path" in row)
+    assert _scalar_rows(rows, "lazy/divergence")
+    assert all("lazy/step" in row for row in rows if "lazy/figure/path" in row)
 
 
 def test_the_huggingface_trainer_writes_to_its_integrations(tmp_path, wandb_offline, mlflow_uri, monkeypatch):

@@ -354,9 +354,9 @@ class FolderWriter(Writer):
 
 
 class CSVWriter(Writer):
-    """Scalars in ``folder/lazy_metrics.csv`` (or ``file``): a ``step`` column, then one column per tag in the order tags first
-    came; one row per step (values given at the same step in several calls share a row); a missing value is
-    an empty cell. A file already there is continued (a resumed run), its columns kept.
+    """Scalars in ``folder/lazy_metrics.csv`` (or ``file``): a ``step`` column, then one column per tag in the
+    order tags first came; one row per step (values given at the same step in several calls share a row); a
+    missing value is an empty cell. A file already there is continued (a resumed run), its columns kept.
 
     A row is written when the next step arrives and at :meth:`flush` / :meth:`close`; when a new tag adds a
     column the file is written again whole, so every row has every column.
