@@ -241,9 +241,9 @@ def test_lightning_pytorch_trainer_gets_everything(tmp_path):
 
 def test_the_errors_on_what_to_watch_name_the_modules_sub_modules():
     """Without forward(), the refusal suggests the module's own sub-module (not a fixed name) and lists them; a
-    model= path that does not exist lists what does."""
-    from pytorch_lightning.utilities.exceptions import MisconfigurationException
-
+    model= path that does not exist lists what does (the core's one-line WatchError; the callback re-raises it as
+    Lightning's MisconfigurationException)."""
+    from lightning_lazy.watch.batches import WatchError as MisconfigurationException
     from lightning_lazy.watch.objective import resolve_watched
 
     class NoForward(pl.LightningModule):

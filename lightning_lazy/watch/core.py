@@ -62,7 +62,7 @@ class Host:
     who = "LazinessWatch"
 
     def __init__(self, writers: Sequence[Any] = (), log_folder: str | None = None) -> None:
-        self.writers = list(writers)
+        self.writers = _group(writers, self)
         self.log_folder = log_folder
 
     @property
@@ -93,8 +93,7 @@ class Host:
     def log_scalars(self, scalars: Mapping[str, float], step: int, epoch_end: bool) -> None:
         """Scalars measured after ``step`` optimizer steps (``epoch_end``: at the end of an epoch)."""
         if self.is_global_zero:
-            for writer in self.writers:
-                writer.scalars(scalars, step)
+            self.writers.scalars(scalars, step)
 
     def convert(self, batch: Any) -> Any:
         """The batch as the training step sees it (a precision plugin's conversion)."""
@@ -229,7 +228,7 @@ class LazinessWatch:
         write = self.options.write
         if write.writers is not None:
             return Host(list(write.writers), write.log_dir)
-        return Host(writers_for_folder(write.log_dir) if write.log_dir else [], write.log_dir)
+        return Host(writers_for_folder(write.log_dir, warn=_warn) if write.log_dir else [], write.log_dir)
 
     def start(self, extra_zero_grad: Sequence[Any] = ()) -> None:
         """Hook the optimizer: count its steps (normalized time), let the twin follow them, and clear the twin's
@@ -244,17 +243,15 @@ class LazinessWatch:
             self._handles = [self.optimizer.register_step_post_hook(self._on_real_step)]
         if self.host.is_global_zero and not self._writers_set_up:
             self._writers_set_up = True
-            for writer in self.host.writers:
-                writer.setup()
+            self.host.writers.setup()
 
     def set_writers(self, writers: Sequence[Any]) -> None:
         """Where scalars (for hosts without their own logging), figures and the summary go from now on."""
-        self.host.writers = list(writers)
+        self.host.writers = _group(writers, self.host)
         self._writers_set_up = False
         if self.host.is_global_zero:
             self._writers_set_up = True
-            for writer in self.host.writers:
-                writer.setup()
+            self.host.writers.setup()
 
     def _patch_zero_grad(self, obj: Any) -> None:
         original = obj.zero_grad
@@ -537,8 +534,7 @@ class LazinessWatch:
             self.measure_and_log(self.steps, on_step=False)
         self.finish(self.steps)
         self.release()
-        for writer in self.host.writers:
-            writer.close()
+        self.host.writers.close()
         self._closed = True
 
     def __enter__(self) -> LazinessWatch:
@@ -775,8 +771,7 @@ class LazinessWatch:
             return None
         text = self.summary()
         if self.host.is_global_zero:
-            for writer in self.host.writers:
-                writer.text("lazy/summary", text, step, "lazy_summary.txt")
+            self.host.writers.text("lazy/summary", text, step, "lazy_summary.txt")
             self._write_hparams(step, optimizer_name)
             self.draw(step)
         return text
@@ -793,8 +788,7 @@ class LazinessWatch:
         if not metrics:
             return
         name = optimizer_name or (type(self.optimizer).__name__ if self.optimizer is not None else "none")
-        for writer in self.host.writers:
-            writer.hparams({"lazy/alpha": self.alpha, "lazy/optimizer": name}, metrics, step)
+        self.host.writers.hparams({"lazy/alpha": self.alpha, "lazy/optimizer": name}, metrics, step)
 
     def draw(self, step: int) -> None:
         """The laziness figure and the per-layer heat map, each rendered once and handed to every writer."""
@@ -808,12 +802,10 @@ class LazinessWatch:
 
         png = figure_to_png(laziness_figure(self.history, horizon=self.summary_values()["horizon"],
                                             per_tensor=self._last_per_tensor, alpha=self.alpha))
-        for writer in self.host.writers:
-            writer.image("lazy/figure", png, step, "laziness.png")
+        self.host.writers.image("lazy/figure", png, step, "laziness.png")
         if self.layer_history:
             png = figure_to_png(layers_figure(self.layer_history))
-            for writer in self.host.writers:
-                writer.image("lazy/layers", png, int(self.layer_history[-1]["step"]), "layers.png")
+            self.host.writers.image("lazy/layers", png, int(self.layer_history[-1]["step"]), "layers.png")
         self._drawn_at = time.perf_counter()
         self._draw_seconds = self._drawn_at - started
 
@@ -1042,6 +1034,20 @@ class LazinessWatch:
 
 
 _ABSENT = object()
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def _group(writers: Sequence[Any], host: Any) -> Any:
+    """The writers as one :class:`~lightning_lazy.watch.writers.Writers`: a backend that fails is dropped with one
+    warning and never stops the run."""
+    from lightning_lazy.watch.writers import Writers
+
+    if isinstance(writers, Writers):
+        return writers
+    return Writers(list(writers), warn=lambda message: host.warn(message))
 
 
 def _dense(grad: Tensor) -> Tensor:
