@@ -437,6 +437,7 @@ class LazyTrainingMonitor(Callback):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log the epoch's tangent training loss; measure every ``every_n_epochs`` epochs."""
+        self.core.agree()  # every process logs the same keys
         loss = self.core.end_epoch_losses()
         if loss is not None:
             pl_module.log("lazy/tangent/train_loss", loss, sync_dist=True)

@@ -366,3 +366,25 @@ def test_plain_loop_follows_however_the_gradients_are_cleared(clear):
         watch.batch(x[i * 6:i * 6 + 8], y[i * 6:i * 6 + 8])
         opt.step()
     assert watch.twin.lost is None and watch.measure()["divergence"] < 1e-10
+
+
+def test_processes_agree_on_a_lost_twin():
+    # Under DDP a twin lost on one process is lost on all at the next measurement or epoch end: every process then
+    # logs the same keys. Here the host's all-reduce says another process lost it.
+    from lightning_lazy.watch.core import Host
+
+    class TwoProcesses(Host):
+        world_size = 2
+
+        def reduce_sum(self, tensor):
+            return tensor + 1.0  # the other process lost its twin
+
+    x, y = _data()
+    model = _net()
+    watch = LazinessWatch(model, torch.optim.SGD(model.parameters(), lr=0.1), loss="mse", probe=(x, y),
+                          host=TwoProcesses())
+    watch.start()
+    watch.start_measuring()
+    with pytest.warns(UserWarning, match="another process"):
+        watch.agree()
+    assert watch.twin.lost is not None and "divergence" not in watch.values()

@@ -306,6 +306,17 @@ class LazinessWatch:
             f"logged from step {self.twin.lost_at}. {self.twin.lost_remedy}"
         )
 
+    def agree(self) -> None:
+        """Under several processes, the twin is lost on every one as soon as it is on one (a collective: every
+        process calls it at the same points), so that all log the same keys."""
+        if self.host.world_size <= 1 or self.twin is None:
+            return
+        lost = torch.tensor([0.0 if self.twin.lost is None else 1.0], dtype=torch.float64,
+                            device=next(self._watched.parameters()).device)
+        if float(self.host.reduce_sum(lost)) > 0 and self.twin.lost is None:
+            self.twin_lost("the tangent twin of another process stopped following its run (that process's warning "
+                           "names the cause)", "See the first process's warning for the way out.", measuring=True)
+
     def check_twin(self) -> None:
         """Ask the twin whether the real run did something it cannot follow since the last check."""
         twin = self.following_twin()
@@ -613,6 +624,7 @@ class LazinessWatch:
         (``None`` before the measurement at w0). The network measured last, unchanged, is not measured again."""
         if self.measures is None:
             return None
+        self.agree()
         weights = self._weights_now()
         if self.history and self.history[-1]["step"] == float(step) and self._last_scalars[0] == (step, weights):
             # The same network at the same step (micro-batches of one accumulated step, an epoch ending at a log
