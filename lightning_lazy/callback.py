@@ -158,6 +158,11 @@ class LazyTrainingMonitor(Callback):
             (structured derivatives: about K backward passes, K outputs, per validation example, plus the
             subset's once per 4·``kernel_baseline`` validation examples), once per fit.
 
+        budget: ``None`` (default: every scheduled measurement) or the share of the fit's wall time the
+            measurements may take (``0.05``): a measurement that would exceed it is taken without κ, the NTK and the
+            per-layer measures, or left out, and the summary says what was spent and thinned
+            (:class:`~lightning_lazy.watch.schedule.Budget`); ``lazy/cost/share`` logs the share spent.
+
     Logged under ``lazy/``: ``regime`` (1 lazy, 0.5 in between, 0 feature learning:
     :data:`lightning_lazy.watch.report.REGIME_CODES`), ``divergence`` Δ, ``bound`` (= t̃²·κ(w0); only for gradient
     descent and SGD with momentum, see :mod:`lightning_lazy._optim`), ``kappa``, ``jacobian_norm``,
@@ -210,6 +215,7 @@ class LazyTrainingMonitor(Callback):
         layer_probe_size: int = 64,
         max_layers: int = 32,
         kernel_baseline: int | None = None,
+        budget: float | None = None,
         watch: Watch | None = None,
         measure: Measure | None = None,
         when: When | None = None,
@@ -222,7 +228,7 @@ class LazyTrainingMonitor(Callback):
             ntk_probe_size=ntk_probe_size, ntk_outputs=ntk_outputs, every_n_epochs=every_n_epochs, log_steps=log_steps,
             track_tangent=track_tangent, batch_to_xy=batch_to_xy, measure_kappa=measure_kappa, measure_ntk=measure_ntk,
             figure=figure, per_layer=per_layer, layer_probe_size=layer_probe_size, max_layers=max_layers,
-            kernel_baseline=kernel_baseline)
+            kernel_baseline=kernel_baseline, budget=budget)
         self.core: LazinessWatch | None = None
         self._loaded: dict[str, Any] | None = None
         self._rewound = False  # on_load_checkpoint took the state that load_state_dict is about to get
@@ -468,6 +474,9 @@ class LazyTrainingMonitor(Callback):
         self._hand_back(trainer)
         if self.core is None or not self.core.history:
             return
+        if self.core.budget.share is not None and self.core.history[-1]["step"] < trainer.global_step:
+            with _refusals():  # the budget left the last scheduled one out: the end state is measured all the same
+                self.core.measure_and_log(trainer.global_step, on_step=True, epoch=trainer.current_epoch, forced=True)
         optimizer = type(trainer.optimizers[0]).__name__ if trainer.optimizers else "none"
         text = self.core.finish(trainer.global_step, optimizer)
         if trainer.is_global_zero and text is not None:

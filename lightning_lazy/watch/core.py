@@ -45,7 +45,7 @@ from lightning_lazy.watch.cost import MeasurementCost
 from lightning_lazy.watch.objective import Objective, resolve_objective, resolve_watched
 from lightning_lazy.watch.options import Measure, Watch, WatchOptions, When, Write
 from lightning_lazy.watch.probe import LazinessProbe, ProbeMemoryError
-from lightning_lazy.watch.schedule import Schedule
+from lightning_lazy.watch.schedule import Budget, Schedule
 from lightning_lazy.watch.twin import TangentTwin, TwinError, Watched
 
 _PREFIX = "inner."  # parameter names of the watched network inside its ``Watched`` wrapper
@@ -161,6 +161,7 @@ class LazinessWatch:
         self.who = self.host.who
         self.batch_to_xy = options.watch.batch_to_xy or default_batch_to_xy
         self.schedule = Schedule(options.when.log_steps, options.when.every_n_epochs)
+        self.budget = Budget(options.when.budget)
         module = _unwrap_module(model)
         # Every object whose zero_grad() clears the real gradients: the optimizer, its wrappers, the model.
         self._clearers = [o for o in (optimizer, _unwrap_optimizer(optimizer), model, module) if o is not None]
@@ -532,7 +533,7 @@ class LazinessWatch:
         not changed since); returns its values."""
         if self.measures is None:
             raise WatchError(f"{self.who}.measure needs the probe: call batch() once first (it measures at w0)")
-        self.measure_and_log(self.steps, on_step=False)
+        self.measure_and_log(self.steps, on_step=False, forced=True)
         self.arm()
         return dict(self.history[-1]) if self.history else {}
 
@@ -542,7 +543,7 @@ class LazinessWatch:
         if self._closed:
             return
         if self.measures is not None and (not self.history or self.history[-1]["step"] != float(self.steps)):
-            self.measure_and_log(self.steps, on_step=False)
+            self.measure_and_log(self.steps, on_step=False, forced=True)
         self.finish(self.steps)
         self.release()
         self.host.writers.close()
@@ -558,6 +559,14 @@ class LazinessWatch:
 
     def start_measuring(self, first_batch: tuple[Any, Any] | None = None) -> None:
         """Draw the probe and measure at w0 (before the first step: by then the loop has set the modes it trains in)."""
+        self.budget.start()
+        started = time.perf_counter()
+        try:
+            self._start_measuring(first_batch)
+        finally:
+            self.budget.spend(time.perf_counter() - started, "full")
+
+    def _start_measuring(self, first_batch: tuple[Any, Any] | None) -> None:
         self.measures = self._make_probe(first_batch)
         try:
             self.measures.measure_initial(self.measured_names())
@@ -599,15 +608,18 @@ class LazinessWatch:
         trainable = self.measures.trainable_names()  # by identity: a renamed parameter keeps its name at w0
         return tuple(name for name in self.measures.initial if name in trainable | self._trained)
 
-    def values(self) -> dict[str, Any]:
+    def values(self, cheap: bool = False) -> dict[str, Any]:
         """The measures now, as floats (``displacement_per_tensor``: by tensor name; per layer as
-        ``"layers/<layer>/<measure>"``), without adding them to the history."""
+        ``"layers/<layer>/<measure>"``), without adding them to the history; ``cheap``: without κ, the NTK and the
+        per-layer measures (what the budget leaves out first)."""
         if self.measures is None:
             raise WatchError(f"{self.who}.measure needs the probe: training has not started")
         self.check_twin()
         time_ = 0.0 if self._time is None else self._time * self._loss_scale
         try:
-            values = self.measures.measure(self.measured_names(), time=time_, twin=self.following_twin())
+            parts = {"kappa": False, "ntk": False, "layers": False} if cheap else None
+            values = self.measures.measure(self.measured_names(), time=time_, twin=self.following_twin(),
+                                           **({"parts": parts} if parts else {}))
         except ValueError as error:  # a parameter replaced, or weights gone to NaN: one line
             raise WatchError(f"{self.who}: {error}") from None
         if self._adaptive is not None or self._time is None:
@@ -619,12 +631,25 @@ class LazinessWatch:
             values.update({f"layers/{_layer_name(layer)}/{name}": value for name, value in measures.items()})
         return values
 
-    def measure_and_log(self, step: int, on_step: bool, epoch: int | None = None) -> dict[str, float] | None:
+    def measure_and_log(self, step: int, on_step: bool, epoch: int | None = None,
+                        forced: bool = False) -> dict[str, float] | None:
         """Measure after ``step`` optimizer steps, add to the history, hand the scalars to the host; returns them
-        (``None`` before the measurement at w0). The network measured last, unchanged, is not measured again."""
+        (``None`` before the measurement at w0, or when the budget leaves this one out). The network measured last,
+        unchanged, is not measured again. A scheduled measurement (not ``forced``) keeps within the budget."""
         if self.measures is None:
             return None
         self.agree()
+        plan = "full" if forced else self.budget.plan()
+        if plan == "skip":
+            self.budget.spend(0.0, "skip")
+            return None
+        started = time.perf_counter()
+        try:
+            return self._measure_and_log(step, on_step, epoch, cheap=plan == "cheap")
+        finally:
+            self.budget.spend(time.perf_counter() - started, plan)
+
+    def _measure_and_log(self, step: int, on_step: bool, epoch: int | None, cheap: bool) -> dict[str, float] | None:
         weights = self._weights_now()
         if self.history and self.history[-1]["step"] == float(step) and self._last_scalars[0] == (step, weights):
             # The same network at the same step (micro-batches of one accumulated step, an epoch ending at a log
@@ -632,7 +657,7 @@ class LazinessWatch:
             if not on_step:
                 self.host.log_scalars(self._last_scalars[1], step, epoch_end=True)
             return self._last_scalars[1]
-        values = self.values()
+        values = self.values(cheap=cheap)
         self._advise_on_cost("last")
         self._last_per_tensor = values.pop("displacement_per_tensor")
         scalars = {f"lazy/{name}": value for name, value in values.items()}
@@ -649,6 +674,8 @@ class LazinessWatch:
         code = regime_code(values)
         if math.isfinite(code):
             scalars["lazy/regime"] = code
+        if self.budget.share is not None:
+            scalars["lazy/cost/share"] = self.budget.spent_share()
         self._last_scalars = ((step, weights), dict(scalars))
         self.host.log_scalars(scalars, step, epoch_end=not on_step)
         # Rendering costs a few tenths of a second: at epoch ends (never at log steps) while that stays under 5 % of
@@ -762,6 +789,8 @@ class LazinessWatch:
         if self._time is None:
             text += ("\n  The optimizer takes steps of its own size (no float learning rate): normalized time and the "
                      "bound are not stated.")
+        if (cost := self.budget.describe()) is not None:
+            text += f"\n  Cost: {cost}."
         return text
 
     def moved_layers(self, count: int = 3) -> list[tuple[str, str, float]]:
@@ -1012,6 +1041,7 @@ class LazinessWatch:
             "layer_history": list(self.layer_history),
             "twin_loss": (self._twin_loss_sum, self._twin_loss_count),
             "weight": self._weight,
+            "budget": self.budget.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -1042,6 +1072,8 @@ class LazinessWatch:
         self.layer_history = list(state.get("layer_history", []))  # absent from older checkpoints
         self._twin_loss_sum, self._twin_loss_count = state["twin_loss"]
         self._weight = state.get("weight", 1.0)
+        if "budget" in state:
+            self.budget.load_state_dict(state["budget"])
         self._checked = True
 
 

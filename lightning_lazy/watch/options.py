@@ -66,10 +66,12 @@ class Measure:
 @dataclass
 class When:
     """When to measure: ``log_steps`` (``"log"`` for steps 1, 2, 4, 8, ..., a list, or ``None``) and every
-    ``every_n_epochs`` epoch ends (epochs exist where the framework has them)."""
+    ``every_n_epochs`` epoch ends (epochs exist where the framework has them); ``budget``: the share of the run's
+    wall time the measurements may take (``None``: no limit; see :class:`~lightning_lazy.watch.schedule.Budget`)."""
 
     log_steps: str | Sequence[int] | None = "log"
     every_n_epochs: int = 1
+    budget: float | None = None
 
 
 @dataclass
@@ -94,7 +96,7 @@ _FLAT = {
     "measure_ntk": ("measure", "ntk"), "per_layer": ("measure", "per_layer"),
     "layer_probe_size": ("measure", "layer_probe_size"), "max_layers": ("measure", "max_layers"),
     "kernel_baseline": ("measure", "kernel_baseline"),
-    "log_steps": ("when", "log_steps"), "every_n_epochs": ("when", "every_n_epochs"),
+    "log_steps": ("when", "log_steps"), "every_n_epochs": ("when", "every_n_epochs"), "budget": ("when", "budget"),
     "figure": ("write", "figure"), "log_dir": ("write", "log_dir"), "writers": ("write", "writers"),
 }
 
@@ -140,6 +142,8 @@ class WatchOptions:
                             ("layer_probe_size", m.layer_probe_size), ("max_layers", m.max_layers)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if w.budget is not None and not (isinstance(w.budget, (int, float)) and 0 < w.budget < 1):
+            raise ValueError(f"budget must be None or a share of the run's wall time in (0, 1), got {w.budget!r}")
         if isinstance(w.log_steps, str) and w.log_steps != "log":
             raise ValueError(f"log_steps must be 'log', a list of steps or None, got {w.log_steps!r}")
         if not callable(m.ntk_outputs) and m.ntk_outputs not in NTK_OUTPUTS:

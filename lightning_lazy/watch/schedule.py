@@ -8,6 +8,7 @@ the monitor to measure on another plan.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from time import perf_counter
 from typing import Any
 
 
@@ -47,4 +48,70 @@ class Schedule:
         return {"log_steps": self.log_steps, "every_n_epochs": self.every_n_epochs}
 
 
-__all__ = ["Schedule"]
+
+class Budget:
+    """The share of the fit's wall time the measurements may take (``share``; ``None``: no limit), kept by measuring
+    less: a scheduled measurement that would take the spent share over it is taken without its costly parts (κ,
+    the NTK, the per-layer measures), or not at all, and counted. The measurement at w0 and those asked for
+    (``measure()``, the last one) are always taken whole. Wall times: the measurements' (with their logging) against
+    the whole run's since the measurement at w0 began, the twin's training steps not counted as measurement."""
+
+    def __init__(self, share: float | None = None) -> None:
+        if share is not None and not (isinstance(share, (int, float)) and 0 < share < 1):
+            raise ValueError(f"budget must be None or a share of the fit's wall time in (0, 1), got {share!r}")
+        self.share = share
+        self.started: float | None = None
+        self.spent = 0.0
+        self.counts = {"full": 0, "cheap": 0, "skip": 0}
+        self.estimates: dict[str, float] = {}
+
+    def start(self) -> None:
+        if self.started is None:
+            self.started = perf_counter()
+
+    def spent_share(self) -> float:
+        """Measurement seconds over the run's seconds so far."""
+        elapsed = perf_counter() - self.started if self.started is not None else 0.0
+        return self.spent / elapsed if elapsed > 0 else 0.0
+
+    def plan(self) -> str:
+        """``"full"``, ``"cheap"`` (without the costly parts) or ``"skip"`` for the next scheduled measurement."""
+        if self.share is None or self.started is None:
+            return "full"
+        elapsed = perf_counter() - self.started
+        for plan in ("full", "cheap"):
+            estimate = self.estimates.get(plan)
+            if estimate is None:
+                if plan == "cheap":
+                    return "cheap"  # its cost is learned by taking one
+                continue
+            if self.spent + estimate <= self.share * (elapsed + estimate):
+                return plan
+        return "skip"
+
+    def spend(self, seconds: float, plan: str) -> None:
+        """A measurement of kind ``plan`` took ``seconds`` (``"skip"``: one was left out)."""
+        self.counts[plan] += 1
+        if plan != "skip":
+            self.spent += seconds
+            self.estimates[plan] = seconds
+
+    def describe(self) -> str | None:
+        """One line for the summary: what was spent, and what was thinned to keep within the budget."""
+        if self.share is None:
+            return None
+        thinned = self.counts["cheap"] + self.counts["skip"]
+        line = (f"measurements took {100 * self.spent_share():.1f} % of the run's time (budget {100 * self.share:g} %)")
+        if thinned:
+            line += (f": {self.counts['full']} measured in full, {self.counts['cheap']} without κ, the NTK and the "
+                     f"per-layer measures, {self.counts['skip']} left out")
+        return line
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"share": self.share, "spent": self.spent, "counts": dict(self.counts), "estimates": dict(self.estimates)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.spent, self.counts, self.estimates = state["spent"], dict(state["counts"]), dict(state["estimates"])
+
+
+__all__ = ["Budget", "Schedule"]
