@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, handle_torch_function, has_torch_function_unary
 
 # Phrases of PyTorch's messages for a missing forward-AD rule, and for an autograd.Function that torch.func
 # transforms cannot run (no setup_context).
@@ -115,7 +115,13 @@ def composite_hardsigmoid(x: torch.Tensor, inplace: bool = False) -> torch.Tenso
     derivative: the twin's backward and ‖D²h‖ fail on it. ``clamp`` has both (derivative 1/6 strictly between
     the kinks −3 and 3, 0 outside). ``inplace`` is ignored: the result is a new tensor (writing it into ``x``
     would change a tensor autograd keeps), which every caller that uses the returned value, as
-    ``nn.Hardsigmoid`` does, cannot tell apart."""
+    ``nn.Hardsigmoid`` does, cannot tell apart.
+
+    Dispatched through ``__torch_function__`` as itself, so a mode that watches activations
+    (:func:`~lightning_lazy.diagnostics.recording_activation_states`) sees a Hardsigmoid, not a clamp, whichever
+    of the two modes was entered first."""
+    if has_torch_function_unary(x):
+        return handle_torch_function(composite_hardsigmoid, (x,), x, inplace=inplace)
     del inplace
     return (x + 3).clamp(0, 6) / 6
 
@@ -123,7 +129,10 @@ def composite_hardsigmoid(x: torch.Tensor, inplace: bool = False) -> torch.Tenso
 def composite_glu(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """glu(x) = a · sigmoid(b), with a, b the two halves of ``x`` along ``dim`` (Dauphin et al., 2017).
 
-    ``glu``'s forward-AD rule calls ``glu_jvp``, which has neither rule nor derivative of its own."""
+    ``glu``'s forward-AD rule calls ``glu_jvp``, which has neither rule nor derivative of its own. Dispatched through
+    ``__torch_function__`` as itself (see :func:`composite_hardsigmoid`)."""
+    if has_torch_function_unary(x):
+        return handle_torch_function(composite_glu, (x,), x, dim=dim)
     a, b = x.chunk(2, dim=dim)
     return a * torch.sigmoid(b)
 

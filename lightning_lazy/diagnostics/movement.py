@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from lightning_lazy._forward_ad import composite_glu, composite_hardsigmoid
 from lightning_lazy._params import check_finite
 from lightning_lazy.diagnostics._common import (
     ModelLike,
@@ -126,6 +127,24 @@ def _threshold_kinks(args: tuple, kwargs: dict) -> tuple[float, ...]:
     return (_arg(args, kwargs, 1, "threshold", 0.0),)
 
 
+def _bound(args: tuple, kwargs: dict, index: int, name: str) -> Any:
+    value = args[index] if len(args) > index else kwargs.get(name)
+    return value.detach() if isinstance(value, Tensor) else value
+
+
+def _clamp_kinks(args: tuple, kwargs: dict) -> tuple[Any, ...]:
+    """clamp(x, min, max): its bounds that are given (numbers, or tensors broadcast against x)."""
+    return tuple(b for b in (_bound(args, kwargs, 1, "min"), _bound(args, kwargs, 2, "max")) if b is not None)
+
+
+def _clamp_min_kinks(args: tuple, kwargs: dict) -> tuple[Any, ...]:
+    return (_bound(args, kwargs, 1, "min"),)
+
+
+def _clamp_max_kinks(args: tuple, kwargs: dict) -> tuple[Any, ...]:
+    return (_bound(args, kwargs, 1, "max"),)
+
+
 # Piecewise-linear activations (Hardswish: piecewise quadratic, linear outside [-3, 3]), by the function their
 # module calls (nn.ReLU6 is an nn.Hardtanh(0, 6): F.hardtanh), with the kinks that bound their pieces.
 _PIECEWISE: dict[Callable, tuple[str, Callable[[tuple, dict], tuple[float, ...]]]] = {}
@@ -137,10 +156,16 @@ for _name, _functions, _rule in (
     ("prelu", (_F.prelu, torch.prelu), _kinks(0.0)),
     ("rrelu", (_F.rrelu, getattr(_F, "rrelu_", None)), _kinks(0.0)),
     ("threshold", (_F.threshold, getattr(_F, "threshold_", None)), _threshold_kinks),
-    ("hardsigmoid", (_F.hardsigmoid,), _kinks(-3.0, 3.0)),
+    ("hardsigmoid", (_F.hardsigmoid, composite_hardsigmoid), _kinks(-3.0, 3.0)),
     ("hardswish", (_F.hardswish,), _kinks(-3.0, 3.0)),
     ("hardshrink", (_F.hardshrink, torch.hardshrink, Tensor.hardshrink), _shrink_kinks),
     ("softshrink", (_F.softshrink,), _shrink_kinks),
+    # A clamp is a piecewise-linear unit too: a ReLU written x.clamp(min=0), a ReLU6 clamp(x, 0, 6), and the
+    # composites that stand in for Hardsigmoid elsewhere.
+    ("clamp", (torch.clamp, torch.clip, Tensor.clamp, Tensor.clip, Tensor.clamp_, Tensor.clip_, torch.clamp_,
+               torch.clip_), _clamp_kinks),
+    ("clamp", (torch.clamp_min, Tensor.clamp_min, Tensor.clamp_min_, torch.clamp_min_), _clamp_min_kinks),
+    ("clamp", (torch.clamp_max, Tensor.clamp_max, Tensor.clamp_max_, torch.clamp_max_), _clamp_max_kinks),
 ):
     for _function in _functions:
         if _function is not None:
@@ -150,7 +175,7 @@ for _name, _functions, _rule in (
 # that a model made of them can be told what to read instead.
 _SMOOTH: dict[Callable, str] = {}
 for _name, _functions in (
-    ("gelu", (_F.gelu,)), ("silu", (_F.silu,)), ("mish", (_F.mish,)), ("elu", (_F.elu,)), ("selu", (_F.selu,)),
+    ("gelu", (_F.gelu,)), ("glu", (composite_glu,)), ("silu", (_F.silu,)), ("mish", (_F.mish,)), ("elu", (_F.elu,)), ("selu", (_F.selu,)),
     ("celu", (_F.celu,)), ("softplus", (_F.softplus,)), ("glu", (_F.glu,)), ("logsigmoid", (_F.logsigmoid,)),
     ("tanh", (torch.tanh, _F.tanh, Tensor.tanh)), ("sigmoid", (torch.sigmoid, _F.sigmoid, Tensor.sigmoid)),
 ):
@@ -192,7 +217,7 @@ class _ActivationRecorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch protocol
         kwargs = kwargs or {}
         piecewise = _PIECEWISE.get(func)
-        if piecewise is not None and args and isinstance(args[0], Tensor):
+        if piecewise is not None and args and isinstance(args[0], Tensor) and args[0].is_floating_point():
             name, rule = piecewise
             kinks = rule(args, kwargs)
             self.states.append(_piece(args[0].detach(), kinks))  # before the call: in-place overwrites
@@ -211,8 +236,11 @@ def recording_activation_states() -> Iterator[ActivationStates]:
     appended to the :class:`ActivationStates` yielded, one tensor per activation call in call order.
 
     Counted: ReLU (``nn.ReLU``, ``F.relu``, ``torch.relu``, ``Tensor.relu``, in-place forms), ReLU6, Hardtanh,
-    LeakyReLU, PReLU, RReLU, Threshold, Hardsigmoid, Hardswish, Hardshrink, Softshrink, module or functional
-    (a ``TorchFunctionMode`` sees both); the piece index counts the kinks strictly below the pre-activation
+    LeakyReLU, PReLU, RReLU, Threshold, Hardsigmoid, Hardswish, Hardshrink, Softshrink, and clamps of floating
+    tensors (``torch.clamp`` / ``clip`` / ``clamp_min`` / ``clamp_max``, any form: a ReLU written ``x.clamp(min=0)``),
+    module or functional (a ``TorchFunctionMode`` sees both), also while the package computes one of them by a
+    composite (Hardsigmoid under :func:`~lightning_lazy._forward_ad.forward_ad_safe`: counted once, as itself);
+    the piece index counts the kinks strictly below the pre-activation
     (ReLU6: 0 for x ≤ 0, 1 for 0 < x ≤ 6, 2 above). Smooth activations are named in ``.smooth``. For a
     forward whose output is needed anyway (the divergence's, say): its states then cost no forward of their
     own."""

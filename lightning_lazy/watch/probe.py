@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from lightning_lazy import diagnostics
 from lightning_lazy._forward_ad import forward_ad_safe
-from lightning_lazy._params import check_finite, functional_call, probe_mode
+from lightning_lazy._params import check_finite, functional_call, keeps_running_stats, probe_mode
 from lightning_lazy._inputs import Inputs, inputs_device, num_examples, take
 from lightning_lazy.scaling import IGNORE_INDEX, _check_classes, as_regression_target, squared_distance
 
@@ -132,6 +132,12 @@ class LazinessProbe:
         self._objects: dict[str, Tensor] = dict(network.named_parameters())
         self._writes = False
         self.initial = {name: p.detach().clone() for name, p in self._objects.items()}
+        # Buffers are state of the forward that writes them (spectral norm's power-iteration vectors, counters,
+        # running averages): the measures hold them at their values at w0, by identity, so that they see one
+        # function of the weights. A buffer assigned a new tensor since (SWA's statistics, a pruning mask) is
+        # read as it is now; running statistics are probe_mode's business (kept_buffers).
+        self._buffer_objects: dict[str, Tensor] = held_buffers(network)
+        self.initial_buffers = {name: b.detach().clone() for name, b in self._buffer_objects.items()}
         if not self.initial:
             raise ValueError(f"{type(network).__name__} has no parameter to measure")
         if not callable(ntk_outputs) and ntk_outputs not in NTK_OUTPUTS:
@@ -368,10 +374,21 @@ class LazinessProbe:
         return {name: now[id(p)] for name, p in self._objects.items()}
 
     def _snapshot(self) -> dict[str, Tensor]:
-        """Fresh copies of every parameter and buffer of the network, by their current names."""
+        """Fresh copies of every parameter and buffer of the network, by their current names; a buffer held at w0
+        (:meth:`held`) at its value then."""
         tensors = {name: p.detach().clone() for name, p in self.network.named_parameters()}
         tensors.update((name, b.detach().clone()) for name, b in self.network.named_buffers())
+        tensors.update((name, b.clone()) for name, b in self.held().items())
         return tensors
+
+    def held(self) -> dict[str, Tensor]:
+        """``{current name: value at w0}`` of the buffers the measures hold at w0 (every buffer still the tensor it
+        was then, running statistics aside: :func:`held_buffers`); the tensors themselves, not copies."""
+        if not self._buffer_objects:
+            return {}
+        now = {id(b): name for name, b in self.network.named_buffers()}
+        return {now[id(b)]: self.initial_buffers[name] for name, b in self._buffer_objects.items()
+                if id(b) in now and name in self.initial_buffers and self.initial_buffers[name].shape == b.shape}
 
     def trainable_names(self) -> set[str]:
         """Names (as at w0) of the parameters that require grad now."""
@@ -565,7 +582,7 @@ class LazinessProbe:
             output, states = timed("output_and_activation_states", lambda: self._output_and_states(self.x))
         if twin is not None:
             x, n = self.x, num_examples(self.x)
-            tangent_output = timed("tangent_output", lambda: twin.probe_output(x).reshape(n, -1))
+            tangent_output = timed("tangent_output", lambda: twin.probe_output(x, self.held()).reshape(n, -1))
             if self.labels is not None:  # positions whose target is -100 are in neither norm of Δ
                 output, tangent_output = (v.reshape(*self.labels.shape, -1) for v in (output, tangent_output))
             numerator = diagnostics.divergence_numerator(output, tangent_output, self.labels)
@@ -722,9 +739,10 @@ class LazinessProbe:
 
     _STATE = ("initial", "x", "y", "labels", "mask", "initial_distance", "initial_kernel", "kernel_names", "initial_kappa",
               "initial_jacobian_norm", "initial_kappa_parts", "initial_relu", "hessian_direction", "hessian_names",
-              "jacobian_direction", "initial_features", "initial_blocks", "previous_kernel", "previous_time")
+              "jacobian_direction", "initial_features", "initial_blocks", "previous_kernel", "previous_time",
+              "initial_buffers")
     _OPTIONAL_STATE = ("jacobian_direction", "labels", "mask", "initial_features", "initial_blocks", "previous_kernel",
-                       "previous_time")
+                       "previous_time", "initial_buffers")
 
     def state_dict(self) -> dict[str, Any]:
         return {key: _to_device(getattr(self, key), "cpu") for key in self._STATE}
@@ -821,6 +839,20 @@ def _sum_by_group(blocks: dict[str, Tensor], groups: dict[str, str]) -> dict[str
     return summed
 
 
+def held_buffers(network: nn.Module) -> dict[str, Tensor]:
+    """``{name: buffer}`` of the buffers of ``network`` whose values the measures hold at w0: every buffer but the
+    running statistics of normalization layers (:func:`~lightning_lazy._params.keeps_running_stats`), which
+    :func:`~lightning_lazy._params.probe_mode` treats by mode (batch statistics in train mode, running ones in eval).
+
+    A forward that writes a buffer (``parametrizations.spectral_norm``'s u and v in every training forward, the
+    old-style ``spectral_norm``'s ``weight_u`` / ``weight_v``, a call counter, an average of activations) makes it
+    state of that forward, not a function of the weights: held, every measure sees one function of the weights,
+    and at lr 0 nothing measured moves."""
+    statistics = {id(b) for m in network.modules() if keeps_running_stats(m)
+                  for name, b in m._buffers.items() if b is not None}
+    return {name: b for name, b in network.named_buffers() if id(b) not in statistics}
+
+
 @contextlib.contextmanager
 def _dense_embeddings(network: nn.Module) -> Iterator[None]:
     """Embeddings with ``sparse=True`` give dense gradients inside: the same function, and the form
@@ -861,4 +893,4 @@ def _to_device(value: Any, device: Any) -> Any:
     return value
 
 
-__all__ = ["LazinessProbe", "ProbeMemoryError", "layer_groups", "probe_numbers"]
+__all__ = ["LazinessProbe", "ProbeMemoryError", "held_buffers", "layer_groups", "probe_numbers"]

@@ -191,6 +191,12 @@ class TangentTwin:
         self._versions: list[int] = []
         self._fingerprint: list[float | None] = []
         self._produced: dict[str, Any] | None = None
+        # Buffers the real forward writes, by (id(module), name); their values when the real forward of the batch
+        # started, by module; the version counters then (see _take_buffers).
+        self._written_buffers: set[tuple[int, str]] = set()
+        self._buffers_at_forward: dict[int, dict[str, Tensor]] | None = None
+        self._buffer_versions: dict[tuple[int, str], tuple[Tensor, int]] | None = None
+        self._first_forward = True
         self.steps = 0
         # Why the twin stopped following the real run (None while it follows), and after how many real steps.
         self.lost: str | None = None
@@ -320,10 +326,34 @@ class TangentTwin:
         if self._armed:
             self._rng = RNGState(self.real)
             self._armed = False
+            self._take_buffers()
 
     def _after_real_forward(self, _module: nn.Module, _args: Any, _output: Any) -> None:
         if self.lost is None and torch.is_grad_enabled():
             self._check_now("by the network's own forward")
+            if self._buffer_versions is not None:
+                # Which buffers this forward wrote: their values before it are taken at every later forward.
+                self._written_buffers.update(key for key, (buffer, version) in self._buffer_versions.items()
+                                             if buffer._version != version)
+                self._buffer_versions = None
+
+    def _take_buffers(self) -> None:
+        """The real forward starts: keep the values it starts from of the buffers forwards write (all of them the
+        first time, when which ones is not known yet), and the version counters to find which it writes."""
+        versions: dict[tuple[int, str], tuple[Tensor, int]] = {}
+        taken: dict[int, dict[str, Tensor]] = {}
+        with torch.no_grad():
+            for real, _ in self._module_pairs:
+                for name, buffer in real._buffers.items():
+                    if buffer is None:
+                        continue
+                    key = (id(real), name)
+                    versions[key] = (buffer, buffer._version)
+                    if self._first_forward or key in self._written_buffers:
+                        taken.setdefault(id(real), {})[name] = buffer.detach().clone()
+        self._first_forward = False
+        self._buffer_versions = versions
+        self._buffers_at_forward = taken
 
     def _before_real_step(self, optimizer: Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self.lost is not None:
@@ -504,9 +534,10 @@ class TangentTwin:
 
     # ------------------------------------------------------------------------------------ lock-step
 
-    def sync(self) -> None:
+    def sync(self, buffers: Mapping[int, Mapping[str, Tensor]] | None = None) -> None:
         """Copy train/eval modes, ``requires_grad`` and buffers (running statistics) from the real network; buffers
-        are paired by module and name, so a buffer assigned a new tensor (as SWA does) is followed."""
+        are paired by module and name, so a buffer assigned a new tensor (as SWA does) is followed. ``buffers``:
+        ``{id(real module): {name: value}}`` to copy instead of the real module's buffer now."""
         for real, twin in self._module_pairs:
             twin.training = real.training
         for real, twin in self._param_pairs:
@@ -514,18 +545,26 @@ class TangentTwin:
                 twin.requires_grad_(real.requires_grad)
         with torch.no_grad():
             for real, twin in self._module_pairs:
+                instead = buffers.get(id(real), {}) if buffers else {}
                 for name, buffer in real._buffers.items():
                     mine = twin._buffers.get(name)
                     if buffer is None or mine is None:
                         continue
+                    buffer = instead.get(name, buffer)
                     if mine.shape == buffer.shape and mine.dtype == buffer.dtype:
                         mine.copy_(buffer)
                     else:
                         twin._buffers[name] = buffer.detach().clone()
 
     def forward(self, x: Tensor) -> Tensor:
-        """The twin's output on ``x`` in the real network's current modes (with grad, as in training)."""
-        self.sync()
+        """The twin's output on ``x`` in the real network's current modes (with grad, as in training).
+
+        Buffers the real forward writes (spectral norm's power-iteration vectors, counters, running averages) are
+        state of that forward: the twin's forward starts from the values the real forward of this batch started
+        from (taken by the forward pre-hook :meth:`follow` installs), and what its own forward writes into its copies
+        is replaced at the next sync, so the twin never advances a state twice."""
+        self.sync(self._buffers_at_forward)
+        self._buffers_at_forward = None
         with forward_ad_safe(self.model.module, "the tangent twin"):
             return self.model(x)
 
@@ -580,9 +619,11 @@ class TangentTwin:
     # ---------------------------------------------------------------------------------- evaluation
 
     @torch.no_grad()
-    def probe_output(self, x: Tensor) -> Tensor:
-        """The twin on ``x`` as the measures see networks (:func:`~lightning_lazy._params.probe_mode`)."""
-        self.sync()
+    def probe_output(self, x: Tensor, buffers: Mapping[str, Tensor] | None = None) -> Tensor:
+        """The twin on ``x`` as the measures see networks (:func:`~lightning_lazy._params.probe_mode`); ``buffers``:
+        ``{name in the real network: value}`` of buffers to use instead of the real ones now (those the probe holds
+        at w0, :meth:`~lightning_lazy.watch.probe.LazinessProbe.held`)."""
+        self.sync(self._by_module(buffers) if buffers else None)
         with probe_mode(self.model.module), forward_ad_safe(self.model.module, "the tangent twin"):
             return self.model(x)
 
@@ -592,6 +633,17 @@ class TangentTwin:
         self.sync()
         with forward_ad_safe(self.model.module, "the tangent twin"):
             return self.model(x)
+
+    def _by_module(self, buffers: Mapping[str, Tensor]) -> dict[int, dict[str, Tensor]]:
+        """``{id(real module): {buffer name: value}}`` from ``{name in the real network: value}``."""
+        owners = dict(self.real.named_modules(remove_duplicate=False))
+        found: dict[int, dict[str, Tensor]] = {}
+        for name, value in buffers.items():
+            prefix, _, attr = name.rpartition(".")
+            owner = owners.get(prefix)
+            if owner is not None:
+                found.setdefault(id(owner), {})[attr] = value
+        return found
 
     def parameters(self) -> dict[str, Tensor]:
         """The twin's weights w̄, by the real network's parameter names now (a parameter renamed since
