@@ -68,16 +68,26 @@ def divergence_numerator(output: Tensor, tangent_output: Tensor, target: Tensor 
 
 
 class Displacement(NamedTuple):
-    """``total`` = ‖w − w0‖/‖w0‖; ``per_tensor`` = ‖w_p − w0_p‖/‖w0_p‖ for tensors with w0_p ≠ 0;
-    ``absolute`` = ‖w_p − w0_p‖ for every tensor (zero-initialized biases have no relative scale)."""
+    """``total`` = ‖w − w0‖ / scale; ``per_tensor`` = ‖w_p − w0_p‖/‖w0_p‖ for tensors with w0_p ≠ 0;
+    ``absolute`` = ‖w_p − w0_p‖ for every tensor (zero-initialized biases have no relative scale); ``relative_to``
+    says what ``total`` is relative to: ``"w0"`` (‖w0‖, the usual case), ``"reference"`` (‖reference‖: every initial
+    weight is zero, as a LoRA update B·A whose B starts at 0 when only B is trained, and the displacement is relative
+    to the weights it adapts) or ``"absolute"`` (no scale anywhere: ‖w − w0‖ itself, in the weights' units)."""
 
     total: Tensor
     per_tensor: dict[str, Tensor]
     absolute: dict[str, Tensor]
+    relative_to: str = "w0"
 
 
-def displacement(params: Params, initial_params: Params) -> Displacement:
-    """Relative distance of the weights from initialization, overall and per parameter tensor."""
+def displacement(params: Params, initial_params: Params, reference: Params | None = None) -> Displacement:
+    """Relative distance of the weights from initialization, overall and per parameter tensor:
+    ‖w − w0‖ / ‖w0‖ (norms over all the tensors of ``params``).
+
+    When every initial weight is zero (a LoRA B initialised at 0 and trained alone), ‖w0‖ gives no scale: the total
+    is then relative to ‖reference‖ (e.g. the frozen weights the trained ones adapt), or, without a reference of
+    nonzero norm, absolute; ``relative_to`` says which. Raises ``ValueError`` when the dicts name different tensors,
+    shapes differ, or ``params`` is empty."""
     if set(params) != set(initial_params):
         missing = sorted(set(params) ^ set(initial_params))
         raise ValueError(f"params and initial_params name different tensors: {missing[:5]}")
@@ -98,9 +108,18 @@ def displacement(params: Params, initial_params: Params) -> Displacement:
             per_tensor[name] = diff / scale
         moved_sq = diff**2 if moved_sq is None else moved_sq + diff**2
         initial_sq = scale**2 if initial_sq is None else initial_sq + scale**2
-    if float(initial_sq) == 0.0:
-        raise ValueError("all initial parameters are zero: the relative displacement has no scale")
-    return Displacement(torch.sqrt(moved_sq / initial_sq), per_tensor, absolute)
+    if float(initial_sq) > 0.0:
+        return Displacement(torch.sqrt(moved_sq / initial_sq), per_tensor, absolute, "w0")
+    scale = _norm(reference.values()) if reference else None
+    if scale is not None and float(scale) > 0.0:
+        return Displacement(torch.sqrt(moved_sq) / scale.to(moved_sq.dtype), per_tensor, absolute, "reference")
+    return Displacement(torch.sqrt(moved_sq), per_tensor, absolute, "absolute")
+
+
+def _norm(tensors: Iterable[Tensor]) -> Tensor | None:
+    """‖·‖ over several tensors (``None`` for none)."""
+    squares = [t.detach().double().pow(2).sum() for t in tensors if t.is_floating_point()]
+    return torch.sqrt(sum(squares)) if squares else None
 
 
 _F = torch.nn.functional
@@ -325,13 +344,16 @@ def _grouped(names: Iterable[str], groups: Mapping[str, str] | None, default: Ca
 
 
 def layer_displacement(params: Params, initial_params: Params,
-                       groups: Mapping[str, str] | None = None) -> dict[str, Tensor]:
+                       groups: Mapping[str, str] | None = None, reference: Params | None = None) -> dict[str, Tensor]:
     """Relative displacement of each module's weights: ‖w_l − w_l0‖ / ‖w_l0‖, the norms over all the parameters
     module l owns directly (a parameter ``a.b.weight`` belongs to module ``a.b``; ``groups`` maps parameter names
     to other groups, e.g. a top-level child). Only the parameters in ``params`` count (pass the trained ones).
     ``{module name: 0-d tensor}`` in the order of ``params``; a module whose w_l0 is all zero has no relative
-    scale and is left out (as in :func:`displacement`'s ``per_tensor``). Dimensionless; exactly 0 at w0.
-    Raises ``ValueError`` when the two dicts name different tensors or shapes differ."""
+    scale and is left out (as in :func:`displacement`'s ``per_tensor``), unless ``reference`` (tensors by name, e.g.
+    the frozen weights at w0) holds tensors under the module's nearest enclosing module that has any: its value is
+    then ‖w_l − w_l0‖ over their norm (a LoRA ``fc.lora_B`` starting at zero: relative to ``fc.base_layer``, the weight
+    it adapts). Dimensionless; exactly 0 at w0. Raises ``ValueError`` when the two dicts name different tensors or
+    shapes differ."""
     if set(params) != set(initial_params):
         missing = sorted(set(params) ^ set(initial_params))
         raise ValueError(f"params and initial_params name different tensors: {missing[:5]}")
@@ -346,7 +368,25 @@ def layer_displacement(params: Params, initial_params: Params,
             initial_sq = initial_sq + (w0**2).sum()
         if float(initial_sq) > 0:
             result[module] = torch.sqrt(moved_sq / initial_sq)
+        elif reference:
+            scale = _enclosing_norm(names, reference)
+            if scale is not None:
+                result[module] = torch.sqrt(moved_sq) / scale.to(torch.as_tensor(moved_sq).dtype)
     return result
+
+
+def _enclosing_norm(names: list[str], reference: Params) -> Tensor | None:
+    """The norm of the ``reference`` tensors under the nearest module enclosing the parameters ``names`` that holds
+    any (other than ``names`` themselves), or ``None`` when there is none of nonzero norm."""
+    prefix = owning_module(names[0])
+    while True:
+        under = [t for n, t in reference.items() if n not in names and (not prefix or n.startswith(prefix + "."))]
+        scale = _norm(under)
+        if scale is not None and float(scale) > 0:
+            return scale
+        if not prefix:
+            return None
+        prefix = prefix.rpartition(".")[0]
 
 
 class _OutputRecorder:

@@ -188,6 +188,9 @@ class LazinessProbe:
         self.initial_relu: list[Tensor] | None = states or None
         self.hessian_direction: Tensor | None = None
         self.hessian_names: tuple[str, ...] = ()
+        # What the last displacement was relative to (diagnostics.Displacement.relative_to): "w0", "reference" (the
+        # frozen weights, when every trained weight starts at zero) or "absolute".
+        self.displacement_relative_to = "w0"
         self.jacobian_direction: Tensor | None = None
 
     # ------------------------------------------------------------------------------------ the network
@@ -569,7 +572,10 @@ class LazinessProbe:
         values: dict[str, Any] = {"normalized_time": normalized_time}
         if self.initial_kappa is not None:
             values["bound"] = normalized_time**2 * self.initial_kappa
-        moved = diagnostics.displacement(params, initial)
+        # Frozen weights at w0: the scale of a displacement whose trained weights all start at zero (LoRA's B).
+        frozen = {name: value for name, value in self.initial.items() if name not in initial}
+        moved = diagnostics.displacement(params, initial, reference=frozen)
+        self.displacement_relative_to = moved.relative_to
         if not math.isfinite(moved.total.item()):
             raise ValueError(
                 "training has diverged: the weights hold NaN or inf, so no laziness measure is meaningful. Lower the "
@@ -673,7 +679,8 @@ class LazinessProbe:
         groups = layer_groups(modules, self.max_layers)
         result: dict[str, dict[str, float]] = {group: {} for group in dict.fromkeys(groups.values())}
         by_parameter = {name: groups[diagnostics.owning_module(name)] for name in params}
-        for group, value in diagnostics.layer_displacement(params, initial, by_parameter).items():
+        frozen = {name: value for name, value in self.initial.items() if name not in initial}
+        for group, value in diagnostics.layer_displacement(params, initial, by_parameter, reference=frozen).items():
             result[group]["displacement"] = value.item()
         if self.initial_features and self._features is not None:
             then = {m: self.initial_features[m] for m in modules if m in self.initial_features}
