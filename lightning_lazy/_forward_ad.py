@@ -157,6 +157,42 @@ class _Composites(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _hook_code(hook: object) -> object:
+    function = getattr(hook, "func", hook)  # functools.partial
+    return getattr(function, "__code__", None) or getattr(getattr(function, "__call__", None), "__code__", None)
+
+
+def _hooks_set_requires_grad(module: nn.Module | None) -> bool:
+    """Whether a forward hook of ``module``'s modules calls ``requires_grad_`` (Hugging Face's
+    ``enable_input_require_grads``, which ``gradient_checkpointing_enable`` relies on, registers
+    ``make_inputs_require_grads`` on the input embeddings: ``output.requires_grad_(True)``)."""
+    if module is None:
+        return False
+    for m in module.modules():
+        for hook in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()):
+            code = _hook_code(hook)
+            if code is not None and "requires_grad_" in code.co_names:
+                return True
+    return False
+
+
+class _RequiresGradInTransforms(TorchFunctionMode):
+    """``Tensor.requires_grad_`` does nothing inside a ``torch.func`` transform, where torch refuses it, and inside
+    a forward-AD dual level, where it would make the primal h(w0) of a tangent model require grad (its backward
+    then runs through the primal's graph, which forward-mode rules overwrite in place).
+
+    A hook that marks an intermediate tensor as requiring grad (so that reentrant activation checkpointing
+    propagates gradients to frozen embeddings) changes no value: the transform or the tangent tracks the
+    derivatives, and checkpointing runs as a plain call there (:func:`plain_checkpoints`)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch protocol
+        kwargs = kwargs or {}
+        if func is torch.Tensor.requires_grad_ and (torch._C._functorch.maybe_current_level() is not None
+                                                    or getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0):
+            return args[0]
+        return func(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def _mha_fastpath_off() -> Iterator[None]:
     enabled = torch.backends.mha.get_fastpath_enabled()
@@ -256,7 +292,9 @@ def forward_ad_safe(module: nn.Module | None = None, what: str = "lightning_lazy
     when ``module`` holds an RNN the oneDNN and cuDNN kernels are off (RNNs then run their composite
     implementation; other layers are unaffected otherwise), and, when ``module`` holds them (or is ``None``),
     weight norm, ``hardsigmoid`` and ``glu`` are computed by their composite formulas; activation checkpointing
-    runs the checkpointed function as a plain call (:func:`plain_checkpoints`). The same functions are
+    runs the checkpointed function as a plain call (:func:`plain_checkpoints`); when a forward hook calls
+    ``requires_grad_`` (Hugging Face's ``gradient_checkpointing_enable`` with ``enable_input_require_grads``), that
+    call does nothing inside ``torch.func`` transforms, which refuse it. The same functions are
     computed, a little slower. An op that still has no forward-AD rule raises :class:`ForwardADError`,
     one line naming the innermost module that was running (``what`` says which computation needed it) and
     the monitor's options that still work, chained to nothing.
@@ -277,6 +315,8 @@ def forward_ad_safe(module: nn.Module | None = None, what: str = "lightning_lazy
             stack.enter_context(_rnn_kernels_off())
         if _needs_composites(module):
             stack.enter_context(_Composites())
+        if _hooks_set_requires_grad(module):
+            stack.enter_context(_RequiresGradInTransforms())
         stack.enter_context(plain_checkpoints())
         # The module stack below uses global module hooks; a compiled module called inside (run eagerly by the
         # monitor) would warn at every call that such hooks fire twice for it, which only the stack sees.
