@@ -197,6 +197,52 @@ def tensor_norms(tensors: list[Tensor | None]) -> list[float | None]:
     return [None if t is None else next(values) for t in tensors]
 
 
+_WEIGHTS: dict[tuple[int, torch.dtype, torch.device, int], Tensor] = {}
+
+
+def _weights(n: int, dtype: torch.dtype, device: torch.device, seed: int) -> Tensor:
+    """``n`` fixed pseudo-random weights in [1, 2) (the same for every call with these arguments), cached."""
+    key = (n, dtype, device, seed)
+    found = _WEIGHTS.get(key)
+    if found is None:
+        generator = torch.Generator().manual_seed(1_000_003 * seed + n)
+        found = _WEIGHTS[key] = (1 + torch.rand(n, generator=generator, dtype=torch.float64)).to(dtype=dtype, device=device)
+    return found
+
+
+def tensor_fingerprints(tensors: list[Tensor | None]) -> list[tuple[float, float] | None]:
+    """Two numbers per tensor (``None`` for ``None``) that a write changing its values changes: its 2-norm and a
+    position-weighted sum, ‖X b + a‖ for the tensor viewed as a matrix X ``[rows, columns]`` (first dimension by
+    the rest; 1-D: one row), b and a fixed pseudo-random weights in [1, 2) (:func:`_weights`). The norm misses a
+    write that keeps it (a permutation of rows or columns, a sign flip, as ``w.data = w.data[perm]`` makes); the
+    weighted sum sees those. Both in one transfer: one matrix-vector product per tensor and two fused reductions.
+    Integer tensors give their norm twice. Exactly reproducible for the same values on the same device."""
+    present = [t.detach() for t in tensors if t is not None]
+    if not present:
+        return [None] * len(tensors)
+    with torch.no_grad():
+        norms = torch._foreach_norm(present)
+        sums = []
+        for t, norm in zip(present, norms):
+            if not t.is_floating_point() or t.numel() == 0:
+                sums.append(norm)
+                continue
+            rows = t.shape[0] if t.dim() >= 2 else 1
+            matrix = t.reshape(rows, t.numel() // rows)
+            sums.append(torch.mv(matrix, _weights(matrix.shape[1], t.dtype, t.device, 1)))
+        weighted = [s for s, t in zip(sums, present) if t.is_floating_point() and t.numel()]
+        if weighted:
+            torch._foreach_add_(weighted, [_weights(s.shape[0], s.dtype, s.device, 2) for s in weighted])
+            reduced = iter(torch._foreach_norm(weighted))
+            sums = [next(reduced) if t.is_floating_point() and t.numel() else s for s, t in zip(sums, present)]
+        try:  # stack promotes mixed dtypes exactly (a float16 norm is a float32 number)
+            values = torch.stack([*norms, *sums]).tolist()
+        except RuntimeError:  # tensors on several devices
+            values = [float(n) for n in [*norms, *sums]]
+    pairs = iter(zip(values[:len(present)], values[len(present):]))
+    return [None if t is None else next(pairs) for t in tensors]
+
+
 def check_finite(tensor: Tensor, what: str) -> None:
     """Raise ``ValueError`` when ``tensor`` holds NaN or inf: a measure of it would be meaningless."""
     if not torch.isfinite(tensor).all():

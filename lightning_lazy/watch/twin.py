@@ -48,7 +48,7 @@ from torch.optim import Optimizer
 
 from lightning_lazy._forward_ad import forward_ad_safe
 from lightning_lazy._inputs import Inputs, call_with
-from lightning_lazy._params import RNGState, probe_mode, tensor_norms
+from lightning_lazy._params import RNGState, probe_mode, tensor_fingerprints, tensor_norms
 from lightning_lazy.tangent import LinearizedModel
 
 OutputSelector = Callable[[Any], Tensor]
@@ -390,10 +390,11 @@ class TangentTwin:
         self._versions = [real._version for real, _ in self._param_pairs]
         self._fingerprint = self._fingerprints()
 
-    def _fingerprints(self) -> list[float | None]:
-        """The 2-norm of every real parameter (one fused reduction): a write that changes values changes it, a
-        swap that puts the same values back (weight averaging's around validation) does not."""
-        return tensor_norms([real if real.is_floating_point() else None for real, _ in self._param_pairs])
+    def _fingerprints(self) -> list[tuple[float, float] | None]:
+        """The 2-norm and a position-weighted sum of every real parameter (:func:`tensor_fingerprints`): a write
+        that changes values changes them, a permutation of rows included; a swap that puts the same values back
+        (weight averaging's around validation) does not."""
+        return tensor_fingerprints([real if real.is_floating_point() else None for real, _ in self._param_pairs])
 
     def accept_writes(self) -> None:
         """The real weights as they are now were written by something the twin has followed otherwise (e.g. the
@@ -466,7 +467,7 @@ class TangentTwin:
         grads = [real.grad for real, _ in self._param_pairs]
         self._produced = {
             "identity": [None if g is None else (id(g), g._version) for g in grads],
-            "norms": tensor_norms(grads),
+            "norms": tensor_fingerprints(grads),
             "values": ([None if g is None else g.detach().clone() for g in grads]
                        if self.clip is not None or self.unscale is not None else None),
         }
@@ -483,6 +484,15 @@ class TangentTwin:
                              "the tangent twin cannot replay",
                              "Remove the hook while monitoring, or clip through Trainer(gradient_clip_val=...).")
                 return
+        hooked = self._backward_hooked()
+        if hooked is not None:
+            self._report(f"{hooked} has a backward hook (register_full_backward_hook, register_backward_hook or "
+                         "register_full_backward_pre_hook), which may change the gradients flowing through it and "
+                         "which the tangent twin cannot replay (its backward runs through the tangent model)",
+                         "Remove the hook while monitoring (a hook that only reads gradients can be a "
+                         "Tensor.register_hook on an output, or a forward hook), or clip through "
+                         "Trainer(gradient_clip_val=...).")
+            return
         produced, self._produced = self._produced, None
         if produced is None:
             return  # no backward since the last step (training_step returned None): nothing to compare
@@ -491,7 +501,7 @@ class TangentTwin:
         if produced["values"] is None:
             identity = [None if g is None else (id(g), g._version) for g in now]
             changed = [real for real, a, b in zip(reals, identity, produced["identity"]) if a != b]
-            changed += [real for real, a, b in zip(reals, tensor_norms(now), produced["norms"]) if a != b]
+            changed += [real for real, a, b in zip(reals, tensor_fingerprints(now), produced["norms"]) if a != b]
         else:
             expected = produced["values"]
             kept = [i for i, (a, b) in enumerate(zip(expected, now)) if a is not None and b is not None]
@@ -518,6 +528,19 @@ class TangentTwin:
                          "twin cannot replay",
                          "Clip through Trainer(gradient_clip_val=...) or self.clip_gradients(optimizer, ...) in "
                          "configure_gradient_clipping, and leave the gradients as they are otherwise.")
+
+    def _backward_hooked(self) -> str | None:
+        """The module of the real network (described) that has a module backward hook, or a global one; ``None``
+        when there is none. Such a hook receives and may replace the gradients of the module's inputs (or outputs)
+        inside backward, where nothing can compare them with those backward would have produced."""
+        import torch.nn.modules.module as module_hooks
+
+        if getattr(module_hooks, "_global_backward_hooks", None) or getattr(module_hooks, "_global_backward_pre_hooks", None):
+            return "every module (a global hook, register_module_full_backward_hook)"
+        for name, module in self.real.named_modules():
+            if module._backward_hooks or getattr(module, "_backward_pre_hooks", None):
+                return f"the module '{_display_name(name) or '<root>'}' ({type(module).__name__})"
+        return None
 
     @contextlib.contextmanager
     def _real_gradients_hidden(self) -> Iterator[None]:
