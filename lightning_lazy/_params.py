@@ -210,37 +210,42 @@ def _weights(n: int, dtype: torch.dtype, device: torch.device, seed: int) -> Ten
     return found
 
 
-def tensor_fingerprints(tensors: list[Tensor | None]) -> list[tuple[float, float] | None]:
-    """Two numbers per tensor (``None`` for ``None``) that a write changing its values changes: its 2-norm and a
-    position-weighted sum, ‖X b + a‖ for the tensor viewed as a matrix X ``[rows, columns]`` (first dimension by
-    the rest; 1-D: one row), b and a fixed pseudo-random weights in [1, 2) (:func:`_weights`). The norm misses a
-    write that keeps it (a permutation of rows or columns, a sign flip, as ``w.data = w.data[perm]`` makes); the
-    weighted sum sees those. Both in one transfer: one matrix-vector product per tensor and two fused reductions.
-    Integer tensors give their norm twice. Exactly reproducible for the same values on the same device."""
-    present = [t.detach() for t in tensors if t is not None]
+def tensor_fingerprints(tensors: list[Tensor | None]) -> list[float | None]:
+    """One number per tensor (``None`` for ``None``) that a write changing its values changes: ‖X b + a‖, X the
+    tensor viewed as a matrix ``[rows, columns]`` (first dimension by the rest; a 1-D tensor is one row), b and a
+    fixed pseudo-random weights in [1, 2) (:func:`_weights`, the same at every call).
+
+    Unlike the 2-norm (:func:`tensor_norms`) it sees writes that keep every norm: a permutation of rows or of
+    columns, a sign flip (``w.data = w.data[perm]``). Both read each tensor once (a matrix-vector product per tensor,
+    then two fused reductions over vectors of ``rows`` numbers, and one transfer), so the fingerprint costs what
+    the norm did. Exactly reproducible for the same values on the same device; an integer tensor gives its norm, a
+    sparse one the fingerprint of the values it holds."""
+    # A sparse tensor (a sparse embedding's gradient) by the values it holds.
+    present = [_dense_values(t.detach()) for t in tensors if t is not None]
     if not present:
         return [None] * len(tensors)
     with torch.no_grad():
-        norms = torch._foreach_norm(present)
-        sums = []
-        for t, norm in zip(present, norms):
-            if not t.is_floating_point() or t.numel() == 0:
-                sums.append(norm)
-                continue
+        floating = [t for t in present if t.is_floating_point() and t.numel()]
+        vectors = []
+        for t in floating:
             rows = t.shape[0] if t.dim() >= 2 else 1
             matrix = t.reshape(rows, t.numel() // rows)
-            sums.append(torch.mv(matrix, _weights(matrix.shape[1], t.dtype, t.device, 1)))
-        weighted = [s for s, t in zip(sums, present) if t.is_floating_point() and t.numel()]
-        if weighted:
-            torch._foreach_add_(weighted, [_weights(s.shape[0], s.dtype, s.device, 2) for s in weighted])
-            reduced = iter(torch._foreach_norm(weighted))
-            sums = [next(reduced) if t.is_floating_point() and t.numel() else s for s, t in zip(sums, present)]
+            vectors.append(torch.mv(matrix, _weights(matrix.shape[1], t.dtype, t.device, 1)))
+        if vectors:
+            torch._foreach_add_(vectors, [_weights(v.shape[0], v.dtype, v.device, 2) for v in vectors])
+        weighted = iter(torch._foreach_norm(vectors) if vectors else [])
+        others = [t for t in present if not (t.is_floating_point() and t.numel())]
+        plain = iter(torch._foreach_norm([t.double() for t in others]) if others else [])
+        results = [next(weighted) if t.is_floating_point() and t.numel() else next(plain) for t in present]
         try:  # stack promotes mixed dtypes exactly (a float16 norm is a float32 number)
-            values = torch.stack([*norms, *sums]).tolist()
+            values = iter(torch.stack(results).tolist())
         except RuntimeError:  # tensors on several devices
-            values = [float(n) for n in [*norms, *sums]]
-    pairs = iter(zip(values[:len(present)], values[len(present):]))
-    return [None if t is None else next(pairs) for t in tensors]
+            values = iter([float(v) for v in results])
+    return [None if t is None else next(values) for t in tensors]
+
+
+def _dense_values(tensor: Tensor) -> Tensor:
+    return tensor.coalesce().values() if tensor.layout == torch.sparse_coo else tensor
 
 
 def check_finite(tensor: Tensor, what: str) -> None:

@@ -390,8 +390,8 @@ class TangentTwin:
         self._versions = [real._version for real, _ in self._param_pairs]
         self._fingerprint = self._fingerprints()
 
-    def _fingerprints(self) -> list[tuple[float, float] | None]:
-        """The 2-norm and a position-weighted sum of every real parameter (:func:`tensor_fingerprints`): a write
+    def _fingerprints(self) -> list[float | None]:
+        """A position-weighted norm of every real parameter (:func:`tensor_fingerprints`): a write
         that changes values changes them, a permutation of rows included; a swap that puts the same values back
         (weight averaging's around validation) does not."""
         return tensor_fingerprints([real if real.is_floating_point() else None for real, _ in self._param_pairs])
@@ -467,7 +467,7 @@ class TangentTwin:
         grads = [real.grad for real, _ in self._param_pairs]
         self._produced = {
             "identity": [None if g is None else (id(g), g._version) for g in grads],
-            "norms": tensor_fingerprints(grads),
+            "fingerprints": tensor_fingerprints(grads),
             "values": ([None if g is None else g.detach().clone() for g in grads]
                        if self.clip is not None or self.unscale is not None else None),
         }
@@ -501,7 +501,7 @@ class TangentTwin:
         if produced["values"] is None:
             identity = [None if g is None else (id(g), g._version) for g in now]
             changed = [real for real, a, b in zip(reals, identity, produced["identity"]) if a != b]
-            changed += [real for real, a, b in zip(reals, tensor_fingerprints(now), produced["norms"]) if a != b]
+            changed += [real for real, a, b in zip(reals, tensor_fingerprints(now), produced["fingerprints"]) if a != b]
         else:
             expected = produced["values"]
             kept = [i for i, (a, b) in enumerate(zip(expected, now)) if a is not None and b is not None]
