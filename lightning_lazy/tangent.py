@@ -107,6 +107,11 @@ class LinearizedModel(nn.Module):
 
     Either way the module that was passed in is never touched: its running statistics stay its own.
 
+    w0 is never written: a module whose forward writes in place into the tensors it is given
+    (``nn.Embedding(max_norm=...)`` renormalizes the rows it looks up) is given copies of w0 at every forward once
+    the first forward (always on copies) showed it; a module that writes only later makes that forward raise
+    ``RuntimeError`` (rebuild the model).
+
     Weight re-parametrizations: ``torch.nn.utils.parametrizations.weight_norm`` / ``spectral_norm`` and the
     old-style ``torch.nn.utils.weight_norm`` / ``spectral_norm`` are linearized in their parameters
     (``parametrizations.weight.original0/1``, ``weight_g``/``weight_v``, ``weight_orig``...). Weight norm

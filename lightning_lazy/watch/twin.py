@@ -20,6 +20,10 @@ What makes the two paths comparable (each is needed; each is tested):
   mode the twin normalizes with the batch statistics of the network at w0 (it is the linearization of the
   train-mode function); its running statistics are the real network's, copied (by module and name) before
   every forward, so in eval mode both normalize alike and at w = w0 the twin *is* the network.
+- *Buffers a forward writes* (spectral norm's power-iteration vectors, counters, running averages): state of that
+  forward. The twin's training forward starts from the values the real forward of the batch started from (kept by
+  the real forward's pre-hook), and what its own forward writes is replaced at the next sync: the twin never
+  advances a state the real forward advances.
 - *Steps.* Gradients are those of exactly the batches the real optimizer accumulated, transformed as the real
   ones are between backward and step (clipping, through the same routine); a parameter whose real gradient is
   ``None`` at a step gets none in the twin either (optimizers skip such parameters). The optimizer is a deep
@@ -28,8 +32,10 @@ What makes the two paths comparable (each is needed; each is tested):
   runs eagerly; a backward through it never reaches a real gradient (checked at every one).
 
 What the twin cannot replay it detects and reports (:meth:`TangentTwin.check`, ``on_lost``) rather than
-follow wrongly: weights written outside the optimizer's step, parameters re-registered under other names,
-gradients changed between backward and step other than by the clipping it replays.
+follow wrongly: weights written outside the optimizer's step (a write through ``.data`` that keeps every norm
+included: the fingerprint is a position-weighted norm), parameters re-registered under other names, gradients
+changed between backward and step other than by the clipping it replays, module backward hooks (which may change
+gradients inside backward).
 """
 
 from __future__ import annotations
@@ -147,7 +153,7 @@ class TangentTwin:
     optimizer's step (by a hook, a callback, a layer's own forward, or an optimizer whose ``step()`` torch's step
     hooks do not see); a parameter re-registered under another name (pruning, a parametrization added mid-run);
     gradients changed between backward and step other than by ``clip`` (edits in hooks, ``Tensor.register_hook``
-    on a parameter).
+    on a parameter); a module backward hook on the real network (``register_full_backward_hook`` and kin).
     """
 
     def __init__(self, real: nn.Module, optimizer: Optimizer, objective: Objective, *,
