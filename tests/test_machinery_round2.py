@@ -160,11 +160,12 @@ def test_every_unit_of_every_piecewise_activation_is_counted(make, units_per_exa
 
 
 class Clamped(nn.Linear):
-    """Clamps its own weight in place in every forward (a hand-written max-norm)."""
+    """Clamps its own weight in place in every training forward (a hand-written max-norm)."""
 
     def forward(self, x):
-        with torch.no_grad():
-            self.weight.clamp_(-0.2, 0.2)
+        if self.training:
+            with torch.no_grad():
+                self.weight.clamp_(-0.2, 0.2)
         return super().forward(x)
 
 
@@ -180,7 +181,9 @@ def test_linearized_model_keeps_its_w0_from_its_module_s_forward(make, inputs):
     w0 = {name: value.clone() for name, value in lin.initial_params.items()}
     x = inputs()
     x = x.double() if x.is_floating_point() else x
-    first = lin(x)
+    with torch.no_grad():
+        lin.eval()(x)  # (a validation sanity check first: a layer may write in training mode only)
+    first = lin.train()(x)
     second = lin(x)
     first.sum().backward()
     for name, value in lin.initial_params.items():
@@ -462,3 +465,22 @@ def test_fingerprints_see_permutations_and_sign_flips_and_repeat_exactly():
         for changed in (tensor.flip(0), -tensor, tensor.flip(-1)):
             assert tensor_fingerprints([changed])[0] != base
     assert tensor_fingerprints([None, torch.ones(2, 2)])[0] is None
+
+
+def test_a_probe_without_time_claims_no_normalized_time():
+    # What the core passes when step_size(optimizer) is None: the measures without t̃, the bound, or the velocity.
+    from lightning_lazy.watch.probe import LazinessProbe
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, K)).double()
+    x, y = data()
+    probe = LazinessProbe(Watched(net), x[:8], y[:8], kappa_probe_size=4, ntk_probe_size=4)
+    names = [name for name, _ in probe.network.named_parameters()]
+    probe.measure_initial(names)
+    with torch.no_grad():
+        net[0].weight.add_(0.01)
+    values = probe.measure(names, time=None)
+    assert not {"normalized_time", "bound", "kernel_velocity"} & set(values)
+    assert values["displacement"] > 0 and values["ntk_distance"] > 0
+    values = probe.measure(names, time=0.5)
+    assert values["normalized_time"] > 0 and "bound" in values

@@ -553,11 +553,13 @@ class LazinessProbe:
                 handle.remove()
         return found
 
-    def measure(self, names: Sequence[str], *, time: float = 0.0, twin: Any = None) -> dict[str, Any]:
+    def measure(self, names: Sequence[str], *, time: float | None = 0.0, twin: Any = None) -> dict[str, Any]:
         """The measures now, as floats, over the parameters ``names``.
 
         ``time``: Σ of the learning rates of the steps taken, times the objective's 1/α² (so that
-        t̃ = time·‖Dh(w0)‖²). ``twin``: a :class:`~lightning_lazy.watch.twin.TangentTwin` of the network, for Δ and
+        t̃ = time·‖Dh(w0)‖²), or ``None`` when the optimizer's step size is not one float lr
+        (:func:`lightning_lazy._optim.step_size`): then ``normalized_time``, ``bound`` and ``kernel_velocity`` are
+        left out. ``twin``: a :class:`~lightning_lazy.watch.twin.TangentTwin` of the network, for Δ and
         the tangent gap. ``displacement_per_tensor`` is a dict of floats by tensor name; with the NTK, the
         values of :meth:`kernel_measures`; with ``per_layer``, ``layers`` = :meth:`layer_measures`, a dict by
         layer of dicts of floats.
@@ -568,9 +570,11 @@ class LazinessProbe:
         initial = {name: self.initial[name].clone() for name in names}  # a measure never holds w0 itself
         timed = lambda name, compute: self._timed("last", name, compute)  # noqa: E731
         self.timings["last"] = {}
-        normalized_time = time * self.initial_jacobian_norm**2
-        values: dict[str, Any] = {"normalized_time": normalized_time}
-        if self.initial_kappa is not None:
+        # time None: the optimizer's step size is not one float (lightning_lazy._optim.step_size), so no normalized
+        # time is claimed, nor what is measured against it (the bound, the kernel's velocity).
+        normalized_time = None if time is None else time * self.initial_jacobian_norm**2
+        values: dict[str, Any] = {} if normalized_time is None else {"normalized_time": normalized_time}
+        if self.initial_kappa is not None and normalized_time is not None:
             values["bound"] = normalized_time**2 * self.initial_kappa
         # Frozen weights at w0: the scale of a displacement whose trained weights all start at zero (LoRA's B).
         frozen = {name: value for name, value in self.initial.items() if name not in initial}
@@ -588,7 +592,9 @@ class LazinessProbe:
             output, states = timed("output_and_activation_states", lambda: self._output_and_states(self.x))
         if twin is not None:
             x, n = self.x, num_examples(self.x)
-            tangent_output = timed("tangent_output", lambda: twin.probe_output(x, self.held()).reshape(n, -1))
+            held = self.held()  # the twin reads the buffers the measures hold, when there are any
+            tangent_output = timed("tangent_output", lambda: (twin.probe_output(x, held) if held else
+                                                              twin.probe_output(x)).reshape(n, -1))
             if self.labels is not None:  # positions whose target is -100 are in neither norm of Δ
                 output, tangent_output = (v.reshape(*self.labels.shape, -1) for v in (output, tangent_output))
             numerator = diagnostics.divergence_numerator(output, tangent_output, self.labels)
@@ -629,7 +635,7 @@ class LazinessProbe:
 
     # ----------------------------------------------------------------------- kernel and per-layer measures
 
-    def kernel_measures(self, kernel: Tensor, normalized_time: float) -> dict[str, float]:
+    def kernel_measures(self, kernel: Tensor, normalized_time: float | None) -> dict[str, float]:
         """The NTK's spectrum, its alignment with the targets and its velocity, from the kernel ``kernel`` on the
         NTK probe (``[n·K, n·K]``) measured at normalized time ``normalized_time``.
 
@@ -653,6 +659,9 @@ class LazinessProbe:
             if bool((y != y[:1]).any()):  # targets constant over the probe have no centred alignment
                 values["target_alignment"] = diagnostics.target_alignment(traced, y).item()
         previous = self.previous_kernel
+        if normalized_time is None:  # no time: no velocity, now or from this kernel on
+            self.previous_kernel = None
+            return values
         if previous is not None and previous.shape == kernel.shape and normalized_time > self.previous_time:
             values["kernel_velocity"] = diagnostics.kernel_velocity(kernel, previous,
                                                                     normalized_time - self.previous_time).item()
