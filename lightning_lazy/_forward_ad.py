@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, handle_torch_function, has_torch_function_unary
 
 # Phrases of PyTorch's messages for a missing forward-AD rule, and for an autograd.Function that torch.func
 # transforms cannot run (no setup_context).
@@ -115,7 +115,13 @@ def composite_hardsigmoid(x: torch.Tensor, inplace: bool = False) -> torch.Tenso
     derivative: the twin's backward and ‖D²h‖ fail on it. ``clamp`` has both (derivative 1/6 strictly between
     the kinks −3 and 3, 0 outside). ``inplace`` is ignored: the result is a new tensor (writing it into ``x``
     would change a tensor autograd keeps), which every caller that uses the returned value, as
-    ``nn.Hardsigmoid`` does, cannot tell apart."""
+    ``nn.Hardsigmoid`` does, cannot tell apart.
+
+    Dispatched through ``__torch_function__`` as itself, so a mode that watches activations
+    (:func:`~lightning_lazy.diagnostics.recording_activation_states`) sees a Hardsigmoid, not a clamp, whichever
+    of the two modes was entered first."""
+    if has_torch_function_unary(x):
+        return handle_torch_function(composite_hardsigmoid, (x,), x, inplace=inplace)
     del inplace
     return (x + 3).clamp(0, 6) / 6
 
@@ -123,7 +129,10 @@ def composite_hardsigmoid(x: torch.Tensor, inplace: bool = False) -> torch.Tenso
 def composite_glu(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """glu(x) = a · sigmoid(b), with a, b the two halves of ``x`` along ``dim`` (Dauphin et al., 2017).
 
-    ``glu``'s forward-AD rule calls ``glu_jvp``, which has neither rule nor derivative of its own."""
+    ``glu``'s forward-AD rule calls ``glu_jvp``, which has neither rule nor derivative of its own. Dispatched through
+    ``__torch_function__`` as itself (see :func:`composite_hardsigmoid`)."""
+    if has_torch_function_unary(x):
+        return handle_torch_function(composite_glu, (x,), x, dim=dim)
     a, b = x.chunk(2, dim=dim)
     return a * torch.sigmoid(b)
 
@@ -145,6 +154,42 @@ class _Composites(TorchFunctionMode):
         composite = _COMPOSITE_FUNCTIONS.get(func)
         if composite is not None:
             return composite(args, kwargs)
+        return func(*args, **kwargs)
+
+
+def _hook_code(hook: object) -> object:
+    function = getattr(hook, "func", hook)  # functools.partial
+    return getattr(function, "__code__", None) or getattr(getattr(function, "__call__", None), "__code__", None)
+
+
+def _hooks_set_requires_grad(module: nn.Module | None) -> bool:
+    """Whether a forward hook of ``module``'s modules calls ``requires_grad_`` (Hugging Face's
+    ``enable_input_require_grads``, which ``gradient_checkpointing_enable`` relies on, registers
+    ``make_inputs_require_grads`` on the input embeddings: ``output.requires_grad_(True)``)."""
+    if module is None:
+        return False
+    for m in module.modules():
+        for hook in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()):
+            code = _hook_code(hook)
+            if code is not None and "requires_grad_" in code.co_names:
+                return True
+    return False
+
+
+class _RequiresGradInTransforms(TorchFunctionMode):
+    """``Tensor.requires_grad_`` does nothing inside a ``torch.func`` transform, where torch refuses it, and inside
+    a forward-AD dual level, where it would make the primal h(w0) of a tangent model require grad (its backward
+    then runs through the primal's graph, which forward-mode rules overwrite in place).
+
+    A hook that marks an intermediate tensor as requiring grad (so that reentrant activation checkpointing
+    propagates gradients to frozen embeddings) changes no value: the transform or the tangent tracks the
+    derivatives, and checkpointing runs as a plain call there (:func:`plain_checkpoints`)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch protocol
+        kwargs = kwargs or {}
+        if func is torch.Tensor.requires_grad_ and (torch._C._functorch.maybe_current_level() is not None
+                                                    or getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0):
+            return args[0]
         return func(*args, **kwargs)
 
 
@@ -247,7 +292,9 @@ def forward_ad_safe(module: nn.Module | None = None, what: str = "lightning_lazy
     when ``module`` holds an RNN the oneDNN and cuDNN kernels are off (RNNs then run their composite
     implementation; other layers are unaffected otherwise), and, when ``module`` holds them (or is ``None``),
     weight norm, ``hardsigmoid`` and ``glu`` are computed by their composite formulas; activation checkpointing
-    runs the checkpointed function as a plain call (:func:`plain_checkpoints`). The same functions are
+    runs the checkpointed function as a plain call (:func:`plain_checkpoints`); when a forward hook calls
+    ``requires_grad_`` (Hugging Face's ``gradient_checkpointing_enable`` with ``enable_input_require_grads``), that
+    call does nothing inside ``torch.func`` transforms, which refuse it. The same functions are
     computed, a little slower. An op that still has no forward-AD rule raises :class:`ForwardADError`,
     one line naming the innermost module that was running (``what`` says which computation needed it) and
     the monitor's options that still work, chained to nothing.
@@ -268,6 +315,8 @@ def forward_ad_safe(module: nn.Module | None = None, what: str = "lightning_lazy
             stack.enter_context(_rnn_kernels_off())
         if _needs_composites(module):
             stack.enter_context(_Composites())
+        if _hooks_set_requires_grad(module):
+            stack.enter_context(_RequiresGradInTransforms())
         stack.enter_context(plain_checkpoints())
         # The module stack below uses global module hooks; a compiled module called inside (run eagerly by the
         # monitor) would warn at every call that such hooks fire twice for it, which only the stack sees.

@@ -37,4 +37,40 @@ def adaptive_optimizer(optimizer: torch.optim.Optimizer) -> str | None:
     return type(optimizer).__name__ if keys & ADAPTIVE_KEYS else None
 
 
-__all__ = ["ADAPTIVE_KEYS", "adaptive_optimizer"]
+# Group entries (when true) of optimizers that size their steps themselves, whatever "lr" holds: Hugging Face's
+# Adafactor (relative_step: lr = min(1e-2, 1/√t); scale_parameter: times RMS(w)), D-Adaptation / Prodigy ("d", the
+# distance estimate the step is multiplied by), torch.optim.Adafactor ("d": its steps are min(lr, 1/√t)·RMS(w)).
+SELF_SIZED_KEYS = frozenset({"relative_step", "scale_parameter", "d"})
+
+
+def step_size(optimizer: torch.optim.Optimizer) -> float | None:
+    """The learning rate of the optimizer's steps as one float, or ``None`` when its step size is not one.
+
+    Normalized time t̃ = Σ lr · ‖Dh(w0)‖² (Chizat et al. 2019, Theorem 2.3) adds this number at every step; with
+    ``None`` t̃ is not claimed. A float (or a one-number tensor, as ``torch.optim.Adam(lr=torch.tensor(...))``
+    takes it) shared by every parameter group that holds parameters gives that float. ``None`` when a group has
+    no ``lr``, or ``lr`` is ``None`` (Hugging Face's ``Adafactor(lr=None, relative_step=True)``) or not a number,
+    the groups' learning rates differ (no one step size), or the optimizer sizes its steps itself
+    (:data:`SELF_SIZED_KEYS` true in a group: relative steps, steps scaled by the weights' RMS, D-Adaptation's d;
+    ``torch.optim.Adafactor``). Reads the groups as they are now (after a scheduler's change, say). Never raises.
+    """
+    if isinstance(optimizer, getattr(torch.optim, "Adafactor", ())):
+        return None
+    rates = set()
+    for group in optimizer.param_groups:
+        if not group.get("params"):
+            continue
+        if any(group.get(key) for key in SELF_SIZED_KEYS):
+            return None
+        lr = group.get("lr")
+        if isinstance(lr, torch.Tensor):
+            if lr.numel() != 1:
+                return None
+            lr = lr.item()
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+            return None
+        rates.add(float(lr))
+    return rates.pop() if len(rates) == 1 else None
+
+
+__all__ = ["ADAPTIVE_KEYS", "SELF_SIZED_KEYS", "adaptive_optimizer", "step_size"]

@@ -197,6 +197,57 @@ def tensor_norms(tensors: list[Tensor | None]) -> list[float | None]:
     return [None if t is None else next(values) for t in tensors]
 
 
+_WEIGHTS: dict[tuple[int, torch.dtype, torch.device, int], Tensor] = {}
+
+
+def _weights(n: int, dtype: torch.dtype, device: torch.device, seed: int) -> Tensor:
+    """``n`` fixed pseudo-random weights in [1, 2) (the same for every call with these arguments), cached."""
+    key = (n, dtype, device, seed)
+    found = _WEIGHTS.get(key)
+    if found is None:
+        generator = torch.Generator().manual_seed(1_000_003 * seed + n)
+        found = _WEIGHTS[key] = (1 + torch.rand(n, generator=generator, dtype=torch.float64)).to(dtype=dtype, device=device)
+    return found
+
+
+def tensor_fingerprints(tensors: list[Tensor | None]) -> list[float | None]:
+    """One number per tensor (``None`` for ``None``) that a write changing its values changes: ‖X b + a‖, X the
+    tensor viewed as a matrix ``[rows, columns]`` (first dimension by the rest; a 1-D tensor is one row), b and a
+    fixed pseudo-random weights in [1, 2) (:func:`_weights`, the same at every call).
+
+    Unlike the 2-norm (:func:`tensor_norms`) it sees writes that keep every norm: a permutation of rows or of
+    columns, a sign flip (``w.data = w.data[perm]``). Both read each tensor once (a matrix-vector product per tensor,
+    then two fused reductions over vectors of ``rows`` numbers, and one transfer), so the fingerprint costs what
+    the norm did. Exactly reproducible for the same values on the same device; an integer tensor gives its norm, a
+    sparse one the fingerprint of the values it holds."""
+    # A sparse tensor (a sparse embedding's gradient) by the values it holds.
+    present = [_dense_values(t.detach()) for t in tensors if t is not None]
+    if not present:
+        return [None] * len(tensors)
+    with torch.no_grad():
+        floating = [t for t in present if t.is_floating_point() and t.numel()]
+        vectors = []
+        for t in floating:
+            rows = t.shape[0] if t.dim() >= 2 else 1
+            matrix = t.reshape(rows, t.numel() // rows)
+            vectors.append(torch.mv(matrix, _weights(matrix.shape[1], t.dtype, t.device, 1)))
+        if vectors:
+            torch._foreach_add_(vectors, [_weights(v.shape[0], v.dtype, v.device, 2) for v in vectors])
+        weighted = iter(torch._foreach_norm(vectors) if vectors else [])
+        others = [t for t in present if not (t.is_floating_point() and t.numel())]
+        plain = iter(torch._foreach_norm([t.double() for t in others]) if others else [])
+        results = [next(weighted) if t.is_floating_point() and t.numel() else next(plain) for t in present]
+        try:  # stack promotes mixed dtypes exactly (a float16 norm is a float32 number)
+            values = iter(torch.stack(results).tolist())
+        except RuntimeError:  # tensors on several devices
+            values = iter([float(v) for v in results])
+    return [None if t is None else next(values) for t in tensors]
+
+
+def _dense_values(tensor: Tensor) -> Tensor:
+    return tensor.coalesce().values() if tensor.layout == torch.sparse_coo else tensor
+
+
 def check_finite(tensor: Tensor, what: str) -> None:
     """Raise ``ValueError`` when ``tensor`` holds NaN or inf: a measure of it would be meaningless."""
     if not torch.isfinite(tensor).all():

@@ -107,6 +107,11 @@ class LinearizedModel(nn.Module):
 
     Either way the module that was passed in is never touched: its running statistics stay its own.
 
+    w0 is never written: a module whose forward writes in place into the tensors it is given
+    (``nn.Embedding(max_norm=...)`` renormalizes the rows it looks up) is given copies of w0 at every forward once
+    the first forward in that mode (training or eval; always on copies) showed it; a module that starts writing
+    only later makes that forward raise ``RuntimeError`` (rebuild the model).
+
     Weight re-parametrizations: ``torch.nn.utils.parametrizations.weight_norm`` / ``spectral_norm`` and the
     old-style ``torch.nn.utils.weight_norm`` / ``spectral_norm`` are linearized in their parameters
     (``parametrizations.weight.original0/1``, ``weight_g``/``weight_v``, ``weight_orig``...). Weight norm
@@ -150,6 +155,11 @@ class LinearizedModel(nn.Module):
         self._spectral = _spectral_norms(self.module)
         # Whether running the module as it is was found exact (None: not tried yet); see _run_plain.
         self._plain: bool | None = None
+        # Whether the module's forward writes in place into the tensors it is given (nn.Embedding(max_norm=...)
+        # renormalizes rows of its weight), in training and in eval mode (a layer may write in one only): unknown
+        # until a forward in that mode, always on copies, shows it; then w0 is given as copies, so that no forward
+        # can rewrite it.
+        self._writes: dict[bool, bool] = {}
 
     @property
     def initial_params(self) -> dict[str, Tensor]:
@@ -210,6 +220,28 @@ class LinearizedModel(nn.Module):
         names = self._tangent_names(params, initial)
         if self.training and self._spectral:
             _power_iterations_at_w0(self._spectral, initial, params)
+        watch = not torch.compiler.is_compiling() and torch._C._functorch.maybe_current_level() is None
+        writes = self._writes.get(self.training)
+        if writes is not False and names:
+            # w0 itself never enters a forward that may write into it: copies do, whose version counters say
+            # whether it does (then copies at every forward).
+            initial = {name: value.clone() if name in names else value for name, value in initial.items()}
+        versions = {name: initial[name]._version for name in names} if watch else {}
+        output = self._linearized(initial, params, names, in_transform, args, kwargs)
+        if versions:
+            written = next((name for name in names if initial[name]._version != versions[name]), None)
+            if writes is None:
+                self._writes[self.training] = written is not None
+            elif written is not None and not writes:
+                self._writes[self.training] = True
+                raise RuntimeError(
+                    f"LinearizedModel({type(self.module).__name__}): the forward wrote in place into the tensor it was "
+                    f"given for {written!r}, which it had not done on its first call, so w0 was rewritten: rebuild the "
+                    "LinearizedModel (its forwards now give the module copies of w0)")
+        return output
+
+    def _linearized(self, initial: dict[str, Tensor], params: dict[str, Tensor], names: list[str], in_transform: bool,
+                    args: tuple, kwargs: dict) -> Any:
         with self._modes_context(), _safe_context(self.module):
             if not names:
                 return self.module(*args, **kwargs)  # no tangent anywhere: w = w0 and h̄ = f

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from lightning_lazy._forward_ad import composite_glu, composite_hardsigmoid
 from lightning_lazy._params import check_finite
 from lightning_lazy.diagnostics._common import (
     ModelLike,
@@ -67,16 +68,26 @@ def divergence_numerator(output: Tensor, tangent_output: Tensor, target: Tensor 
 
 
 class Displacement(NamedTuple):
-    """``total`` = ‖w − w0‖/‖w0‖; ``per_tensor`` = ‖w_p − w0_p‖/‖w0_p‖ for tensors with w0_p ≠ 0;
-    ``absolute`` = ‖w_p − w0_p‖ for every tensor (zero-initialized biases have no relative scale)."""
+    """``total`` = ‖w − w0‖ / scale; ``per_tensor`` = ‖w_p − w0_p‖/‖w0_p‖ for tensors with w0_p ≠ 0;
+    ``absolute`` = ‖w_p − w0_p‖ for every tensor (zero-initialized biases have no relative scale); ``relative_to``
+    says what ``total`` is relative to: ``"w0"`` (‖w0‖, the usual case), ``"reference"`` (‖reference‖: every initial
+    weight is zero, as a LoRA update B·A whose B starts at 0 when only B is trained, and the displacement is relative
+    to the weights it adapts) or ``"absolute"`` (no scale anywhere: ‖w − w0‖ itself, in the weights' units)."""
 
     total: Tensor
     per_tensor: dict[str, Tensor]
     absolute: dict[str, Tensor]
+    relative_to: str = "w0"
 
 
-def displacement(params: Params, initial_params: Params) -> Displacement:
-    """Relative distance of the weights from initialization, overall and per parameter tensor."""
+def displacement(params: Params, initial_params: Params, reference: Params | None = None) -> Displacement:
+    """Relative distance of the weights from initialization, overall and per parameter tensor:
+    ‖w − w0‖ / ‖w0‖ (norms over all the tensors of ``params``).
+
+    When every initial weight is zero (a LoRA B initialised at 0 and trained alone), ‖w0‖ gives no scale: the total
+    is then relative to ‖reference‖ (e.g. the frozen weights the trained ones adapt), or, without a reference of
+    nonzero norm, absolute; ``relative_to`` says which. Raises ``ValueError`` when the dicts name different tensors,
+    shapes differ, or ``params`` is empty."""
     if set(params) != set(initial_params):
         missing = sorted(set(params) ^ set(initial_params))
         raise ValueError(f"params and initial_params name different tensors: {missing[:5]}")
@@ -97,9 +108,18 @@ def displacement(params: Params, initial_params: Params) -> Displacement:
             per_tensor[name] = diff / scale
         moved_sq = diff**2 if moved_sq is None else moved_sq + diff**2
         initial_sq = scale**2 if initial_sq is None else initial_sq + scale**2
-    if float(initial_sq) == 0.0:
-        raise ValueError("all initial parameters are zero: the relative displacement has no scale")
-    return Displacement(torch.sqrt(moved_sq / initial_sq), per_tensor, absolute)
+    if float(initial_sq) > 0.0:
+        return Displacement(torch.sqrt(moved_sq / initial_sq), per_tensor, absolute, "w0")
+    scale = _norm(reference.values()) if reference else None
+    if scale is not None and float(scale) > 0.0:
+        return Displacement(torch.sqrt(moved_sq) / scale.to(moved_sq.dtype), per_tensor, absolute, "reference")
+    return Displacement(torch.sqrt(moved_sq), per_tensor, absolute, "absolute")
+
+
+def _norm(tensors: Iterable[Tensor]) -> Tensor | None:
+    """‖·‖ over several tensors (``None`` for none)."""
+    squares = [t.detach().double().pow(2).sum() for t in tensors if t.is_floating_point()]
+    return torch.sqrt(sum(squares)) if squares else None
 
 
 _F = torch.nn.functional
@@ -126,6 +146,24 @@ def _threshold_kinks(args: tuple, kwargs: dict) -> tuple[float, ...]:
     return (_arg(args, kwargs, 1, "threshold", 0.0),)
 
 
+def _bound(args: tuple, kwargs: dict, index: int, name: str) -> Any:
+    value = args[index] if len(args) > index else kwargs.get(name)
+    return value.detach() if isinstance(value, Tensor) else value
+
+
+def _clamp_kinks(args: tuple, kwargs: dict) -> tuple[Any, ...]:
+    """clamp(x, min, max): its bounds that are given (numbers, or tensors broadcast against x)."""
+    return tuple(b for b in (_bound(args, kwargs, 1, "min"), _bound(args, kwargs, 2, "max")) if b is not None)
+
+
+def _clamp_min_kinks(args: tuple, kwargs: dict) -> tuple[Any, ...]:
+    return (_bound(args, kwargs, 1, "min"),)
+
+
+def _clamp_max_kinks(args: tuple, kwargs: dict) -> tuple[Any, ...]:
+    return (_bound(args, kwargs, 1, "max"),)
+
+
 # Piecewise-linear activations (Hardswish: piecewise quadratic, linear outside [-3, 3]), by the function their
 # module calls (nn.ReLU6 is an nn.Hardtanh(0, 6): F.hardtanh), with the kinks that bound their pieces.
 _PIECEWISE: dict[Callable, tuple[str, Callable[[tuple, dict], tuple[float, ...]]]] = {}
@@ -137,10 +175,16 @@ for _name, _functions, _rule in (
     ("prelu", (_F.prelu, torch.prelu), _kinks(0.0)),
     ("rrelu", (_F.rrelu, getattr(_F, "rrelu_", None)), _kinks(0.0)),
     ("threshold", (_F.threshold, getattr(_F, "threshold_", None)), _threshold_kinks),
-    ("hardsigmoid", (_F.hardsigmoid,), _kinks(-3.0, 3.0)),
+    ("hardsigmoid", (_F.hardsigmoid, composite_hardsigmoid), _kinks(-3.0, 3.0)),
     ("hardswish", (_F.hardswish,), _kinks(-3.0, 3.0)),
     ("hardshrink", (_F.hardshrink, torch.hardshrink, Tensor.hardshrink), _shrink_kinks),
     ("softshrink", (_F.softshrink,), _shrink_kinks),
+    # A clamp is a piecewise-linear unit too: a ReLU written x.clamp(min=0), a ReLU6 clamp(x, 0, 6), and the
+    # composites that stand in for Hardsigmoid elsewhere.
+    ("clamp", (torch.clamp, torch.clip, Tensor.clamp, Tensor.clip, Tensor.clamp_, Tensor.clip_, torch.clamp_,
+               torch.clip_), _clamp_kinks),
+    ("clamp", (torch.clamp_min, Tensor.clamp_min, Tensor.clamp_min_, torch.clamp_min_), _clamp_min_kinks),
+    ("clamp", (torch.clamp_max, Tensor.clamp_max, Tensor.clamp_max_, torch.clamp_max_), _clamp_max_kinks),
 ):
     for _function in _functions:
         if _function is not None:
@@ -150,7 +194,7 @@ for _name, _functions, _rule in (
 # that a model made of them can be told what to read instead.
 _SMOOTH: dict[Callable, str] = {}
 for _name, _functions in (
-    ("gelu", (_F.gelu,)), ("silu", (_F.silu,)), ("mish", (_F.mish,)), ("elu", (_F.elu,)), ("selu", (_F.selu,)),
+    ("gelu", (_F.gelu,)), ("glu", (composite_glu,)), ("silu", (_F.silu,)), ("mish", (_F.mish,)), ("elu", (_F.elu,)), ("selu", (_F.selu,)),
     ("celu", (_F.celu,)), ("softplus", (_F.softplus,)), ("glu", (_F.glu,)), ("logsigmoid", (_F.logsigmoid,)),
     ("tanh", (torch.tanh, _F.tanh, Tensor.tanh)), ("sigmoid", (torch.sigmoid, _F.sigmoid, Tensor.sigmoid)),
 ):
@@ -192,7 +236,7 @@ class _ActivationRecorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch protocol
         kwargs = kwargs or {}
         piecewise = _PIECEWISE.get(func)
-        if piecewise is not None and args and isinstance(args[0], Tensor):
+        if piecewise is not None and args and isinstance(args[0], Tensor) and args[0].is_floating_point():
             name, rule = piecewise
             kinks = rule(args, kwargs)
             self.states.append(_piece(args[0].detach(), kinks))  # before the call: in-place overwrites
@@ -211,8 +255,11 @@ def recording_activation_states() -> Iterator[ActivationStates]:
     appended to the :class:`ActivationStates` yielded, one tensor per activation call in call order.
 
     Counted: ReLU (``nn.ReLU``, ``F.relu``, ``torch.relu``, ``Tensor.relu``, in-place forms), ReLU6, Hardtanh,
-    LeakyReLU, PReLU, RReLU, Threshold, Hardsigmoid, Hardswish, Hardshrink, Softshrink, module or functional
-    (a ``TorchFunctionMode`` sees both); the piece index counts the kinks strictly below the pre-activation
+    LeakyReLU, PReLU, RReLU, Threshold, Hardsigmoid, Hardswish, Hardshrink, Softshrink, and clamps of floating
+    tensors (``torch.clamp`` / ``clip`` / ``clamp_min`` / ``clamp_max``, any form: a ReLU written ``x.clamp(min=0)``),
+    module or functional (a ``TorchFunctionMode`` sees both), also while the package computes one of them by a
+    composite (Hardsigmoid under :func:`~lightning_lazy._forward_ad.forward_ad_safe`: counted once, as itself);
+    the piece index counts the kinks strictly below the pre-activation
     (ReLU6: 0 for x ≤ 0, 1 for 0 < x ≤ 6, 2 above). Smooth activations are named in ``.smooth``. For a
     forward whose output is needed anyway (the divergence's, say): its states then cost no forward of their
     own."""
@@ -297,13 +344,16 @@ def _grouped(names: Iterable[str], groups: Mapping[str, str] | None, default: Ca
 
 
 def layer_displacement(params: Params, initial_params: Params,
-                       groups: Mapping[str, str] | None = None) -> dict[str, Tensor]:
+                       groups: Mapping[str, str] | None = None, reference: Params | None = None) -> dict[str, Tensor]:
     """Relative displacement of each module's weights: ‖w_l − w_l0‖ / ‖w_l0‖, the norms over all the parameters
     module l owns directly (a parameter ``a.b.weight`` belongs to module ``a.b``; ``groups`` maps parameter names
     to other groups, e.g. a top-level child). Only the parameters in ``params`` count (pass the trained ones).
     ``{module name: 0-d tensor}`` in the order of ``params``; a module whose w_l0 is all zero has no relative
-    scale and is left out (as in :func:`displacement`'s ``per_tensor``). Dimensionless; exactly 0 at w0.
-    Raises ``ValueError`` when the two dicts name different tensors or shapes differ."""
+    scale and is left out (as in :func:`displacement`'s ``per_tensor``), unless ``reference`` (tensors by name, e.g.
+    the frozen weights at w0) holds tensors under the module's nearest enclosing module that has any: its value is
+    then ‖w_l − w_l0‖ over their norm (a LoRA ``fc.lora_B`` starting at zero: relative to ``fc.base_layer``, the weight
+    it adapts). Dimensionless; exactly 0 at w0. Raises ``ValueError`` when the two dicts name different tensors or
+    shapes differ."""
     if set(params) != set(initial_params):
         missing = sorted(set(params) ^ set(initial_params))
         raise ValueError(f"params and initial_params name different tensors: {missing[:5]}")
@@ -318,7 +368,25 @@ def layer_displacement(params: Params, initial_params: Params,
             initial_sq = initial_sq + (w0**2).sum()
         if float(initial_sq) > 0:
             result[module] = torch.sqrt(moved_sq / initial_sq)
+        elif reference:
+            scale = _enclosing_norm(names, reference)
+            if scale is not None:
+                result[module] = torch.sqrt(moved_sq) / scale.to(torch.as_tensor(moved_sq).dtype)
     return result
+
+
+def _enclosing_norm(names: list[str], reference: Params) -> Tensor | None:
+    """The norm of the ``reference`` tensors under the nearest module enclosing the parameters ``names`` that holds
+    any (other than ``names`` themselves), or ``None`` when there is none of nonzero norm."""
+    prefix = owning_module(names[0])
+    while True:
+        under = [t for n, t in reference.items() if n not in names and (not prefix or n.startswith(prefix + "."))]
+        scale = _norm(under)
+        if scale is not None and float(scale) > 0:
+            return scale
+        if not prefix:
+            return None
+        prefix = prefix.rpartition(".")[0]
 
 
 class _OutputRecorder:

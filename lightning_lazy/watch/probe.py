@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from lightning_lazy import diagnostics
 from lightning_lazy._forward_ad import forward_ad_safe
-from lightning_lazy._params import check_finite, functional_call, probe_mode
+from lightning_lazy._params import check_finite, functional_call, keeps_running_stats, probe_mode
 from lightning_lazy._inputs import Inputs, inputs_device, num_examples, take
 from lightning_lazy.scaling import IGNORE_INDEX, _check_classes, as_regression_target, squared_distance
 
@@ -132,6 +132,12 @@ class LazinessProbe:
         self._objects: dict[str, Tensor] = dict(network.named_parameters())
         self._writes = False
         self.initial = {name: p.detach().clone() for name, p in self._objects.items()}
+        # Buffers are state of the forward that writes them (spectral norm's power-iteration vectors, counters,
+        # running averages): the measures hold them at their values at w0, by identity, so that they see one
+        # function of the weights. A buffer assigned a new tensor since (SWA's statistics, a pruning mask) is
+        # read as it is now; running statistics are probe_mode's business (kept_buffers).
+        self._buffer_objects: dict[str, Tensor] = held_buffers(network)
+        self.initial_buffers = {name: b.detach().clone() for name, b in self._buffer_objects.items()}
         if not self.initial:
             raise ValueError(f"{type(network).__name__} has no parameter to measure")
         if not callable(ntk_outputs) and ntk_outputs not in NTK_OUTPUTS:
@@ -182,6 +188,9 @@ class LazinessProbe:
         self.initial_relu: list[Tensor] | None = states or None
         self.hessian_direction: Tensor | None = None
         self.hessian_names: tuple[str, ...] = ()
+        # What the last displacement was relative to (diagnostics.Displacement.relative_to): "w0", "reference" (the
+        # frozen weights, when every trained weight starts at zero) or "absolute".
+        self.displacement_relative_to = "w0"
         self.jacobian_direction: Tensor | None = None
 
     # ------------------------------------------------------------------------------------ the network
@@ -368,10 +377,21 @@ class LazinessProbe:
         return {name: now[id(p)] for name, p in self._objects.items()}
 
     def _snapshot(self) -> dict[str, Tensor]:
-        """Fresh copies of every parameter and buffer of the network, by their current names."""
+        """Fresh copies of every parameter and buffer of the network, by their current names; a buffer held at w0
+        (:meth:`held`) at its value then."""
         tensors = {name: p.detach().clone() for name, p in self.network.named_parameters()}
         tensors.update((name, b.detach().clone()) for name, b in self.network.named_buffers())
+        tensors.update((name, b.clone()) for name, b in self.held().items())
         return tensors
+
+    def held(self) -> dict[str, Tensor]:
+        """``{current name: value at w0}`` of the buffers the measures hold at w0 (every buffer still the tensor it
+        was then, running statistics aside: :func:`held_buffers`); the tensors themselves, not copies."""
+        if not self._buffer_objects:
+            return {}
+        now = {id(b): name for name, b in self.network.named_buffers()}
+        return {now[id(b)]: self.initial_buffers[name] for name, b in self._buffer_objects.items()
+                if id(b) in now and name in self.initial_buffers and self.initial_buffers[name].shape == b.shape}
 
     def trainable_names(self) -> set[str]:
         """Names (as at w0) of the parameters that require grad now."""
@@ -533,11 +553,13 @@ class LazinessProbe:
                 handle.remove()
         return found
 
-    def measure(self, names: Sequence[str], *, time: float = 0.0, twin: Any = None) -> dict[str, Any]:
+    def measure(self, names: Sequence[str], *, time: float | None = 0.0, twin: Any = None) -> dict[str, Any]:
         """The measures now, as floats, over the parameters ``names``.
 
         ``time``: Σ of the learning rates of the steps taken, times the objective's 1/α² (so that
-        t̃ = time·‖Dh(w0)‖²). ``twin``: a :class:`~lightning_lazy.watch.twin.TangentTwin` of the network, for Δ and
+        t̃ = time·‖Dh(w0)‖²), or ``None`` when the optimizer's step size is not one float lr
+        (:func:`lightning_lazy._optim.step_size`): then ``normalized_time``, ``bound`` and ``kernel_velocity`` are
+        left out. ``twin``: a :class:`~lightning_lazy.watch.twin.TangentTwin` of the network, for Δ and
         the tangent gap. ``displacement_per_tensor`` is a dict of floats by tensor name; with the NTK, the
         values of :meth:`kernel_measures`; with ``per_layer``, ``layers`` = :meth:`layer_measures`, a dict by
         layer of dicts of floats.
@@ -548,11 +570,16 @@ class LazinessProbe:
         initial = {name: self.initial[name].clone() for name in names}  # a measure never holds w0 itself
         timed = lambda name, compute: self._timed("last", name, compute)  # noqa: E731
         self.timings["last"] = {}
-        normalized_time = time * self.initial_jacobian_norm**2
-        values: dict[str, Any] = {"normalized_time": normalized_time}
-        if self.initial_kappa is not None:
+        # time None: the optimizer's step size is not one float (lightning_lazy._optim.step_size), so no normalized
+        # time is claimed, nor what is measured against it (the bound, the kernel's velocity).
+        normalized_time = None if time is None else time * self.initial_jacobian_norm**2
+        values: dict[str, Any] = {} if normalized_time is None else {"normalized_time": normalized_time}
+        if self.initial_kappa is not None and normalized_time is not None:
             values["bound"] = normalized_time**2 * self.initial_kappa
-        moved = diagnostics.displacement(params, initial)
+        # Frozen weights at w0: the scale of a displacement whose trained weights all start at zero (LoRA's B).
+        frozen = {name: value for name, value in self.initial.items() if name not in initial}
+        moved = diagnostics.displacement(params, initial, reference=frozen)
+        self.displacement_relative_to = moved.relative_to
         if not math.isfinite(moved.total.item()):
             raise ValueError(
                 "training has diverged: the weights hold NaN or inf, so no laziness measure is meaningful. Lower the "
@@ -565,7 +592,9 @@ class LazinessProbe:
             output, states = timed("output_and_activation_states", lambda: self._output_and_states(self.x))
         if twin is not None:
             x, n = self.x, num_examples(self.x)
-            tangent_output = timed("tangent_output", lambda: twin.probe_output(x).reshape(n, -1))
+            held = self.held()  # the twin reads the buffers the measures hold, when there are any
+            tangent_output = timed("tangent_output", lambda: (twin.probe_output(x, held) if held else
+                                                              twin.probe_output(x)).reshape(n, -1))
             if self.labels is not None:  # positions whose target is -100 are in neither norm of Δ
                 output, tangent_output = (v.reshape(*self.labels.shape, -1) for v in (output, tangent_output))
             numerator = diagnostics.divergence_numerator(output, tangent_output, self.labels)
@@ -606,7 +635,7 @@ class LazinessProbe:
 
     # ----------------------------------------------------------------------- kernel and per-layer measures
 
-    def kernel_measures(self, kernel: Tensor, normalized_time: float) -> dict[str, float]:
+    def kernel_measures(self, kernel: Tensor, normalized_time: float | None) -> dict[str, float]:
         """The NTK's spectrum, its alignment with the targets and its velocity, from the kernel ``kernel`` on the
         NTK probe (``[n·K, n·K]``) measured at normalized time ``normalized_time``.
 
@@ -630,6 +659,9 @@ class LazinessProbe:
             if bool((y != y[:1]).any()):  # targets constant over the probe have no centred alignment
                 values["target_alignment"] = diagnostics.target_alignment(traced, y).item()
         previous = self.previous_kernel
+        if normalized_time is None:  # no time: no velocity, now or from this kernel on
+            self.previous_kernel = None
+            return values
         if previous is not None and previous.shape == kernel.shape and normalized_time > self.previous_time:
             values["kernel_velocity"] = diagnostics.kernel_velocity(kernel, previous,
                                                                     normalized_time - self.previous_time).item()
@@ -656,7 +688,8 @@ class LazinessProbe:
         groups = layer_groups(modules, self.max_layers)
         result: dict[str, dict[str, float]] = {group: {} for group in dict.fromkeys(groups.values())}
         by_parameter = {name: groups[diagnostics.owning_module(name)] for name in params}
-        for group, value in diagnostics.layer_displacement(params, initial, by_parameter).items():
+        frozen = {name: value for name, value in self.initial.items() if name not in initial}
+        for group, value in diagnostics.layer_displacement(params, initial, by_parameter, reference=frozen).items():
             result[group]["displacement"] = value.item()
         if self.initial_features and self._features is not None:
             then = {m: self.initial_features[m] for m in modules if m in self.initial_features}
@@ -722,9 +755,10 @@ class LazinessProbe:
 
     _STATE = ("initial", "x", "y", "labels", "mask", "initial_distance", "initial_kernel", "kernel_names", "initial_kappa",
               "initial_jacobian_norm", "initial_kappa_parts", "initial_relu", "hessian_direction", "hessian_names",
-              "jacobian_direction", "initial_features", "initial_blocks", "previous_kernel", "previous_time")
+              "jacobian_direction", "initial_features", "initial_blocks", "previous_kernel", "previous_time",
+              "initial_buffers")
     _OPTIONAL_STATE = ("jacobian_direction", "labels", "mask", "initial_features", "initial_blocks", "previous_kernel",
-                       "previous_time")
+                       "previous_time", "initial_buffers")
 
     def state_dict(self) -> dict[str, Any]:
         return {key: _to_device(getattr(self, key), "cpu") for key in self._STATE}
@@ -821,6 +855,20 @@ def _sum_by_group(blocks: dict[str, Tensor], groups: dict[str, str]) -> dict[str
     return summed
 
 
+def held_buffers(network: nn.Module) -> dict[str, Tensor]:
+    """``{name: buffer}`` of the buffers of ``network`` whose values the measures hold at w0: every buffer but the
+    running statistics of normalization layers (:func:`~lightning_lazy._params.keeps_running_stats`), which
+    :func:`~lightning_lazy._params.probe_mode` treats by mode (batch statistics in train mode, running ones in eval).
+
+    A forward that writes a buffer (``parametrizations.spectral_norm``'s u and v in every training forward, the
+    old-style ``spectral_norm``'s ``weight_u`` / ``weight_v``, a call counter, an average of activations) makes it
+    state of that forward, not a function of the weights: held, every measure sees one function of the weights,
+    and at lr 0 nothing measured moves."""
+    statistics = {id(b) for m in network.modules() if keeps_running_stats(m)
+                  for name, b in m._buffers.items() if b is not None}
+    return {name: b for name, b in network.named_buffers() if id(b) not in statistics}
+
+
 @contextlib.contextmanager
 def _dense_embeddings(network: nn.Module) -> Iterator[None]:
     """Embeddings with ``sparse=True`` give dense gradients inside: the same function, and the form
@@ -861,4 +909,4 @@ def _to_device(value: Any, device: Any) -> Any:
     return value
 
 
-__all__ = ["LazinessProbe", "ProbeMemoryError", "layer_groups", "probe_numbers"]
+__all__ = ["LazinessProbe", "ProbeMemoryError", "held_buffers", "layer_groups", "probe_numbers"]

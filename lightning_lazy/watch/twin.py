@@ -20,6 +20,10 @@ What makes the two paths comparable (each is needed; each is tested):
   mode the twin normalizes with the batch statistics of the network at w0 (it is the linearization of the
   train-mode function); its running statistics are the real network's, copied (by module and name) before
   every forward, so in eval mode both normalize alike and at w = w0 the twin *is* the network.
+- *Buffers a forward writes* (spectral norm's power-iteration vectors, counters, running averages): state of that
+  forward. The twin's training forward starts from the values the real forward of the batch started from (kept by
+  the real forward's pre-hook), and what its own forward writes is replaced at the next sync: the twin never
+  advances a state the real forward advances.
 - *Steps.* Gradients are those of exactly the batches the real optimizer accumulated, transformed as the real
   ones are between backward and step (clipping, through the same routine); a parameter whose real gradient is
   ``None`` at a step gets none in the twin either (optimizers skip such parameters). The optimizer is a deep
@@ -28,8 +32,10 @@ What makes the two paths comparable (each is needed; each is tested):
   runs eagerly; a backward through it never reaches a real gradient (checked at every one).
 
 What the twin cannot replay it detects and reports (:meth:`TangentTwin.check`, ``on_lost``) rather than
-follow wrongly: weights written outside the optimizer's step, parameters re-registered under other names,
-gradients changed between backward and step other than by the clipping it replays.
+follow wrongly: weights written outside the optimizer's step (a write through ``.data`` that keeps every norm
+included: the fingerprint is a position-weighted norm), parameters re-registered under other names, gradients
+changed between backward and step other than by the clipping it replays, module backward hooks (which may change
+gradients inside backward).
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ from torch.optim import Optimizer
 
 from lightning_lazy._forward_ad import forward_ad_safe
 from lightning_lazy._inputs import Inputs, call_with
-from lightning_lazy._params import RNGState, probe_mode, tensor_norms
+from lightning_lazy._params import RNGState, probe_mode, tensor_fingerprints, tensor_norms
 from lightning_lazy.tangent import LinearizedModel
 
 OutputSelector = Callable[[Any], Tensor]
@@ -147,7 +153,7 @@ class TangentTwin:
     optimizer's step (by a hook, a callback, a layer's own forward, or an optimizer whose ``step()`` torch's step
     hooks do not see); a parameter re-registered under another name (pruning, a parametrization added mid-run);
     gradients changed between backward and step other than by ``clip`` (edits in hooks, ``Tensor.register_hook``
-    on a parameter).
+    on a parameter); a module backward hook on the real network (``register_full_backward_hook`` and kin).
     """
 
     def __init__(self, real: nn.Module, optimizer: Optimizer, objective: Objective, *,
@@ -191,6 +197,12 @@ class TangentTwin:
         self._versions: list[int] = []
         self._fingerprint: list[float | None] = []
         self._produced: dict[str, Any] | None = None
+        # Buffers the real forward writes, by (id(module), name); their values when the real forward of the batch
+        # started, by module; the version counters then (see _take_buffers).
+        self._written_buffers: set[tuple[int, str]] = set()
+        self._buffers_at_forward: dict[int, dict[str, Tensor]] | None = None
+        self._buffer_versions: dict[tuple[int, str], tuple[Tensor, int]] | None = None
+        self._first_forward = True
         self.steps = 0
         # Why the twin stopped following the real run (None while it follows), and after how many real steps.
         self.lost: str | None = None
@@ -320,10 +332,34 @@ class TangentTwin:
         if self._armed:
             self._rng = RNGState(self.real)
             self._armed = False
+            self._take_buffers()
 
     def _after_real_forward(self, _module: nn.Module, _args: Any, _output: Any) -> None:
         if self.lost is None and torch.is_grad_enabled():
             self._check_now("by the network's own forward")
+            if self._buffer_versions is not None:
+                # Which buffers this forward wrote: their values before it are taken at every later forward.
+                self._written_buffers.update(key for key, (buffer, version) in self._buffer_versions.items()
+                                             if buffer._version != version)
+                self._buffer_versions = None
+
+    def _take_buffers(self) -> None:
+        """The real forward starts: keep the values it starts from of the buffers forwards write (all of them the
+        first time, when which ones is not known yet), and the version counters to find which it writes."""
+        versions: dict[tuple[int, str], tuple[Tensor, int]] = {}
+        taken: dict[int, dict[str, Tensor]] = {}
+        with torch.no_grad():
+            for real, _ in self._module_pairs:
+                for name, buffer in real._buffers.items():
+                    if buffer is None:
+                        continue
+                    key = (id(real), name)
+                    versions[key] = (buffer, buffer._version)
+                    if self._first_forward or key in self._written_buffers:
+                        taken.setdefault(id(real), {})[name] = buffer.detach().clone()
+        self._first_forward = False
+        self._buffer_versions = versions
+        self._buffers_at_forward = taken
 
     def _before_real_step(self, optimizer: Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self.lost is not None:
@@ -361,9 +397,10 @@ class TangentTwin:
         self._fingerprint = self._fingerprints()
 
     def _fingerprints(self) -> list[float | None]:
-        """The 2-norm of every real parameter (one fused reduction): a write that changes values changes it, a
-        swap that puts the same values back (weight averaging's around validation) does not."""
-        return tensor_norms([real if real.is_floating_point() else None for real, _ in self._param_pairs])
+        """A position-weighted norm of every real parameter (:func:`tensor_fingerprints`): a write
+        that changes values changes them, a permutation of rows included; a swap that puts the same values back
+        (weight averaging's around validation) does not."""
+        return tensor_fingerprints([real if real.is_floating_point() else None for real, _ in self._param_pairs])
 
     def accept_writes(self) -> None:
         """The real weights as they are now were written by something the twin has followed otherwise (e.g. the
@@ -436,7 +473,7 @@ class TangentTwin:
         grads = [real.grad for real, _ in self._param_pairs]
         self._produced = {
             "identity": [None if g is None else (id(g), g._version) for g in grads],
-            "norms": tensor_norms(grads),
+            "fingerprints": tensor_fingerprints(grads),
             "values": ([None if g is None else g.detach().clone() for g in grads]
                        if self.clip is not None or self.unscale is not None else None),
         }
@@ -453,6 +490,15 @@ class TangentTwin:
                              "the tangent twin cannot replay",
                              "Remove the hook while monitoring, or clip through Trainer(gradient_clip_val=...).")
                 return
+        hooked = self._backward_hooked()
+        if hooked is not None:
+            self._report(f"{hooked} has a backward hook (register_full_backward_hook, register_backward_hook or "
+                         "register_full_backward_pre_hook), which may change the gradients flowing through it and "
+                         "which the tangent twin cannot replay (its backward runs through the tangent model)",
+                         "Remove the hook while monitoring (a hook that only reads gradients can be a "
+                         "Tensor.register_hook on an output, or a forward hook), or clip through "
+                         "Trainer(gradient_clip_val=...).")
+            return
         produced, self._produced = self._produced, None
         if produced is None:
             return  # no backward since the last step (training_step returned None): nothing to compare
@@ -461,7 +507,7 @@ class TangentTwin:
         if produced["values"] is None:
             identity = [None if g is None else (id(g), g._version) for g in now]
             changed = [real for real, a, b in zip(reals, identity, produced["identity"]) if a != b]
-            changed += [real for real, a, b in zip(reals, tensor_norms(now), produced["norms"]) if a != b]
+            changed += [real for real, a, b in zip(reals, tensor_fingerprints(now), produced["fingerprints"]) if a != b]
         else:
             expected = produced["values"]
             kept = [i for i, (a, b) in enumerate(zip(expected, now)) if a is not None and b is not None]
@@ -489,6 +535,19 @@ class TangentTwin:
                          "Clip through Trainer(gradient_clip_val=...) or self.clip_gradients(optimizer, ...) in "
                          "configure_gradient_clipping, and leave the gradients as they are otherwise.")
 
+    def _backward_hooked(self) -> str | None:
+        """The module of the real network (described) that has a module backward hook, or a global one; ``None``
+        when there is none. Such a hook receives and may replace the gradients of the module's inputs (or outputs)
+        inside backward, where nothing can compare them with those backward would have produced."""
+        import torch.nn.modules.module as module_hooks
+
+        if getattr(module_hooks, "_global_backward_hooks", None) or getattr(module_hooks, "_global_backward_pre_hooks", None):
+            return "every module (a global hook, register_module_full_backward_hook)"
+        for name, module in self.real.named_modules():
+            if module._backward_hooks or getattr(module, "_backward_pre_hooks", None):
+                return f"the module '{_display_name(name) or '<root>'}' ({type(module).__name__})"
+        return None
+
     @contextlib.contextmanager
     def _real_gradients_hidden(self) -> Iterator[None]:
         """The real parameters hold no gradient inside: a clipping routine the twin replays, written for the real
@@ -504,9 +563,10 @@ class TangentTwin:
 
     # ------------------------------------------------------------------------------------ lock-step
 
-    def sync(self) -> None:
+    def sync(self, buffers: Mapping[int, Mapping[str, Tensor]] | None = None) -> None:
         """Copy train/eval modes, ``requires_grad`` and buffers (running statistics) from the real network; buffers
-        are paired by module and name, so a buffer assigned a new tensor (as SWA does) is followed."""
+        are paired by module and name, so a buffer assigned a new tensor (as SWA does) is followed. ``buffers``:
+        ``{id(real module): {name: value}}`` to copy instead of the real module's buffer now."""
         for real, twin in self._module_pairs:
             twin.training = real.training
         for real, twin in self._param_pairs:
@@ -514,18 +574,26 @@ class TangentTwin:
                 twin.requires_grad_(real.requires_grad)
         with torch.no_grad():
             for real, twin in self._module_pairs:
+                instead = buffers.get(id(real), {}) if buffers else {}
                 for name, buffer in real._buffers.items():
                     mine = twin._buffers.get(name)
                     if buffer is None or mine is None:
                         continue
+                    buffer = instead.get(name, buffer)
                     if mine.shape == buffer.shape and mine.dtype == buffer.dtype:
                         mine.copy_(buffer)
                     else:
                         twin._buffers[name] = buffer.detach().clone()
 
     def forward(self, x: Tensor) -> Tensor:
-        """The twin's output on ``x`` in the real network's current modes (with grad, as in training)."""
-        self.sync()
+        """The twin's output on ``x`` in the real network's current modes (with grad, as in training).
+
+        Buffers the real forward writes (spectral norm's power-iteration vectors, counters, running averages) are
+        state of that forward: the twin's forward starts from the values the real forward of this batch started
+        from (taken by the forward pre-hook :meth:`follow` installs), and what its own forward writes into its copies
+        is replaced at the next sync, so the twin never advances a state twice."""
+        self.sync(self._buffers_at_forward)
+        self._buffers_at_forward = None
         with forward_ad_safe(self.model.module, "the tangent twin"):
             return self.model(x)
 
@@ -584,9 +652,11 @@ class TangentTwin:
     # ---------------------------------------------------------------------------------- evaluation
 
     @torch.no_grad()
-    def probe_output(self, x: Tensor) -> Tensor:
-        """The twin on ``x`` as the measures see networks (:func:`~lightning_lazy._params.probe_mode`)."""
-        self.sync()
+    def probe_output(self, x: Tensor, buffers: Mapping[str, Tensor] | None = None) -> Tensor:
+        """The twin on ``x`` as the measures see networks (:func:`~lightning_lazy._params.probe_mode`); ``buffers``:
+        ``{name in the real network: value}`` of buffers to use instead of the real ones now (those the probe holds
+        at w0, :meth:`~lightning_lazy.watch.probe.LazinessProbe.held`)."""
+        self.sync(self._by_module(buffers) if buffers else None)
         with probe_mode(self.model.module), forward_ad_safe(self.model.module, "the tangent twin"):
             return self.model(x)
 
@@ -596,6 +666,17 @@ class TangentTwin:
         self.sync()
         with forward_ad_safe(self.model.module, "the tangent twin"):
             return self.model(x)
+
+    def _by_module(self, buffers: Mapping[str, Tensor]) -> dict[int, dict[str, Tensor]]:
+        """``{id(real module): {buffer name: value}}`` from ``{name in the real network: value}``."""
+        owners = dict(self.real.named_modules(remove_duplicate=False))
+        found: dict[int, dict[str, Tensor]] = {}
+        for name, value in buffers.items():
+            prefix, _, attr = name.rpartition(".")
+            owner = owners.get(prefix)
+            if owner is not None:
+                found.setdefault(id(owner), {})[attr] = value
+        return found
 
     def parameters(self) -> dict[str, Tensor]:
         """The twin's weights w̄, by the real network's parameter names now (a parameter renamed since
