@@ -252,8 +252,6 @@ def test_the_twin_follows_adafactor_relative_steps(net):
     assert moved > 1e-3  # the steps moved the weights: the comparison is not at w0
 
 
-@pytest.mark.xfail(strict=True, reason="the callback's normalized time reads float(group['lr']) (callback.py "
-                   "_on_real_step): it must use lightning_lazy._optim.step_size; remove this mark when it does")
 def test_adafactor_with_relative_steps_runs_under_the_monitor(tmp_path):
     monitor, said = fit(Module("linear", optimizer=_adafactor), True, tmp_path)
     assert_followed(monitor, said, linear=True)

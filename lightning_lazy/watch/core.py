@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from lightning_lazy._forward_ad import as_forward_ad_error
 from lightning_lazy._inputs import as_inputs, inputs_to, num_examples, take
-from lightning_lazy._optim import adaptive_optimizer
+from lightning_lazy._optim import adaptive_optimizer, step_size
 from lightning_lazy._params import tensor_norms
 from lightning_lazy.scaling import IGNORE_INDEX
 from lightning_lazy.watch.batches import (WatchError, default_batch_to_xy, is_causal_lm, read_batch, self_labelled,
@@ -460,7 +460,7 @@ class LazinessWatch:
         stepped = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not stepped:
             return  # step() with no gradient (a skipped batch): nothing moved
-        lr = _step_size(optimizer)
+        lr = step_size(optimizer)
         if lr is None and self._time is not None:
             self._time = None
             self.host.warn(f"{self.who}: {type(optimizer).__name__} takes steps of its own size (its learning rate is "
@@ -615,7 +615,7 @@ class LazinessWatch:
         if self.measures is None:
             raise WatchError(f"{self.who}.measure needs the probe: training has not started")
         self.check_twin()
-        time_ = 0.0 if self._time is None else self._time * self._loss_scale
+        time_ = None if self._time is None else self._time * self._loss_scale
         try:
             parts = {"kappa": False, "ntk": False, "layers": False} if cheap else None
             values = self.measures.measure(self.measured_names(), time=time_, twin=self.following_twin(),
@@ -624,8 +624,6 @@ class LazinessWatch:
             raise WatchError(f"{self.who}: {error}") from None
         if self._adaptive is not None or self._time is None:
             values.pop("bound", None)  # the theorem behind it speaks of gradient descent only
-        if self._time is None:
-            values.pop("normalized_time", None)
         values["displacement_per_tensor"] = {_display(k): v for k, v in values["displacement_per_tensor"].items()}
         for layer, measures in values.pop("layers", {}).items():
             values.update({f"layers/{_layer_name(layer)}/{name}": value for name, value in measures.items()})
@@ -1096,17 +1094,6 @@ def _group(writers: Sequence[Any], host: Any) -> Any:
 
 def _dense(grad: Tensor) -> Tensor:
     return (grad.to_dense() if grad.is_sparse else grad).detach()
-
-
-def _step_size(optimizer: torch.optim.Optimizer) -> float | None:
-    """The learning rate of the optimizer's first group as a float; ``None`` when it has none that is a number
-    (Adafactor's relative steps: ``lr=None``), so that normalized time is not claimed."""
-    lr = optimizer.param_groups[0].get("lr") if optimizer.param_groups else None
-    if isinstance(lr, Tensor) and lr.numel() == 1:
-        return float(lr)
-    if isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr):
-        return float(lr)
-    return None
 
 
 def _tolerance(precision: str, dtype: torch.dtype) -> float:
