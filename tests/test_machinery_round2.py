@@ -435,7 +435,7 @@ class BackwardHooked(Module):
 def test_module_backward_hooks_are_reported(net, kind, tmp_path):
     monitor, said = assert_same_run(lambda: BackwardHooked(net, kind), tmp_path)
     assert_reported(monitor, said, "backward hook")
-    assert f"'net.{len(monitor._watched.inner.net) - 1}' (Linear)" in monitor.twin.lost
+    assert f"'net.{len(monitor.core._watched.inner.net) - 1}' (Linear)" in monitor.twin.lost
     assert monitor.twin.lost_at == 1  # found at the first step: nothing twin-based was ever logged
 
 
@@ -452,7 +452,7 @@ class Permutes(Module):
 def test_a_data_write_that_keeps_every_norm_is_reported(net, tmp_path):
     monitor, said = assert_same_run(lambda: Permutes(net), tmp_path)
     assert_reported(monitor, said, "was written")
-    assert f"'net.{len(monitor._watched.inner.net) - 1}.weight' (Linear)" in monitor.twin.lost
+    assert f"'net.{len(monitor.core._watched.inner.net) - 1}.weight' (Linear)" in monitor.twin.lost
 
 
 def test_fingerprints_see_permutations_and_sign_flips_and_repeat_exactly():

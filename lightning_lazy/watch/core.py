@@ -405,6 +405,8 @@ class LazinessWatch:
         twin = self.following_twin()
         if twin is None or self.host.world_size > 1:  # under DDP the real gradients are averaged before any step
             return
+        if twin._backward_hooked() or any(getattr(real, "_backward_hooks", None) for real, _ in twin._param_pairs):
+            return  # hooks that edit gradients in backward: the twin reports them, by name, before the step
         reals, mine = [], []
         for real, copy in twin._param_pairs:
             if real.grad is not None and copy.grad is not None and real.grad.shape == copy.grad.shape:
