@@ -128,3 +128,6 @@ def test_descriptions() -> None:
     assert describe_module(nn.LayerNorm(256)) == "LayerNorm(256)"
     assert describe_module(nn.GroupNorm(4, 16)) == "GroupNorm(4, 16)"
     assert describe_module(nn.ReLU()) == "ReLU"
+    from transformers.pytorch_utils import Conv1D
+
+    assert describe_module(Conv1D(96, 32)) == "Conv1D(32→96)"  # nf = 96 outputs of nx = 32 inputs

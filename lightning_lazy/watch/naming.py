@@ -100,13 +100,15 @@ def layer_names(network: nn.Module, names: Iterable[str]) -> dict[str, str]:
 
 def describe_module(module: nn.Module) -> str:
     """A module's type as a person reads it: ``Linear(10→256)``, ``Conv2d(3→64, 3×3)``, ``Embedding(50257, 32)``,
-    ``BatchNorm2d(64)``, ``LayerNorm(256)``; other modules by class name."""
+    ``BatchNorm2d(64)``, ``LayerNorm(256)``, Hugging Face's ``Conv1D(32→96)``; other modules by class name."""
     kind = type(module).__name__
     if isinstance(module, nn.Linear):
         return f"{kind}({module.in_features}→{module.out_features})"
     if isinstance(module, nn.modules.conv._ConvNd):
         kernel = "×".join(str(k) for k in module.kernel_size)
         return f"{kind}({module.in_channels}→{module.out_channels}, {kernel})"
+    if kind == "Conv1D" and isinstance(getattr(module, "nx", None), int) and isinstance(getattr(module, "nf", None), int):
+        return f"{kind}({module.nx}→{module.nf})"  # Hugging Face's GPT-2 projection: a Linear with its weight transposed
     if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
         return f"{kind}({module.num_embeddings}, {module.embedding_dim})"
     if isinstance(module, nn.modules.batchnorm._NormBase):
