@@ -223,3 +223,28 @@ def test_summary_names_moved_layers_by_their_labels() -> None:
                   layer_labels={"inner.model.module.4": "4 Linear(256→1)"})
     line = next(line for line in report.laziness_summary(values).splitlines() if "moved most" in line)
     assert line.endswith("4 Linear(256→1): 14.1, inner.model.module.0: 0.09")
+
+
+def test_the_readme_tensorboard_addresses_set_what_tensorboard_reads() -> None:
+    # TensorBoard 2.x: Time Series reads smoothing, tagFilter and pinnedCards from the query string; the older
+    # Scalars view reads _smoothingWeight and tagFilter from after the '#', and ignores them before it.
+    import json
+    from urllib.parse import parse_qs, unquote, urlsplit
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    addresses = re.findall(r"^http://localhost:6006/\S*$", readme, re.M)
+    series = [a for a in addresses if a.endswith("#timeseries")]
+    scalars = [a for a in addresses if "#scalars&" in a]
+    assert series and scalars
+    for address in series:
+        query = parse_qs(urlsplit(address).query)
+        assert query["smoothing"] == ["0"]
+        assert [card["tag"] for card in json.loads(query["pinnedCards"][0])] == list(report.VERDICT_TAGS)
+        assert parse_qs(urlsplit(report.tensorboard_address(pinned=report.VERDICT_TAGS)).query) == query
+    for address in scalars:
+        before, after = address.split("#", 1)
+        assert "_smoothingWeight" not in before
+        settings = dict(part.split("=", 1) for part in after.split("&")[1:])
+        assert settings["_smoothingWeight"] == "0"
+        assert re.fullmatch(unquote(settings["tagFilter"]), "lazy/kernel_alignment")
+    assert parse_qs(urlsplit(report.tensorboard_address()).query) == {"smoothing": ["0"], "tagFilter": ["^lazy/"]}
