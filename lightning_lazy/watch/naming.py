@@ -50,7 +50,8 @@ def _is_lightning_module(module: nn.Module) -> bool:
 def _walk(network: nn.Module, name: str) -> tuple[list[str], nn.Module | None]:
     """``(kept, module)``: the components of ``name`` that are not a wrapper's attribute, and the module
     ``name`` names (``None`` when a component names no sub-module: a group label such as
-    ``layer1_to_layer3``). A wrapper has one child, so leaving its attribute out makes no two paths equal."""
+    ``layer1_to_layer3``). The network a wrapper holds is its only child with parameters (``AlphaScaled``'s other
+    child holds w0 as buffers), so leaving the wrapper's attribute out makes no two layers' paths equal."""
     kept: list[str] = []
     module: nn.Module | None = network
     for part in name.split(".") if name else []:
