@@ -147,6 +147,24 @@ class CharacterLM(pl.LightningModule):
 
 # ---------------------------------------------------------------------------------------------- run
 
+# The last values printed at the end, beside what the monitor's summary already said: the losses of the model and
+# of its twin, and the measures of the verdict. Every value (the per-layer ones of each of GPT-2's modules
+# included) is in the CSV and in TensorBoard.
+FINAL = (("train/loss", "train loss"), ("lazy/tangent/train_loss", "tangent model's train loss"),
+         ("val/loss", "val loss"), ("lazy/tangent/val_loss", "tangent model's val loss"),
+         ("lazy/divergence", "divergence"), ("lazy/kernel_alignment", "kernel alignment"))
+
+
+def final_lines(metrics: dict[str, float], csv_path: Path, log_dir: str | None) -> str:
+    """A few lines: the :data:`FINAL` values present in ``metrics``, and where all the others are."""
+    from lightning_lazy.watch.report import tensorboard_command
+
+    lines = [f"  {label:<28} {metrics[key]:.4g}" for key, label in FINAL if key in metrics]
+    lines.append(f"  every measurement: {csv_path}")
+    if log_dir is not None:
+        lines.append(f"  TensorBoard: {tensorboard_command(log_dir)}")
+    return "\n".join(["Last values:"] + lines)
+
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
@@ -177,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     print(f"{len(train)} training sequences, vocabulary {vocab_size}, {args.epochs} epochs in {seconds:.1f} s; "
           f"the NTK on {monitor.measures.ntk_outputs!r} outputs, kernel {tuple(monitor.measures.initial_kernel.shape)}")
-    print({k: round(v, 4) for k, v in sorted(metrics.items())})
+    print(final_lines(metrics, args.out_dir / "huggingface_lm.csv", trainer.log_dir))
     return {"history": monitor.history, "metrics": metrics, "seconds": seconds, "monitor": monitor,
             "log_dir": trainer.log_dir}
 

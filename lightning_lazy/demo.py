@@ -29,7 +29,14 @@ from lightning_lazy import diagnostics
 from lightning_lazy.callback import LazyTrainingMonitor
 from lightning_lazy.data.teacher import TeacherStudentDataModule
 from lightning_lazy.quiet import quiet_third_party_output
-from lightning_lazy.watch.report import FEATURE_LEARNING, IN_BETWEEN, LAZY, classify_regime
+from lightning_lazy.watch.report import (  # noqa: F401  (tensorboard_command stays importable from here)
+    FEATURE_LEARNING,
+    IN_BETWEEN,
+    LAZY,
+    classify_regime,
+    tensorboard_address,
+    tensorboard_command,
+)
 from lightning_lazy.scaling import AlphaScaled
 
 DEPTH = 2
@@ -86,19 +93,29 @@ class TeacherStudentRegressor(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
 
 
+DESCRIPTION = (
+    "Lazy versus non-lazy training of a small network, watched by the monitor. A ReLU MLP (two hidden layers, "
+    "float64) learns a teacher with 3 ReLU neurons on the sphere (data made on the fly, nothing downloaded) at "
+    "each output scale alpha, on R(alpha h)/alpha^2 with SGD (momentum 0.9) at one learning rate in normalized "
+    "time. After each alpha the monitor prints its laziness summary; at the end a table, one row per alpha, and "
+    "the command that opens the TensorBoard logs.")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lightning-lazy demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="lightning-lazy demo", description=DESCRIPTION)
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.1, 1.0, 10.0, 100.0],
                         help="output scales to train at (default: 0.1 1 10 100)")
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--d", type=int, default=10, help="input dimension")
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--n-train", type=int, default=65536)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=1, help="passes over the training set per alpha (default 1)")
+    parser.add_argument("--d", type=int, default=10, help="input dimension (default 10)")
+    parser.add_argument("--width", type=int, default=256, help="units in each of the two hidden layers (default 256)")
+    parser.add_argument("--n-train", type=int, default=65536,
+                        help="training points, drawn once from the teacher (default 65536)")
+    parser.add_argument("--batch-size", type=int, default=128, help="training batch size (default 128)")
     parser.add_argument("--step", type=float, default=0.25,
                         help=f"learning rate in normalized time, in (0, {MAX_STEP:g}): lr = step / ||Dh(w0)||^2 "
                              "(default 0.25)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the network's initialization and of the data (default 0)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: for models this small, more threads only wait on each "
                              "other, and on a busy machine much longer)")
@@ -136,24 +153,6 @@ def _next_version(root: Path) -> str:
     return f"version_{max(numbers, default=-1) + 1}"
 
 
-def tensorboard_command(log_dir: str | Path) -> str:
-    """A command that starts TensorBoard on ``log_dir`` from the current folder, whether or not the
-    environment this package runs in is activated (the README's set-up does not activate it)."""
-    on_path = shutil.which("tensorboard")
-    beside_python = shutil.which("tensorboard", path=str(Path(sys.executable).parent))
-    if beside_python is None:
-        program = f"{sys.executable} -m tensorboard.main"
-    elif on_path is not None and Path(on_path).resolve() == Path(beside_python).resolve():
-        program = "tensorboard"
-    else:
-        path = Path(beside_python).absolute()
-        try:
-            program = str(path.relative_to(Path.cwd()))
-        except ValueError:
-            program = str(path)
-    return f"{program} --logdir {log_dir}"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.quick:
@@ -173,9 +172,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(threads)  # main() may run in-process (tests)
     print()
     print(format_table(rows))
-    print(f"\nTensorBoard: {tensorboard_command(root / version)}   then open http://localhost:6006 "
-          "(tags under lazy/, the laziness figure under Images; see the README)")
+    print(f"\nTensorBoard: {tensorboard_command(root / version)}\n  then open {tensorboard_address()}\n  (the lazy/ "
+          "tags with smoothing 0; untick Settings > 'Ignore outliers in chart scaling' once; the figures under "
+          "Images; see the README)")
     return 0
+
+
+# The demo's own scalars (its table's columns, also HParams metrics): a group that TensorBoard, which orders tag
+# groups alphabetically, shows after the monitor's lazy/.
+TABLE_PREFIX = "table/"
+
+
+class DemoLogger(TensorBoardLogger):
+    """Lightning's TensorBoardLogger without the ``epoch`` scalar Lightning adds to every logging step.
+
+    A chart of the epoch number tells nothing in a run of one or a few epochs, and ``epoch`` sorts before
+    ``lazy`` in TensorBoard, which opens on the first tag group: without it the demo's logs open on ``lazy/``.
+    """
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        kept = {key: value for key, value in metrics.items() if key != "epoch"}
+        if kept:
+            super().log_metrics(kept, step)
+
+
+def progress_bar(alpha: str) -> pl.Callback:
+    """Lightning's default progress bar (Rich when installed, else tqdm) showing ``alpha`` in place of the logger's
+    version, which Lightning cuts to its last 4 characters (``version_0/alpha_0.1`` reads ``_0.1``)."""
+    from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
+    from pytorch_lightning.utilities.imports import _RICH_AVAILABLE
+
+    base = RichProgressBar if _RICH_AVAILABLE else TQDMProgressBar
+
+    class AlphaProgressBar(base):  # type: ignore[valid-type, misc]
+        def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, int | str | float]:
+            metrics = super().get_metrics(trainer, pl_module)
+            metrics.pop("v_num", None)
+            return {"alpha": alpha, **metrics}
+
+    return AlphaProgressBar()
 
 
 def _run_one(args: argparse.Namespace, alpha: float, version: str, index: int, total: int) -> dict[str, float | str]:
@@ -193,11 +228,11 @@ def _run_one(args: argparse.Namespace, alpha: float, version: str, index: int, t
     # kernel baseline: the tangent model at w0 trained to convergence on 512 training examples, on the val set.
     monitor = LazyTrainingMonitor(log_steps="log", kernel_baseline=512)
     # demo/version_N/alpha_A: one folder per run of the demo, all its α side by side in TensorBoard.
-    logger = TensorBoardLogger(args.log_dir, name="demo", version=f"{version}/alpha_{alpha:g}",
-                               default_hp_metric=False)
+    logger = DemoLogger(args.log_dir, name="demo", version=f"{version}/alpha_{alpha:g}", default_hp_metric=False)
     steps_per_epoch = math.ceil(args.n_train / args.batch_size)
+    bars = [] if args.no_progress else [progress_bar(f"{alpha:g}")]
     trainer = pl.Trainer(
-        max_epochs=args.epochs, accelerator="cpu", devices=1, callbacks=[monitor], logger=logger,
+        max_epochs=args.epochs, accelerator="cpu", devices=1, callbacks=[monitor, *bars], logger=logger,
         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=not args.no_progress,
         log_every_n_steps=min(50, steps_per_epoch), precision="64-true",
     )
@@ -220,8 +255,9 @@ def _run_one(args: argparse.Namespace, alpha: float, version: str, index: int, t
         "seconds": seconds,
     }
     row["regime"] = classify_regime(row)
-    # The HParams tab: this run's hyper-parameters (the lr really used) against what it measured.
-    logger.log_hyperparams(model.hparams, {f"hparams/{k}": v for k, v in row.items()
+    # The HParams tab: this run's hyper-parameters (the lr really used) against what it measured, the table's
+    # columns, under table/ (after lazy/ in TensorBoard's alphabetical order of tag groups).
+    logger.log_hyperparams(model.hparams, {f"{TABLE_PREFIX}{k}": v for k, v in row.items()
                                            if k not in ("alpha", "regime") and math.isfinite(v)})
     return row
 

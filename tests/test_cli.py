@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import math
 from pathlib import Path
 
@@ -281,3 +282,42 @@ def test_gpu_cifar_benchmark_runs_at_toy_size_on_cpu(tmp_path: Path, capsys: pyt
     for case, result in record["results"].items():
         assert result["images_per_s"] > 0 and result["epoch_s"] > 0 and result["peak_memory_mib"] > 0, case
         assert result["images"] == 64
+
+
+def test_fit_help_shows_the_packages_options_first(capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_lazy.callback import LazyTrainingMonitor
+
+    assert main(["fit", "--help"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].startswith("usage: lightning-lazy fit") and len(lines) < 200  # LightningCLI's is 1,200
+    assert "``" not in out and ":class:" not in out  # docstring markup, as a terminal would show it raw
+    # The model's options, then every one of the monitor's, with their defaults and their docstring's words.
+    assert out.index("--model.alpha (default 1.0)") < out.index("--trainer.callbacks.loss (default None)")
+    for name in inspect.signature(LazyTrainingMonitor.__init__).parameters:
+        if name != "self":
+            assert f"--trainer.callbacks.{name} (default " in out, name
+    assert "every_n_epochs (default 1)\n      measure at the end of every n-th training epoch" in out
+    assert "lightning-lazy fit --help-all" in out
+
+
+def test_help_all_is_lightning_clis_help(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[list[str]] = []
+
+    def fake(args: list[str], run: bool) -> None:
+        seen.append(args)
+        raise SystemExit(0)
+
+    monkeypatch.setattr("lightning_lazy.cli.make_lightning_cli", fake)
+    assert main(["fit", "--config", "mnist1d_cnn_lazy", "--help-all"]) == 0
+    assert seen[0][0] == "fit" and seen[0][-1] == "--help"
+
+
+def test_a_refusal_during_fit_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The monitor told to watch a sub-module that does not exist refuses at fit start: one line on stderr, no
+    # traceback, status 1.
+    rc = main(["fit", "--config", "vgg11_wide_lazy", "--trainer.fast_dev_run=1", *tiny(tmp_path),
+               "--trainer.callbacks.model=no_such_module"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1
+    assert err.startswith("lightning-lazy fit: LazyTrainingMonitor(model='no_such_module')") and "\n" not in err

@@ -14,7 +14,17 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lightning_lazy import diagnostics
 from lightning_lazy.cli import main as cli_main
-from lightning_lazy.demo import COLUMNS, TeacherStudentRegressor, format_table, relu_mlp, tensorboard_command
+from lightning_lazy.demo import (
+    COLUMNS,
+    DemoLogger,
+    TeacherStudentRegressor,
+    _parser,
+    format_table,
+    progress_bar,
+    relu_mlp,
+    tensorboard_address,
+    tensorboard_command,
+)
 from lightning_lazy.quiet import LIGHTNING_INFO_LOGGERS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,8 +88,10 @@ def test_demo_quick_table_logs_hparams_and_new_versions(tmp_path, capsys):
     assert [str(w.message)[:80] for w in caught] == []
     assert not any(line.startswith(("💡 Tip", "GPU available", "`Trainer.fit` stopped")) for line in lines.lines)
     assert "Laziness summary" in out + err + "\n".join(lines.lines)
-    # The printed TensorBoard command runs from here: a program that exists, or this Python with -m.
-    command = out[out.index("TensorBoard: ") + len("TensorBoard: "):].split("   ")[0]
+    # The printed TensorBoard command runs from here: a program that exists, or this Python with -m; then the
+    # address that opens on the lazy/ tags with smoothing 0.
+    command, address = out[out.index("TensorBoard: ") + len("TensorBoard: "):].splitlines()[:2]
+    assert address.strip() == f"then open {tensorboard_address()}" and "smoothing=0" in address
     program = command.split(" --logdir ")[0]
     assert Path(program.split(" -m ")[0]).exists() or program == "tensorboard"
     assert command.endswith(str(tmp_path / "demo" / "version_0"))
@@ -104,7 +116,10 @@ def test_demo_quick_table_logs_hparams_and_new_versions(tmp_path, capsys):
     accumulator.Reload()
     scalars = set(accumulator.Tags()["scalars"])
     assert "hp_metric" not in scalars and "lazy/divergence" in scalars
-    assert "hparams/divergence" in scalars  # the HParams tab's metrics: what the run measured
+    assert "table/divergence" in scalars  # the HParams tab's metrics: what the run measured
+    # TensorBoard orders tag groups alphabetically and opens on the first: the monitor's lazy/ is it (no epoch
+    # scalar, the demo's own values under table/).
+    assert "epoch" not in scalars and min(tag.split("/")[0] for tag in scalars) == "lazy"
 
     # A second run of the demo starts version_1; version_0 is left as it was.
     before = sorted(p.name for p in run.iterdir())
@@ -196,3 +211,23 @@ def test_add_to_existing_trainer_example_says_what_to_install(monkeypatch, capsy
         spec.loader.exec_module(example)
     message = str(stop.value.code)
     assert "scikit-learn" in message and 'pip install -e ".[examples]"' in message and "\n" not in message
+
+
+def test_demo_help_has_text_for_every_option_and_no_markup(capsys):
+    parser = _parser()
+    assert all(action.help for action in parser._actions), [a.dest for a in parser._actions if not a.help]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "``" not in out and ":class:" not in out
+
+
+def test_the_progress_bar_shows_alpha_not_a_cut_version(tmp_path):
+    import pytorch_lightning as pl
+
+    logger = DemoLogger(str(tmp_path), name="demo", version="version_0/alpha_0.1")
+    bar = progress_bar("0.1")
+    trainer = pl.Trainer(logger=logger, callbacks=[bar], max_epochs=1, enable_checkpointing=False,
+                         enable_model_summary=False)
+    metrics = bar.get_metrics(trainer, TeacherStudentRegressor(width=4))
+    assert metrics.get("alpha") == "0.1" and "v_num" not in metrics

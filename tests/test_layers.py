@@ -272,7 +272,8 @@ def test_per_layer_tags_are_the_trained_weights_and_the_module_outputs_on_the_pr
     assert len(images) >= 1 and images[-1].width > 100 and images[-1].height > 100
     line = next(line for line in monitor.summary().splitlines() if "layers that moved most (feature movement)" in line)
     top = max(layers, key=lambda name: layers[name]["feature_movement"])
-    assert line.split(")")[-1].split()[0] == top
+    first = line.split("(feature movement)", 1)[1].split(",")[0].strip()  # "<layer> [<type>]: <value>"
+    assert first.rsplit(":", 1)[0].split()[0] == top
 
 
 def test_per_layer_distances_are_exactly_zero_at_lr_zero(tmp_path):

@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from lightning_lazy.watch import report
 
@@ -143,7 +144,11 @@ def test_custom_scalars_layout_one_kind_per_chart() -> None:
     from torch.utils.tensorboard.summary import custom_scalars
 
     layout = report.custom_scalars_layout()
-    charts = [(title, spec) for category in layout.values() for title, spec in category.items()]
+    assert list(layout) == ["lazy training", "lazy training, per layer"]
+    charts = list(layout["lazy training"].items())
+    # The verdict's four tags open the tab.
+    assert [patterns for _, (_, patterns) in charts[:4]] == [
+        ["lazy/regime$"], ["lazy/divergence$", "lazy/bound$"], ["lazy/activation_stability$"], ["lazy/kernel_alignment$"]]
     tags_seen = set()
     for title, (kind, patterns) in charts:
         assert kind == "Multiline"
@@ -159,6 +164,87 @@ def test_custom_scalars_layout_one_kind_per_chart() -> None:
     assert by_tag["lazy/divergence$"] == by_tag["lazy/bound$"]
     assert len({by_tag["lazy/displacement$"], by_tag["lazy/tangent_gap$"], by_tag["lazy/ntk_distance$"]}) == 3
     # What SummaryWriter.add_custom_scalars writes, read back as TensorBoard reads it.
+    # Per layer: one chart per measure, whatever the layers are called, and nothing else in it.
+    per_layer = layout["lazy training, per layer"]
+    for measure in report.LAYER_CHARTS:
+        (pattern,) = next(patterns for _, patterns in per_layer.values() if patterns[0].endswith(f"/{measure}$"))
+        assert re.match(pattern, f"lazy/layers/0/{measure}") and re.match(pattern, f"lazy/layers/features.3/{measure}")
+        assert not re.match(pattern, f"lazy/layers/0/{measure}_x") and not re.match(pattern, f"lazy/{measure}")
     written = layout_pb2.Layout.FromString(custom_scalars(layout).value[0].tensor.string_val[0])
-    assert [chart.title for category in written.category for chart in category.chart] == [t for t, _ in charts]
+    assert [chart.title for chart in written.category[0].chart] == [t for t, _ in charts]
+    assert [chart.title for chart in written.category[1].chart] == list(per_layer)
     assert list(written.category[0].chart[0].multiline.tag) == layout["lazy training"][charts[0][0]][1]
+
+
+def test_weights_panels_keep_one_scale_across_runs() -> None:
+    # α = 100 moves its weights by 3e-4, α = 0.1 by 13: on one fixed scale their bars differ by 4.6 decades
+    # (panel e) and their lines sit apart (panel d), instead of each filling its own panel.
+    limits = {}
+    for name, moved in (("lazy", 3e-4), ("features", 13.0)):
+        fig = report.laziness_figure(history(displacement=moved, tangent_gap=moved / 10),
+                                     per_tensor={"inner.net.0.weight": moved, "inner.net.0.bias": 0.0})
+        fig.canvas.draw()
+        d, e = panel(fig, "d"), panel(fig, "e")
+        limits[name] = (d.get_ylim(), e.get_xlim())
+        assert e.get_xscale() == "log" and "fixed scale" in e.get_xlabel() and "fixed scale" in d.get_ylabel()
+        (bar,) = e.patches  # the bias did not move: no bar, the text "0"
+        assert bar.get_x() == report.WEIGHT_SCALE[0] and bar.get_x() + bar.get_width() == pytest.approx(moved)
+        assert " 0" in [t.get_text() for t in e.texts]
+    assert limits["lazy"] == limits["features"] == ((report.WEIGHT_SCALE,) * 2)
+    # A value beyond the scale widens it by whole decades, never cuts it.
+    wide = report.laziness_figure(history(displacement=3e-8), per_tensor={"w": 2500.0})
+    assert panel(wide, "d").get_ylim()[0] == pytest.approx(1e-8) and panel(wide, "e").get_xlim() == (1e-6, 1e4)
+
+
+def test_figures_show_the_labels_they_are_given() -> None:
+    labels = {"inner.model.module.0.weight": "0.weight Linear(10→256)"}
+    fig = report.laziness_figure(history(), per_tensor={"inner.model.module.0.weight": 0.3, "other": 0.1},
+                                 labels=labels)
+    assert [t.get_text() for t in panel(fig, "e").get_yticklabels()] == ["0.weight Linear(10→256)", "other"]
+    layers = [{"normalized_time": t, "layers": {"inner.model.module.0": {"feature_movement": 0.01 * t, "ntk_share": 0.6},
+                                                "inner.model.module.4": {"feature_movement": 0.1 * t, "ntk_share": 0.4}}}
+              for t in (1.0, 2.0, 4.0)]
+    heat = report.layers_figure(layers, alpha=0.1, regime=report.FEATURE_LEARNING,
+                                labels={"inner.model.module.0": "0 Linear(10→256)", "inner.model.module.4": "4 Linear(256→1)"})
+    heat.canvas.draw()
+    a = panel(heat, "a")
+    assert [t.get_text() for t in a.get_yticklabels()] == ["0 Linear(10→256)", "4 Linear(256→1)"]
+    title = heat._suptitle.get_text()
+    assert "α = 0.1" in title and "regime: feature learning" in title
+    # Readable once TensorBoard shrinks the image: no text under 9 pt.
+    assert min(t.get_fontsize() for t in a.texts + a.get_yticklabels() + a.get_xticklabels()) >= 9
+    unknown = report.layers_figure(layers, regime=report.UNKNOWN)
+    assert "regime" not in unknown._suptitle.get_text() and "α" not in unknown._suptitle.get_text()
+
+
+def test_summary_names_moved_layers_by_their_labels() -> None:
+    values = dict(FEATURES, moved_layers=[("inner.model.module.4", "feature_movement", 14.1),
+                                          ("inner.model.module.0", "feature_movement", 0.09)],
+                  layer_labels={"inner.model.module.4": "4 Linear(256→1)"})
+    line = next(line for line in report.laziness_summary(values).splitlines() if "moved most" in line)
+    assert line.endswith("4 Linear(256→1): 14.1, inner.model.module.0: 0.09")
+
+
+def test_the_readme_tensorboard_addresses_set_what_tensorboard_reads() -> None:
+    # TensorBoard 2.x: Time Series reads smoothing, tagFilter and pinnedCards from the query string; the older
+    # Scalars view reads _smoothingWeight and tagFilter from after the '#', and ignores them before it.
+    import json
+    from urllib.parse import parse_qs, unquote, urlsplit
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    addresses = re.findall(r"^http://localhost:6006/\S*$", readme, re.M)
+    series = [a for a in addresses if a.endswith("#timeseries")]
+    scalars = [a for a in addresses if "#scalars&" in a]
+    assert series and scalars
+    for address in series:
+        query = parse_qs(urlsplit(address).query)
+        assert query["smoothing"] == ["0"]
+        assert [card["tag"] for card in json.loads(query["pinnedCards"][0])] == list(report.VERDICT_TAGS)
+        assert parse_qs(urlsplit(report.tensorboard_address(pinned=report.VERDICT_TAGS)).query) == query
+    for address in scalars:
+        before, after = address.split("#", 1)
+        assert "_smoothingWeight" not in before
+        settings = dict(part.split("=", 1) for part in after.split("&")[1:])
+        assert settings["_smoothingWeight"] == "0"
+        assert re.fullmatch(unquote(settings["tagFilter"]), "lazy/kernel_alignment")
+    assert parse_qs(urlsplit(report.tensorboard_address()).query) == {"smoothing": ["0"], "tagFilter": ["^lazy/"]}

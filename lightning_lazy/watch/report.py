@@ -9,7 +9,11 @@ Custom Scalars layout.
 - :func:`laziness_summary` and :func:`regime`: a few lines of text, opening with one sentence on the regime
   the run was in, judged from the measures (Δ, activation stability, kernel alignment), not from α;
   :func:`regime_code` gives the regime as a number (:data:`REGIME_CODES`) for a scalar chart or HParams.
-- :func:`custom_scalars_layout`: charts that never mix quantities of different kinds.
+- :func:`custom_scalars_layout`: charts that never mix quantities of different kinds, the verdict's first, and
+  one chart per per-layer measure.
+
+Layer and parameter names are shown as given, or through the ``labels`` the caller passes
+(:mod:`lightning_lazy.watch.naming`: ``0 Linear(10→256)`` rather than the wrapper path ``model.module.0``).
 
 Only torch-free plotting (matplotlib's ``Figure`` with the Agg canvas, no pyplot state) and numpy.
 """
@@ -17,10 +21,14 @@ Only torch-free plotting (matplotlib's ``Figure`` with the Agg canvas, no pyplot
 from __future__ import annotations
 
 import io
+import json
 import math
 import re
+import shutil
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -135,7 +143,8 @@ def _log_y(ax: Axes) -> None:
 
 
 def laziness_figure(history: list[dict[str, float]], *, horizon: float | None = None,
-                    per_tensor: dict[str, float] | None = None, title: str = "", alpha: float | None = None) -> Figure:
+                    per_tensor: dict[str, float] | None = None, title: str = "", alpha: float | None = None,
+                    labels: Mapping[str, str] | None = None) -> Figure:
     """The laziness figure of one run, from the monitor's measurements.
 
     Args:
@@ -145,22 +154,25 @@ def laziness_figure(history: list[dict[str, float]], *, horizon: float | None = 
             ``"tangent_gap"`` (others are ignored). Missing keys, None and NaN leave gaps.
         horizon: the predicted laziness horizon t̃* = 1/√κ(w0), drawn as a vertical line when finite.
         per_tensor: relative displacement ‖w_p − w0_p‖/‖w0_p‖ of each parameter tensor, by name; drawn as
-            a horizontal bar chart with the names on the axis (log scale when the values span more than
-            two decades).
+            a horizontal bar chart with the names on the axis, on the fixed log scale :data:`WEIGHT_SCALE`.
+        labels: what the axis shows for each name of ``per_tensor`` (names without one are shown as they
+            are): :func:`lightning_lazy.watch.naming.parameter_labels`, ``"0.weight Linear(10→256)"``.
         title: the start of the figure's title (e.g. the run's name); ``alpha`` and the regime of the last
             measurement (:func:`classify_regime`) follow it.
         alpha: the model's scale α, shown in the title.
 
     Panels, each on its own axes against t̃ on a log axis: (a) Δ and the bound, log y, with the line 1 and
     t̃*; (b) activation stability on y ∈ [0, 1]; (c) kernel alignment (left axis, [0, 1]) and NTK distance
-    (right axis, from 0 to max(1, its largest value)); (d) displacement and tangent gap, log y; (e) the
-    per-tensor displacement. The fixed axes of (b) and (c) make runs comparable at a glance (0.999 at
-    α = 100 and 0.75 at α = 0.1 do not both fill their panel). Measurements at t̃ = 0 (at initialization)
+    (right axis, from 0 to max(1, its largest value)); (d) displacement and tangent gap and (e) the per-tensor
+    displacement, both on the log scale :data:`WEIGHT_SCALE` (widened by whole decades only for a value beyond
+    it). The fixed axes make runs comparable at a glance: 0.999 at α = 100 and 0.75 at α = 0.1 do not both
+    fill panel (b), and α = 100's displacement of 3e-4 does not draw a bar as long as α = 0.1's 13. Measurements at t̃ = 0 (at initialization)
     cannot sit on a log axis and are skipped, as are values ≤ 0 on a log y axis.
 
     Returns a ``matplotlib.figure.Figure`` with an Agg canvas (no pyplot state; nothing to close).
     """
-    names = list(per_tensor or {})
+    per_tensor = {(labels or {}).get(name, name): value for name, value in (per_tensor or {}).items()}
+    names = list(per_tensor)
     # Fixed margins rather than constrained layout, which doubles the cost of a draw; the right column is
     # sized for the longest tensor name (about 0.55 em per character at 7-8 pt).
     height = max(7.5, 0.17 * len(names) + 1.5)  # about 0.17 in per name on the bar chart
@@ -242,6 +254,9 @@ def laziness_figure(history: list[dict[str, float]], *, horizon: float | None = 
     if drawn:
         _time_axis(ax)
         _log_y(ax)
+        shown = np.concatenate([_series(history, key, log_y=True)[1] for key in ("displacement", "tangent_gap")])
+        ax.set_ylim(*_weight_limits(shown))
+        ax.set_ylabel("relative distance (fixed scale)")
         ax.legend(fontsize=8, loc="best")
     else:
         _no_data(ax, "displacement and tangent gap")
@@ -254,27 +269,45 @@ def laziness_figure(history: list[dict[str, float]], *, horizon: float | None = 
     return fig
 
 
+# The fixed log scale of the weights' relative distances, panels (d) and (e): from a lazy run's 1e-6 (α = 1e4 on
+# MNIST-1D moves its weights by about that) to a feature-learning run's 1e3 (α = 0.1 in the demo, after one epoch:
+# all weights 13 times their initial norm, the output layer's weight 150 times). A value beyond widens the axis by
+# whole decades rather than being cut.
+WEIGHT_SCALE = (1e-6, 1e3)
+
+
+def _weight_limits(values: np.ndarray) -> tuple[float, float]:
+    """:data:`WEIGHT_SCALE`, widened to the decades holding any positive finite value beyond it."""
+    low, high = WEIGHT_SCALE
+    positive = values[np.isfinite(values) & (values > 0)]
+    if positive.size:
+        low = min(low, 10.0 ** math.floor(math.log10(float(positive.min()))))
+        high = max(high, 10.0 ** math.ceil(math.log10(float(positive.max()))))
+    return low, high
+
+
 def _per_tensor_panel(ax: Axes, per_tensor: Mapping[str, float]) -> None:
-    """(e): a horizontal bar per parameter tensor, in the model's order from top to bottom, names on the axis."""
+    """(e): a horizontal bar per parameter tensor, in the model's order from top to bottom, names on the axis,
+    on the fixed log scale of panel (d)."""
     names = list(per_tensor)
     values = np.array([_value(per_tensor, name) for name in names], dtype=float)
-    finite = values[np.isfinite(values)]
-    positive = finite[finite > 0]
-    # A log axis when the values span more than two decades (e.g. biases against weights), linear otherwise.
-    log = len(positive) == len(finite) and len(positive) > 1 and positive.max() > 100 * positive.min()
+    low, high = _weight_limits(values)
     position = np.arange(len(names))[::-1]
-    ax.barh(position, np.where(np.isfinite(values), values, 0.0), color=_COLOURS["displacement"], height=0.7)
+    drawn = np.isfinite(values) & (values > 0)
+    # Bars grow from the scale's left end, so a bar's length is its value's decades above 1e-6 in every run.
+    ax.barh(position[drawn], values[drawn] - low, left=low, color=_COLOURS["displacement"], height=0.7)
     ax.set_yticks(position, labels=names, fontsize=7 if len(names) > 20 else 8)
     ax.set_ylim(-0.6, len(names) - 0.4)
-    if log:
-        ax.set_xscale("log")
-        _plain_log_ticks(ax.xaxis)
-        ax.set_xlim(positive.min() / 2, positive.max() * 2)
-    ax.set_xlabel("relative displacement |w_p - w0_p| / |w0_p|")
+    ax.set_xscale("log")
+    _plain_log_ticks(ax.xaxis)
+    ax.set_xlim(low, high)
+    ax.set_xlabel("relative displacement |w_p - w0_p| / |w0_p| (fixed scale)")
     ax.grid(True, axis="x", alpha=0.3)
     for y, value in zip(position, values):
         if not np.isfinite(value):
-            ax.text(0, y, " n/a", va="center", fontsize=7, color="gray")
+            ax.text(low, y, " n/a", va="center", fontsize=7, color="gray")
+        elif value <= 0:
+            ax.text(low, y, " 0", va="center", fontsize=7, color="gray")
     ax.set_title("(e) displacement per parameter tensor (last measurement)", **_PANEL_TITLE)
 
 
@@ -282,19 +315,27 @@ def _per_tensor_panel(ax: Axes, per_tensor: Mapping[str, float]) -> None:
 FEATURE_MOVEMENT_SCALE = (1e-3, 10.0)
 
 
-def layers_figure(layer_history: Sequence[Mapping[str, object]], *, title: str = "") -> Figure:
+def layers_figure(layer_history: Sequence[Mapping[str, object]], *, title: str = "", alpha: float | None = None,
+                  regime: str | None = None, labels: Mapping[str, str] | None = None) -> Figure:
     """The per-layer heat map: which layers learn features, and when.
 
     Args:
         layer_history: one entry per measurement, in time order: ``{"normalized_time": t̃, "layers": {layer:
             {"feature_movement": …, "ntk_share": …, …}}}`` (the monitor's ``layer_history``).
-        title: the figure's title.
+        title: the start of the figure's title (e.g. the run's name); ``alpha`` and ``regime`` follow it, as in
+            :func:`laziness_figure`'s.
+        alpha: the model's scale α, shown in the title.
+        regime: the run's regime (:func:`classify_regime` of its last measurement), shown in the title unless
+            ``UNKNOWN``.
+        labels: what each row shows for a layer of ``layer_history`` (others as they are):
+            :func:`lightning_lazy.watch.naming.layer_labels`, ``"0 Linear(10→256)"``.
 
     Two panels, layers as rows (in the network's order, top to bottom), measurements as columns (labelled by t̃):
     (a) feature movement ‖φ_l − φ_l(w0)‖/‖φ_l(w0)‖ of each layer's output on the probe, on a fixed log colour
     scale :data:`FEATURE_MOVEMENT_SCALE` (values beyond are drawn at its ends; a cell at exactly 0, e.g. at
     lr = 0, is white); (b) each layer's share tr Θ_l / tr Θ of the tangent kernel, from 0 to 1. Fixed scales: two
-    runs' heat maps compare by colour.
+    runs' heat maps compare by colour. Each cell carries its value while the grid is small enough to read them
+    (24 layers, 16 measurements); text is sized for TensorBoard's image cards, which show the figure shrunk.
     How to read it: a layer whose row stays dark in (a) computes what it computed at w0 (lazy); a row that
     brightens is learning features, from the column where it does. (b) says which layers the kernel (hence
     gradient descent in the lazy regime) mostly moves; a share that shifts over time is the kernel changing its
@@ -309,10 +350,13 @@ def layers_figure(layer_history: Sequence[Mapping[str, object]], *, title: str =
         for name in entry.get("layers", {}):  # type: ignore[union-attr]
             if name not in layers:
                 layers.append(name)
+    shown_names = [(labels or {}).get(name, name) for name in layers]
     columns = len(layer_history)
-    height = max(3.0, 0.28 * len(layers) + 1.8)
-    label_width = max([len(n) for n in layers] + [4]) * 0.075
-    fig = Figure(figsize=(2 * (label_width + max(3.0, 0.45 * columns) + 1.6), height))
+    many = len(layers) > 20
+    text = {"ticks": 9 if many else 12, "cells": 9, "labels": 12, "title": 13, "heading": 16}
+    height = max(4.5, (0.3 if many else 0.5) * len(layers) + 2.6)
+    label_width = max([len(n) for n in shown_names] + [4]) * 0.6 * text["ticks"] / 72
+    fig = Figure(figsize=(2 * (label_width + max(4.0, 0.7 * columns) + 1.8), height))
     FigureCanvasAgg(fig)
     times = [_value(entry, "normalized_time") for entry in layer_history]  # type: ignore[arg-type]
     panels = (("feature_movement", "(a) feature movement |φ_l - φ_l(w0)| / |φ_l(w0)|", True),
@@ -336,22 +380,25 @@ def layers_figure(layer_history: Sequence[Mapping[str, object]], *, title: str =
             norm = Normalize(vmin=0.0, vmax=1.0)
             shown = np.ma.masked_invalid(grid)
         image = ax.imshow(shown, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
-        fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02, extend="both" if log else "neither")
-        ax.set_yticks(range(len(layers)), labels=layers, fontsize=7 if len(layers) > 20 else 8)
+        bar = fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02, extend="both" if log else "neither")
+        bar.ax.tick_params(labelsize=text["ticks"])
+        ax.set_yticks(range(len(layers)), labels=shown_names, fontsize=text["ticks"])
         every = max(1, math.ceil(columns / 12))
         ticks = list(range(0, columns, every))
-        ax.set_xticks(ticks, labels=[f"{times[i]:.3g}" for i in ticks], fontsize=7, rotation=45)
-        ax.set_xlabel("normalized time t̃ of the measurement")
-        ax.set_title(label, **_PANEL_TITLE)
-        if len(layers) <= 24 and columns <= 12:
+        ax.set_xticks(ticks, labels=[f"{times[i]:.3g}" for i in ticks], fontsize=text["ticks"], rotation=45)
+        ax.set_xlabel("normalized time t̃ of the measurement", fontsize=text["labels"])
+        ax.set_title(label, fontsize=text["title"])
+        if len(layers) <= 24 and columns <= 16:
             for (row, column), value in np.ndenumerate(grid):
                 if np.isfinite(value):
                     shade = float(norm(min(max(value, norm.vmin), norm.vmax))) if log else float(norm(value))
-                    ax.text(column, row, f"{value:.2g}", ha="center", va="center", fontsize=6,
+                    ax.text(column, row, f"{value:.2g}", ha="center", va="center", fontsize=text["cells"],
                             color="white" if shade < 0.6 else "black")
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / height) if title else (0, 0, 1, 1))
-    if title:
-        fig.suptitle(title, fontsize=12)
+    heading = [part for part in (title, f"α = {alpha:g}" if alpha is not None else "",
+                                 f"regime: {regime}" if regime and regime != UNKNOWN else "",
+                                 "per layer: where the network leaves its kernel") if part]
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.6 / height))
+    fig.suptitle(" · ".join(heading), fontsize=text["heading"])
     return fig
 
 
@@ -490,7 +537,9 @@ def laziness_summary(values: Mapping[str, float | str | None]) -> str:
     (t̃*), ``"normalized_time"`` (t̃ at the end), ``"divergence"``, ``"activation_stability"``,
     ``"kernel_alignment"``, ``"displacement"``, ``"loss"`` (the model's last training loss),
     ``"tangent_loss"`` (the twin's), ``"moved_layers"`` (``[(layer, measure, value)]``, the layers that moved
-    most); missing, None or NaN values are left out. The first line is
+    most), ``"layer_labels"`` (``{layer: label}``, :func:`lightning_lazy.watch.naming.layer_labels`: how the
+    moved layers are named, ``0 Linear(10→256)``; a layer without a label by its name); missing, None or NaN
+    values are left out. The first line is
     :func:`regime`'s sentence (TensorBoard's Text tab shows it first, uncut). With an adaptive optimizer
     the horizon is not stated, and a line says why: the theorem's time is that of gradient descent.
     """
@@ -533,8 +582,9 @@ def laziness_summary(values: Mapping[str, float | str | None]) -> str:
     moved = values.get("moved_layers") or []
     if moved:
         measure = str(moved[0][1]).replace("_", " ")
+        labels = values.get("layer_labels") or {}
         rows.append((f"layers that moved most ({measure})",
-                     ", ".join(f"{name} {_fmt(float(value))}" for name, _, value in moved)))
+                     ", ".join(f"{labels.get(name, name)}: {_fmt(float(value))}" for name, _, value in moved)))
     width = max((len(name) for name, _ in rows), default=0)
     return "\n".join([regime(values), "Laziness summary"] + [f"  {name:<{width}}  {text}" for name, text in rows])
 
@@ -569,24 +619,37 @@ TAG_KINDS: dict[str, str] = {
 }
 
 
+# The per-layer measures (lazy/layers/<layer>/<measure>), one Custom Scalars chart each.
+LAYER_CHARTS: dict[str, str] = {
+    "feature_movement": "feature movement |phi_l - phi_l(w0)| / |phi_l(w0)|",
+    "displacement": "displacement |w_l - w_l0| / |w_l0|",
+    "ntk_share": "share of the tangent kernel tr K_l / tr K",
+    "ntk_distance": "kernel distance |K_l - K_l(w0)| / |K_l(w0)|",
+}
+
+
 def custom_scalars_layout() -> dict[str, dict[str, list]]:
-    """The layout for ``SummaryWriter.add_custom_scalars``: the monitor's ``lazy/...`` tags, one kind per chart.
+    """The layout for ``SummaryWriter.add_custom_scalars``: the monitor's ``lazy/...`` tags, one kind per chart,
+    the four the verdict is read from first (regime, Δ, activation stability, kernel alignment); then a second
+    category with one chart per per-layer measure (:data:`LAYER_CHARTS`), every layer's line in it.
 
     A layout cannot choose a log y-axis: each Custom Scalars chart has its own "Toggle y-axis log scale"
     button (TensorBoard 2.x), which "divergence and bound" needs, since the bound grows like t̃² past 1e3
     while Δ stays below 1; the chart's title says so. The charts' x-axis is the step, not t̃: the laziness
-    figure (Images tab) draws against t̃. Set TensorBoard's smoothing to 0: the log-spaced early
-    measurements are few, and smoothing shifts them.
+    figure (Images tab) draws against t̃. Nor can a layout set the smoothing, which should be 0 (the log-spaced
+    early measurements are few, and smoothing shifts them): the address ``#custom_scalars&_smoothingWeight=0``
+    does (TensorBoard 2.x reads the hash, not the query string).
     """
     charts = {
+        # The four tags the verdict is read from, first: the Custom Scalars tab opens on them.
         "regime (1 lazy, 0.5 in between, 0 feature learning)": ["lazy/regime"],
         "divergence and bound t~^2 kappa(w0) (use the log-scale button)": ["lazy/divergence", "lazy/bound"],
+        "activation stability": ["lazy/activation_stability"],
+        "kernel alignment with K(w0)": ["lazy/kernel_alignment"],
         "kappa": ["lazy/kappa"],
         "||D(alpha h)|| (jacobian norm)": ["lazy/jacobian_norm"],
         "||D^2(alpha h)|| (hessian norm)": ["lazy/hessian_norm"],
-        "kernel alignment with K(w0)": ["lazy/kernel_alignment"],
         "NTK distance ||K - K(w0)|| / ||K(w0)||": ["lazy/ntk_distance"],
-        "activation stability": ["lazy/activation_stability"],
         "displacement ||w - w0|| / ||w0||": ["lazy/displacement"],
         "tangent gap ||w - w_twin|| / ||w - w0||": ["lazy/tangent_gap"],
         "tangent model losses": ["lazy/tangent/train_loss", "lazy/tangent/val_loss"],
@@ -600,7 +663,55 @@ def custom_scalars_layout() -> dict[str, dict[str, list]]:
         "kernel baseline (w0) validation loss": ["lazy/kernel/val_loss"],
         "kernel baseline (w0) validation accuracy": ["lazy/kernel/val_acc"],
     }
+    # One chart per per-layer measure, every layer's line in it (the layers' names are not known here, and a
+    # pattern needs none): lazy/layers/<layer>/<measure>, <layer> a dotted module path without "/".
+    per_layer = {f"per layer: {title}": [f"lazy/layers/[^/]+/{measure}$"] for measure, title in LAYER_CHARTS.items()}
     # Multiline entries are regular expressions matched at the tag's start: "$" keeps e.g. lazy/displacement
     # from also drawing a lazy/displacement_... tag.
     return {"lazy training": {title: ["Multiline", [f"{re.escape(tag)}$" for tag in tags]]
-                              for title, tags in charts.items()}}
+                              for title, tags in charts.items()},
+            "lazy training, per layer": {title: ["Multiline", patterns] for title, patterns in per_layer.items()}}
+
+
+# ------------------------------------------------------------------------------------------- TensorBoard
+
+# The tags the verdict is read from (classify_regime's three measures and the regime itself).
+VERDICT_TAGS = ("lazy/regime", "lazy/divergence", "lazy/activation_stability", "lazy/kernel_alignment")
+
+
+def tensorboard_command(log_dir: str | Path) -> str:
+    """A command that starts TensorBoard on ``log_dir`` from the current folder, whether or not the
+    environment this package runs in is activated (the README's set-up does not activate it): ``tensorboard``
+    when the one on ``PATH`` is this environment's, else its path (``.venv/bin/tensorboard`` from the
+    repository's root), else ``<python> -m tensorboard.main``."""
+    on_path = shutil.which("tensorboard")
+    beside_python = shutil.which("tensorboard", path=str(Path(sys.executable).parent))
+    if beside_python is None:
+        program = f"{sys.executable} -m tensorboard.main"
+    elif on_path is not None and Path(on_path).resolve() == Path(beside_python).resolve():
+        program = "tensorboard"
+    else:
+        path = Path(beside_python).absolute()
+        try:
+            program = str(path.relative_to(Path.cwd()))
+        except ValueError:
+            program = str(path)
+    return f"{program} --logdir {log_dir}"
+
+
+def tensorboard_address(port: int = 6006, pinned: Sequence[str] = ()) -> str:
+    """The address that opens TensorBoard 2.x's default view (Time Series) on the ``lazy/`` tags with
+    smoothing 0, ``pinned`` tags (e.g. :data:`VERDICT_TAGS`) pinned above the rest.
+
+    What a run's logs cannot set, the address does: Time Series reads ``smoothing``, ``tagFilter`` (a regular
+    expression) and ``pinnedCards`` (JSON) from the query string. The older Scalars and Custom Scalars views read
+    theirs from after the ``#`` instead (``#scalars&_smoothingWeight=0&tagFilter=...``). Neither view takes
+    "ignore outliers in chart scaling" from the address: it is kept in the browser's storage.
+    """
+    query = ["smoothing=0"]
+    if pinned:
+        cards = [{"plugin": "scalars", "tag": tag} for tag in pinned]
+        query.append("pinnedCards=" + quote(json.dumps(cards, separators=(",", ":")), safe=""))
+    else:
+        query.append("tagFilter=" + quote("^lazy/", safe=""))
+    return f"http://localhost:{port}/?{'&'.join(query)}#timeseries"
