@@ -483,8 +483,11 @@ class LazyTrainingMonitor(Callback):
             rank_zero_info(text)
             if self._log_folder is not None:
                 figure = os.path.join(self._log_folder, "laziness.png")
-                rank_zero_info(f"LazyTrainingMonitor: logs in {self._log_folder} (tensorboard --logdir "
-                               f"{self._log_folder})" + (f", figure {figure}" if os.path.exists(figure) else ""))
+                from lightning_lazy.watch.report import tensorboard_command
+
+                rank_zero_info(f"LazyTrainingMonitor: logs in {self._log_folder} (to see them: "
+                               f"{tensorboard_command(self._log_folder)})"
+                               + (f", figure {figure}" if os.path.exists(figure) else ""))
 
     @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

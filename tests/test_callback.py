@@ -71,7 +71,10 @@ def test_figure_files_and_tensorboard_images_are_the_same_pictures(tmp_path):
         assert shown.shape == (image.height, image.width, 3) and np.array_equal(pictures[file], shown), file
         assert pictures[file].std() > 10, file  # not a blank canvas
     # The heat map is the monitor's layer history drawn as report.layers_figure draws it, pixel for pixel.
-    assert np.array_equal(pictures["layers.png"], report.figure_to_array(report.layers_figure(monitor.layer_history)))
+    drawn = report.layers_figure(monitor.layer_history, alpha=10.0, regime=report.classify_regime(monitor.history[-1]),
+                                 labels=monitor.core._labels)
+    assert np.array_equal(pictures["layers.png"], report.figure_to_array(drawn))
+    assert [monitor.core._labels[k] for k in ("0", "2", "4")] == ["0 Linear(6→32)", "2 Linear(32→32)", "4 Linear(32→2)"]
 
 
 def test_model_linear_in_parameters_has_zero_divergence_through_the_trainer(tmp_path):

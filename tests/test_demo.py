@@ -120,6 +120,8 @@ def test_demo_quick_table_logs_hparams_and_new_versions(tmp_path, capsys):
     # TensorBoard orders tag groups alphabetically and opens on the first: the monitor's lazy/ is it (no epoch
     # scalar, the demo's own values under table/).
     assert "epoch" not in scalars and min(tag.split("/")[0] for tag in scalars) == "lazy"
+    # Layers as the demo's network names them: nn.Sequential's 0, 2, 4, not the wrapper's model.module.0.
+    assert {tag.split("/")[2] for tag in scalars if tag.startswith("lazy/layers/")} == {"0", "2", "4"}
 
     # A second run of the demo starts version_1; version_0 is left as it was.
     before = sorted(p.name for p in run.iterdir())

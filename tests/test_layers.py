@@ -230,8 +230,9 @@ def test_per_layer_tags_are_the_trained_weights_and_the_module_outputs_on_the_pr
     model, w0, monitor, probe = _fit(tmp_path, lr=0.05)
     net = model.model
     layers = monitor.layer_history[-1]["layers"]
-    assert list(layers) == ["model.0", "model.2", "model.4"]
-    for name, measures in layers.items():
+    assert list(layers) == ["0", "2", "4"]  # as the Sequential names them, without the module's attribute `model`
+    for short, measures in layers.items():
+        name = f"model.{short}"
         module = dict(model.named_modules())[name]
         moved = torch.cat([(p.detach() - w0[f"{name}.{k}"]).flatten() for k, p in module.named_parameters()])
         scale = torch.cat([w0[f"{name}.{k}"].flatten() for k, _ in module.named_parameters()])
@@ -248,8 +249,8 @@ def test_per_layer_tags_are_the_trained_weights_and_the_module_outputs_on_the_pr
                            implementation="products", per_layer=True)
     total = sum(b.trace() for b in now.values())
     for name in now:
-        assert layers[f"model.{name}"]["ntk_share"] == pytest.approx(float(now[name].trace() / total), rel=1e-9)
-        assert layers[f"model.{name}"]["ntk_distance"] == pytest.approx(
+        assert layers[name]["ntk_share"] == pytest.approx(float(now[name].trace() / total), rel=1e-9)
+        assert layers[name]["ntk_distance"] == pytest.approx(
             float((now[name] - then[name]).norm() / then[name].norm()), rel=1e-8)
     assert sum(v["ntk_share"] for v in layers.values()) == pytest.approx(1.0)
     last = monitor.history[-1]

@@ -228,12 +228,12 @@ def test_pruning_keeps_w0_and_stops_the_twin(package, linear, tmp_path):
     assert later and all(key not in entry for entry in later for key in TWIN_BASED)
     # The renamed parameter kept its w0 and its name: its displacement is its real distance from w0 (at the last
     # measurement: weight_orig when the pruning is not made permanent after it).
-    assert "net.head.weight" in monitor.core._last_per_tensor
+    assert "head.weight" in monitor.core._last_per_tensor  # named as the network names it
     if linear:  # made permanent at the end of training: the same Parameter, named weight again
         assert isinstance(watched.net.head.weight, nn.Parameter) and not hasattr(watched.net.head, "weight_orig")
     else:
         w, w0 = watched.net.head.weight_orig.detach(), initial["net.head.weight"]
-        assert monitor.core._last_per_tensor["net.head.weight"] == pytest.approx(float((w - w0).norm() / w0.norm()),
+        assert monitor.core._last_per_tensor["head.weight"] == pytest.approx(float((w - w0).norm() / w0.norm()),
                                                                             rel=1e-12)
     # (2) at lr 0 the weights never move: every displacement is 0 before and after pruning, and no Δ after it
     with pytest.warns(UserWarning, match="pruning"):

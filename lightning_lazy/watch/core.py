@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from lightning_lazy._forward_ad import as_forward_ad_error
 from lightning_lazy._inputs import as_inputs, inputs_to, num_examples, take
 from lightning_lazy._optim import adaptive_optimizer, step_size
-from lightning_lazy._params import tensor_norms
+from lightning_lazy._params import tensor_fingerprints
 from lightning_lazy.scaling import IGNORE_INDEX
 from lightning_lazy.watch.batches import (WatchError, default_batch_to_xy, is_causal_lm, read_batch, self_labelled,
                                           shift_labels)
@@ -48,7 +48,6 @@ from lightning_lazy.watch.probe import LazinessProbe, ProbeMemoryError
 from lightning_lazy.watch.schedule import Budget, Schedule
 from lightning_lazy.watch.twin import TangentTwin, TwinError, Watched
 
-_PREFIX = "inner."  # parameter names of the watched network inside its ``Watched`` wrapper
 _log = logging.getLogger("lightning_lazy")
 
 #: Measures that come from the twin: after it stopped following the run they are not logged.
@@ -201,6 +200,7 @@ class LazinessWatch:
         self.layer_history: list[dict[str, Any]] = []
         self.kernel_baseline_values: dict[str, float] | None = None
         self._last_per_tensor: dict[str, float] = {}
+        self._labels: dict[str, str] = {}  # short layer / parameter name -> label with its type, for people
         self._last_scalars: tuple[Any, dict[str, float]] = (None, {})
         self._drawn = 0
         self._draw_seconds = 1.0
@@ -626,10 +626,32 @@ class LazinessWatch:
             raise WatchError(f"{self.who}: {error}") from None
         if self._adaptive is not None or self._time is None:
             values.pop("bound", None)  # the theorem behind it speaks of gradient descent only
-        values["displacement_per_tensor"] = {_display(k): v for k, v in values["displacement_per_tensor"].items()}
-        for layer, measures in values.pop("layers", {}).items():
-            values.update({f"layers/{_layer_name(layer)}/{name}": value for name, value in measures.items()})
+        per_tensor = values["displacement_per_tensor"]
+        short = self._short_names(per_tensor)
+        values["displacement_per_tensor"] = {short[k]: v for k, v in per_tensor.items()}
+        layers = values.pop("layers", {})
+        short = self._short_names(layers, modules=True)
+        for layer, measures in layers.items():
+            values.update({f"layers/{short[layer]}/{name}": value for name, value in measures.items()})
         return values
+
+    def _short_names(self, names: Iterable[str], modules: bool = False) -> dict[str, str]:
+        """Module (``modules``) or parameter names in the watched network as the user's network names them
+        (:func:`~lightning_lazy.watch.naming.layer_names`: wrappers left out), and each one's label with its type,
+        kept for the figures and the summary."""
+        from lightning_lazy.watch.naming import layer_labels, layer_names, parameter_labels
+
+        names = list(names)
+        if modules:
+            short, labels = layer_names(self._watched, names), layer_labels(self._watched, names)
+        else:
+            owners = {name: name.rpartition(".")[0] for name in names}
+            module_short = layer_names(self._watched, owners.values())
+            short = {name: (name.rpartition(".")[2] if module_short[owner] == "root" else
+                            f"{module_short[owner]}.{name.rpartition('.')[2]}") for name, owner in owners.items()}
+            labels = parameter_labels(self._watched, names)
+        self._labels.update({short[name]: labels.get(name, short[name]) for name in names})
+        return short
 
     def measure_and_log(self, step: int, on_step: bool, epoch: int | None = None,
                         forced: bool = False) -> dict[str, float] | None:
@@ -689,7 +711,7 @@ class LazinessWatch:
         counters of its parameters, its buffers' names, and the parameters' norms (``.data`` writes)."""
         params = list(self._watched.named_parameters())
         buffers = [name for name, _ in self._watched.named_buffers()]
-        norms = tensor_norms([p if p.is_floating_point() else None for _, p in params])
+        norms = tensor_fingerprints([p if p.is_floating_point() else None for _, p in params])
         return tuple((name, p._version) for name, p in params), tuple(buffers), tuple(norms)
 
     def end_epoch_losses(self) -> float | None:
@@ -789,6 +811,11 @@ class LazinessWatch:
         if self._time is None:
             text += ("\n  The optimizer takes steps of its own size (no float learning rate): normalized time and the "
                      "bound are not stated.")
+        relative = getattr(self.measures, "displacement_relative_to", "w0")
+        if relative != "w0":  # every trained weight started at zero (LoRA's B): ‖w − w0‖/‖w0‖ has no meaning
+            text += ("\n  Displacement is " + ("relative to the frozen weights the trained ones adapt" if
+                                                relative == "reference" else "absolute, ‖w − w0‖") +
+                     ": every trained weight started at zero.")
         if (cost := self.budget.describe()) is not None:
             text += f"\n  Cost: {cost}."
         return text
@@ -802,7 +829,7 @@ class LazinessWatch:
         # A layer that did not move (learning rate 0, a frozen one) is no answer to "which moved most".
         ranked = sorted(((name, v[measure]) for name, v in layers.items() if v.get(measure, 0.0) > 0.0),
                         key=lambda item: -item[1])
-        return [(name, measure, value) for name, value in ranked[:count]]
+        return [(self._labels.get(name, name), measure, value) for name, value in ranked[:count]]
 
     # -------------------------------------------------------------------------------------- outputs
 
@@ -839,13 +866,14 @@ class LazinessWatch:
             return  # nowhere to write them
         self._drawn = len(self.history)
         started = time.perf_counter()
-        from lightning_lazy.watch.report import figure_to_png, laziness_figure, layers_figure
+        from lightning_lazy.watch.report import classify_regime, figure_to_png, laziness_figure, layers_figure
 
         png = figure_to_png(laziness_figure(self.history, horizon=self.summary_values()["horizon"],
-                                            per_tensor=self._last_per_tensor, alpha=self.alpha))
+                                            per_tensor=self._last_per_tensor, alpha=self.alpha, labels=self._labels))
         self.host.writers.image("lazy/figure", png, step, "laziness.png")
         if self.layer_history:
-            png = figure_to_png(layers_figure(self.layer_history))
+            png = figure_to_png(layers_figure(self.layer_history, alpha=self.alpha, labels=self._labels,
+                                              regime=classify_regime(self.history[-1])))
             self.host.writers.image("lazy/layers", png, int(self.layer_history[-1]["step"]), "layers.png")
         self._drawn_at = time.perf_counter()
         self._draw_seconds = self._drawn_at - started
@@ -1128,15 +1156,6 @@ def _unwrap_optimizer(optimizer: Any) -> Any:
 
 def _is_dataset(obj: Any) -> bool:
     return obj is not None and not isinstance(obj, (Tensor, tuple, list, Mapping)) and hasattr(obj, "__len__")
-
-
-def _display(name: str) -> str:
-    return name[len(_PREFIX):] if name.startswith(_PREFIX) else name
-
-
-def _layer_name(name: str) -> str:
-    """A layer's name in the tags: its name in the watched network; ``root`` for parameters it owns itself."""
-    return "root" if name == _PREFIX[:-1] else _display(name)
 
 
 __all__ = ["Host", "LazinessWatch", "TWIN_MEASURES"]
