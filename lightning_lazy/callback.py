@@ -485,8 +485,10 @@ class LazyTrainingMonitor(Callback):
                 figure = os.path.join(self._log_folder, "laziness.png")
                 from lightning_lazy.watch.report import tensorboard_command
 
-                rank_zero_info(f"LazyTrainingMonitor: logs in {self._log_folder} (to see them: "
-                               f"{tensorboard_command(self._log_folder)})"
+                tensorboard = any(cls.__name__ == "TensorBoardLogger" for logger in trainer.loggers
+                                  for cls in type(logger).__mro__)
+                rank_zero_info(f"LazyTrainingMonitor: logs in {self._log_folder}"
+                               + (f" (to see them: {tensorboard_command(self._log_folder)})" if tensorboard else "")
                                + (f", figure {figure}" if os.path.exists(figure) else ""))
 
     @override

@@ -388,3 +388,47 @@ def test_processes_agree_on_a_lost_twin():
     with pytest.warns(UserWarning, match="another process"):
         watch.agree()
     assert watch.twin.lost is not None and "divergence" not in watch.values()
+
+
+def test_plain_loop_that_skips_batch_stops_the_twin_with_one_warning():
+    # A batch the twin never saw makes its path another than the network's: never a wrong Δ.
+    x, y = _data(dtype=torch.float64)
+    model = LinearInParams().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    watch = LazinessWatch(model, opt, loss="mse", probe=(x, y))
+    with pytest.warns(UserWarning, match=r"batch\(\) was called 0 time"):
+        for i in range(6):
+            opt.zero_grad()
+            _half_mse(model(x[i * 6:i * 6 + 8]), y[i * 6:i * 6 + 8]).backward()
+            if i != 3:
+                watch.batch(x[i * 6:i * 6 + 8], y[i * 6:i * 6 + 8])
+            opt.step()
+    assert all("divergence" not in h for h in watch.history if h["step"] >= 4)
+    assert all(h["divergence"] < 1e-10 for h in watch.history if h["step"] < 4)
+
+
+def test_plain_loop_passing_a_loss_divided_for_accumulation_is_followed():
+    _, watch = _plain_loop(LinearInParams(), lr=0.2, watch_kwargs={}, dtype=torch.float64, accumulate=2)
+    assert watch.twin.lost is None
+    x, y = _data(dtype=torch.float64)
+    model = LinearInParams().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    watch = LazinessWatch(model, opt, loss="mse", probe=(x, y))
+    for i in range(8):
+        if i % 2 == 0:
+            opt.zero_grad()
+        loss = _half_mse(model(x[i * 4:i * 4 + 4]), y[i * 4:i * 4 + 4]) / 2
+        loss.backward()
+        watch.batch(x[i * 4:i * 4 + 4], y[i * 4:i * 4 + 4], loss=loss)
+        if i % 2 == 1:
+            opt.step()
+    assert watch.twin.lost is None and watch.measure()["divergence"] < 1e-10
+
+
+def test_without_an_optimizer_no_time_and_no_guarantee_are_claimed():
+    x, y = _data()
+    watch = LazinessWatch(_net(), None, loss="mse", probe=(x, y), track_tangent=False)
+    watch.start_measuring()
+    watch.measure()
+    assert "normalized_time" not in watch.history[-1]
+    assert watch.summary_values()["horizon"] is None and "guarantees" not in watch.summary()

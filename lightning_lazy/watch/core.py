@@ -193,7 +193,8 @@ class LazinessWatch:
         self._handles: list[Any] = []
         self._patched: list[tuple[Any, str, Any]] = []
         self.measures: LazinessProbe | None = None
-        self._time: float | None = 0.0  # Σ learning rates of the real steps taken (None: a step size not known)
+        # Σ learning rates of the real steps taken; None where the step size is not known (no optimizer given).
+        self._time: float | None = 0.0 if optimizer is not None else None
         self.steps = 0
         self.epoch = 0
         self.history: list[dict[str, float]] = []
@@ -217,6 +218,12 @@ class LazinessWatch:
         self._closed = False
         self._writers_set_up = False
         self._grads_at_step: list[tuple[Any, int] | None] | None = None
+        # A plain loop (no host): the watch counts the network's training forwards and batch() calls between steps
+        # (a batch the twin never saw would make its path another), and times the steps (the cost advice).
+        self._plain = host is None
+        self._forwards = self._batches = 0
+        self._measuring = False
+        self._step_mark: float | None = None
         if host is None:  # a plain loop: follow the optimizer from now on, and the first forward's random numbers
             self.start()
             self.arm()
@@ -242,9 +249,15 @@ class LazinessWatch:
                 self._patch_zero_grad(obj)
         if self.optimizer is not None:
             self._handles = [self.optimizer.register_step_post_hook(self._on_real_step)]
+        if self._plain and twin is not None:
+            self._handles.append(self._watched.inner.register_forward_pre_hook(self._count_forward))
         if self.host.is_global_zero and not self._writers_set_up:
             self._writers_set_up = True
             self.host.writers.setup()
+
+    def _count_forward(self, module: nn.Module, args: Any) -> None:
+        if not self._measuring and module.training and torch.is_grad_enabled():
+            self._forwards += 1
 
     def set_writers(self, writers: Sequence[Any]) -> None:
         """Where scalars (for hosts without their own logging), figures and the summary go from now on."""
@@ -364,7 +377,10 @@ class LazinessWatch:
             self._checked = True
             self._pending_check = True
             tolerance = _tolerance(precision, self._dtype())
-            if real_loss is not None and not self._close(real_loss, twin_loss, tolerance):
+            ratio = real_loss / twin_loss if real_loss is not None and twin_loss else None
+            divided = (self._infer_loss_weight and ratio is not None and 0 < ratio < 1
+                       and 2 <= round(1 / ratio) <= 4096 and abs(ratio * round(1 / ratio) - 1) <= tolerance)
+            if real_loss is not None and not divided and not self._close(real_loss, twin_loss, tolerance):
                 shifted = self._shifted_loss(x, y, extra, real_loss, tolerance)
                 if shifted is not None:
                     twin_loss = shifted
@@ -470,6 +486,13 @@ class LazinessWatch:
                            "reported; every other measure is.")
         elif self._time is not None:
             self._time += lr
+        if self._plain:
+            self._check_batches_seen()
+            now = time.perf_counter()
+            if self._step_mark is not None:
+                self._cost.step_seconds.append(now - self._step_mark)
+                if len(self._cost.step_seconds) == 1:
+                    self._advise_on_cost("initial")
         self.steps += 1
         self._trained.update(self._names[id(p)] for p in stepped if id(p) in self._names)
         if self.twin is not None:
@@ -483,7 +506,18 @@ class LazinessWatch:
         forward's random numbers). Adapters that measure on their own events replace it."""
         if self.measures is not None and self.schedule.is_log_step(self.steps):
             self.measure_and_log(self.steps, on_step=True)
+        self._step_mark = time.perf_counter()  # the next step's time starts after this measurement
         self.arm()
+
+    def _check_batches_seen(self) -> None:
+        """At a real step of a plain loop: the twin must have seen every training forward since the last step through
+        :meth:`batch`, else its path is another than the network's (a batch it never trained on)."""
+        forwards, batches = self._forwards, self._batches
+        self._forwards = self._batches = 0
+        if self.following_twin() is not None and forwards > batches:
+            self.twin_lost(f"the network ran {forwards} training forward(s) since the last step but batch() was "
+                           f"called {batches} time(s), so the tangent twin missed a batch the network trained on",
+                           "Call watch.batch(x, y) once after each backward, before optimizer.step().")
 
     # ------------------------------------------------------------------------------- the plain loop
 
@@ -499,6 +533,7 @@ class LazinessWatch:
         if self.measures is None:
             self.start_measuring(first_batch=(x, y))
         real = None if loss is None else float(loss.detach() if isinstance(loss, Tensor) else loss)
+        self._batches += 1
         self._follow_unseen_clearing()
         self.accumulate(x, y, extra, real_loss=real)
         if self.following_twin() is not None:
@@ -526,7 +561,9 @@ class LazinessWatch:
     def epoch_end(self, epoch: int | None = None) -> None:
         """An epoch ended: the epoch's mean tangent training loss; a measurement every ``every_n_epochs``."""
         self.epoch = self.epoch + 1 if epoch is None else epoch + 1
-        self.end_epoch_losses()
+        loss = self.end_epoch_losses()
+        if loss is not None:
+            self.host.log_scalars({"lazy/tangent/train_loss": loss}, self.steps, epoch_end=True)
         if self.epoch % self.schedule.every_n_epochs == 0:
             self.measure_and_log(self.steps, on_step=False)
 
@@ -563,10 +600,13 @@ class LazinessWatch:
         """Draw the probe and measure at w0 (before the first step: by then the loop has set the modes it trains in)."""
         self.budget.start()
         started = time.perf_counter()
+        self._measuring = True
         try:
             self._start_measuring(first_batch)
         finally:
+            self._measuring = False
             self.budget.spend(time.perf_counter() - started, "full")
+            self._step_mark = time.perf_counter()
 
     def _start_measuring(self, first_batch: tuple[Any, Any] | None) -> None:
         self.measures = self._make_probe(first_batch)
@@ -666,9 +706,11 @@ class LazinessWatch:
             self.budget.spend(0.0, "skip")
             return None
         started = time.perf_counter()
+        self._measuring = True
         try:
             return self._measure_and_log(step, on_step, epoch, cheap=plan == "cheap")
         finally:
+            self._measuring = False
             self.budget.spend(time.perf_counter() - started, plan)
 
     def _measure_and_log(self, step: int, on_step: bool, epoch: int | None, cheap: bool) -> dict[str, float] | None:
@@ -941,6 +983,13 @@ class LazinessWatch:
             raise WatchError(f"{self.who}: {self._probe_memory_remedy(error)}") from None
         except ValueError as error:
             raise WatchError(f"{self.who}: {error}") from None
+        except (RuntimeError, TypeError, IndexError, KeyError) as error:  # the model does not take the probe's x
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise WatchError(
+                f"{self.who}: calling the watched model on the probe's inputs failed ({type(error).__name__}: {first}): "
+                "give probe=(inputs, targets) of what the watched model takes (a generator's noise, say), or "
+                "batch_to_xy= / model= for what your training step calls"
+            ) from None
 
     def _layer_options(self) -> dict[str, Any]:
         m = self.options.measure
