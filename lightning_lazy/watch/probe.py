@@ -84,6 +84,12 @@ class LazinessProbe:
             the first ``layer_probe_size`` examples, and with ``measure_ntk`` the share and the distance of its
             NTK block.
         max_layers: at most this many per-layer entries (see :func:`layer_groups`).
+        feature_sketch: M, the numbers kept per module output for feature movement: an output of more numbers (over
+            the ``layer_probe_size`` examples) is kept as its CountSketch (:func:`diagnostics.count_sketch`), and its
+            feature movement is a Johnson–Lindenstrauss estimate of the exact one, of relative standard error at
+            most √(2/M) (1.1 % at the default 16384; :func:`diagnostics.feature_movement`); smaller outputs are kept
+            whole (exact). So the features cost at most 2·M numbers per module output whatever the model. ``None``:
+            whole outputs always (exact; memory 2·n_l·F, which the memory check may refuse).
 
     Raises ``ValueError`` when the output has not one row per example, the targets do not fit the output,
     the network has no parameter, or the NTK would hold more than
@@ -112,9 +118,13 @@ class LazinessProbe:
     def __init__(self, network: nn.Module, x: Inputs, y: Tensor | None, *, kappa_probe_size: int = 16,
                  ntk_probe_size: int = 16, measure_kappa: bool = True, measure_ntk: bool = True,
                  ntk_outputs: NtkOutputs = "auto", per_layer: bool = True, layer_probe_size: int = 64,
-                 max_layers: int = 32) -> None:
+                 max_layers: int = 32, feature_sketch: int | None = diagnostics.FEATURE_SKETCH_SIZE) -> None:
         self.network = network
         self.per_layer, self.layer_probe_size, self.max_layers = per_layer, layer_probe_size, max_layers
+        if feature_sketch is not None and feature_sketch < 1:
+            raise ValueError(f"feature_sketch must be a positive number of values per module output (or None: whole "
+                             f"outputs), got {feature_sketch}")
+        self.feature_sketch = feature_sketch
         # The layers: modules owning trainable parameters directly; their outputs on the probe at w0 are kept
         # from the constructor's forward (feature movement), as the ReLU states are.
         modules = dict(network.named_modules())
@@ -237,7 +247,8 @@ class LazinessProbe:
         if not isinstance(output, Tensor) or output.dim() == 0 or output.shape[0] != rows:
             return  # the probe's forward says what is wrong, in its words
         sizes = {"output_numel": output[0].numel(),
-                 "feature_numel": sum(t.numel() // rows for ts in (features or {}).values() for t in ts),
+                 "feature_numel": [t.numel() // rows for ts in (features or {}).values() for t in ts],
+                 "feature_sketch": self.feature_sketch,
                  "float_targets": y is not None and y.is_floating_point(), "kappa_probe_size": self.kappa_probe_size,
                  "layer_probe_size": self.layer_probe_size if self.layer_modules else 0}
         numbers, budget = probe_numbers(n, **sizes), diagnostics.DEFAULT_MEMORY_BUDGET
@@ -289,7 +300,8 @@ class LazinessProbe:
         and, when ``x`` is the probe, the layers' outputs (:func:`diagnostics.recording_module_outputs`). The forward
         runs on fresh copies of every parameter and buffer; a copy written during it (a layer that renormalizes its
         weight, say) marks the network as one that writes, for every later measure."""
-        recording = (diagnostics.recording_module_outputs(self.network, self.layer_modules, rows=self.layer_probe_size)
+        recording = (diagnostics.recording_module_outputs(self.network, self.layer_modules, rows=self.layer_probe_size,
+                                                          sketch=self.feature_sketch)
                      if self.layer_modules and x is self.x else contextlib.nullcontext())
         tensors = self._snapshot()
         versions = {name: t._version for name, t in tensors.items()}
@@ -765,21 +777,27 @@ class ProbeMemoryError(ValueError):
         super().__init__(f"{cause}: {remedy}, or raise diagnostics.DEFAULT_MEMORY_BUDGET")
 
 
-def probe_numbers(size: int, *, output_numel: int, feature_numel: int = 0, float_targets: bool = False,
-                  kappa_probe_size: int = 16, layer_probe_size: int = 64) -> int:
+def probe_numbers(size: int, *, output_numel: int, feature_numel: int | Sequence[int] = 0,
+                  float_targets: bool = False, kappa_probe_size: int = 16, layer_probe_size: int = 64,
+                  feature_sketch: int | None = None) -> int:
     """The numbers (tensor elements) the measures of a probe of ``size`` examples hold at once, at most, in tensors
     whose size grows with the output: per example ``output_numel`` = K outputs and ``feature_numel`` outputs of the
-    layers whose feature movement is measured (0 without ``per_layer``).
+    layers whose feature movement is measured (0 without ``per_layer``): their total F, or the numbers F_o of each
+    output recorded (then with ``feature_sketch`` = M an output counts min(n_l·F_o, M), as
+    :func:`diagnostics.recording_module_outputs` keeps it).
 
     ``max(OUTPUT_COPIES·N, KAPPA_COPIES·n_κ)·K + 2·n_l·F (+ N·K for targets given as floats)``, N = ``size``,
     n_κ = min(``kappa_probe_size``, N), n_l = min(``layer_probe_size``, N): Δ's outputs and κ's vectors (one after
-    the other), the layers' outputs at w0 and now. Class-index targets cost no output-sized tensor (Δ and κ's
+    the other), the layers' outputs at w0 and now (2·Σ_o min(n_l·F_o, M) with the sketch). Class-index targets cost no output-sized tensor (Δ and κ's
     residual use :func:`~lightning_lazy.scaling.squared_distance`), nor does h(w0) (Δ keeps its distance to y*).
     Not counted: the empirical NTK and the ‖D²h‖ basis (their own budget checks), autograd's intermediates.
     """
     n_kappa, n_layer = min(kappa_probe_size, size), min(layer_probe_size, size)
     outputs = max(OUTPUT_COPIES * size, KAPPA_COPIES * n_kappa) + (size if float_targets else 0)
-    return outputs * output_numel + 2 * n_layer * feature_numel
+    sizes = [feature_numel] if isinstance(feature_numel, int) else list(feature_numel)
+    kept = sum(n_layer * f if feature_sketch is None or n_layer * f <= feature_sketch else feature_sketch
+               for f in sizes)
+    return outputs * output_numel + 2 * kept
 
 
 def layer_groups(modules: Sequence[str], max_layers: int) -> dict[str, str]:
@@ -854,6 +872,8 @@ def _keep(labels: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 def _to_device(value: Any, device: Any) -> Any:
     if isinstance(value, Tensor):
         return value.to(device)
+    if isinstance(value, diagnostics.FeatureSketch):
+        return diagnostics.FeatureSketch(value.values.to(device), value.shape)
     if isinstance(value, dict):
         return {k: _to_device(v, device) for k, v in value.items()}
     if isinstance(value, list):
