@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from time import perf_counter  # not time.perf_counter: measure() has an argument named time
 from typing import Any, Union
 
@@ -54,6 +54,14 @@ NTK_OUTPUTS = ("auto", "all", "labels")
 # (12, 3, 2) reaches −8 % for 31 steps. The warm search: 4.0 / 1.2 / 1.5 steps, −4.8 / −1.5 / −12 %.
 CAREFUL_HESSIAN = {"max_iter": 4, "max_rounds": 3, "restarts": 1}
 WARM_HESSIAN = {"max_iter": 2, "max_rounds": 1, "restarts": 1}
+
+#: The parts of a measurement that :meth:`LazinessProbe.measure` can leave out (``parts={name: False}``), so that a
+#: schedule can take the costly ones less often than the rest, with the entries of ``LazinessProbe.timings`` that each
+#: one's cost is recorded under (seconds of wall time at the last measurement that took it). "kappa": κ, ‖Dh‖ and
+#: ‖D²h‖ (the ‖D²h‖ search and, when the NTK cannot give ‖Dh‖, its Lanczos); "ntk": the empirical NTK and the
+#: values read from it (distance, alignment, spectrum, velocity, per-layer blocks); "layers": the per-layer values.
+MEASURE_PARTS: dict[str, tuple[str, ...]] = {"kappa": ("hessian_norm", "kappa_rest"), "ntk": ("ntk", "spectrum"),
+                                             "layers": ("layers",)}
 
 
 class LazinessProbe:
@@ -545,8 +553,15 @@ class LazinessProbe:
                 handle.remove()
         return found
 
-    def measure(self, names: Sequence[str], *, time: float = 0.0, twin: Any = None) -> dict[str, Any]:
+    def measure(self, names: Sequence[str], *, time: float = 0.0, twin: Any = None,
+                parts: Mapping[str, bool] | None = None) -> dict[str, Any]:
         """The measures now, as floats, over the parameters ``names``.
+
+        ``parts``: ``{part: False}`` leaves that part of :data:`MEASURE_PARTS` out of this measurement ("kappa",
+        "ntk", "layers"; a part not named, or named ``True``, is measured as configured): its values are then absent
+        from the result (never carried over from an earlier measurement), and nothing of it is computed. The NTK
+        left out, ‖Dh‖ is found by Lanczos; the next kernel's ``kernel_velocity`` is over the time since the last
+        kernel taken. Raises ``ValueError`` for a part not in :data:`MEASURE_PARTS`.
 
         ``time``: Σ of the learning rates of the steps taken, times the objective's 1/α² (so that
         t̃ = time·‖Dh(w0)‖²). ``twin``: a :class:`~lightning_lazy.watch.twin.TangentTwin` of the network, for Δ and
@@ -555,6 +570,10 @@ class LazinessProbe:
         layer of dicts of floats.
         """
         started = perf_counter()
+        unknown = sorted(set(parts or {}) - set(MEASURE_PARTS))
+        if unknown:
+            raise ValueError(f"unknown measurement part {unknown[0]!r}: parts are {tuple(MEASURE_PARTS)}")
+        taken = {part: bool((parts or {}).get(part, True)) for part in MEASURE_PARTS}
         names = tuple(names)
         params = self.params(names)
         initial = {name: self.initial[name].clone() for name in names}  # a measure never holds w0 itself
@@ -591,7 +610,7 @@ class LazinessProbe:
             moved_norm = torch.sqrt(sum(v**2 for v in moved.absolute.values()))
             values["tangent_gap"] = (gap / moved_norm).item() if float(moved_norm) > 0 else 0.0
         kernel, exact = None, False
-        if self.measure_ntk and self.initial_kernel is not None:
+        if self.measure_ntk and self.initial_kernel is not None and taken["ntk"]:
             if names != self.kernel_names:
                 # Parameters were unfrozen: compare kernels over the same parameters, the new set at w0.
                 self.initial_kernel, self.kernel_names = self.kernel(initial), names
@@ -600,7 +619,7 @@ class LazinessProbe:
             values["ntk_distance"] = diagnostics.ntk_distance(kernel, self.initial_kernel).item()
             values["kernel_alignment"] = diagnostics.kernel_alignment(kernel, self.initial_kernel).item()
             values.update(timed("spectrum", lambda: self.kernel_measures(kernel, normalized_time)))
-        if self.measure_kappa:
+        if self.measure_kappa and taken["kappa"]:
             if moved.total.item() == 0.0 and self.initial_kappa_parts is not None:
                 # At w0 itself: the numbers measured there (a warm-started ‖D²h‖ search could refine its lower
                 # bound, and κ would seem to move while the weights do not).
@@ -611,8 +630,14 @@ class LazinessProbe:
                               hessian_norm=result.hessian_norm.item())
         if self.initial_relu is not None:
             values["activation_stability"] = _stability(states, self.initial_relu)
-        if self.per_layer:
-            values["layers"] = timed("layers", lambda: self.layer_measures(params, initial))
+        if self.per_layer and taken["layers"]:
+            blocks = self._blocks
+            if not taken["ntk"]:
+                self._blocks = None  # no kernel this time: no per-layer NTK values (never the last kernel's blocks)
+            try:
+                values["layers"] = timed("layers", lambda: self.layer_measures(params, initial))
+            finally:
+                self._blocks = blocks
         self.timings["last"]["total"] = perf_counter() - started
         return values
 
@@ -881,4 +906,4 @@ def _to_device(value: Any, device: Any) -> Any:
     return value
 
 
-__all__ = ["LazinessProbe", "ProbeMemoryError", "layer_groups", "probe_numbers"]
+__all__ = ["MEASURE_PARTS", "LazinessProbe", "ProbeMemoryError", "layer_groups", "probe_numbers"]
