@@ -155,6 +155,10 @@ def plain_step_seconds(model, x, y, repeats: int) -> float:
 
     step()
     seconds, _ = _median_time(step, repeats)
+    cpu = time.process_time()
+    for _ in range(repeats):
+        step()
+    plain_step_seconds.cpu = (time.process_time() - cpu) / repeats  # the same step's CPU time (one thread)
     optimizer.zero_grad(set_to_none=True)
     return seconds
 
@@ -176,8 +180,10 @@ def monitor_measures(model, args, device) -> dict:
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     w0 = {k: v.detach().clone() for k, v in model.named_parameters()}
     twin = TangentTwin(model, torch.optim.SGD(model.parameters(), lr=0.0), half_squared_error)
+    cpu = time.process_time()
     probe = LazinessProbe(model, x, y, kappa_probe_size=args.kappa_probe_size, ntk_probe_size=args.ntk_probe_size)
     probe.measure_initial(names)
+    cpu_seconds = {"fit_start": time.process_time() - cpu}
     fit_start = {k: v for k, v in probe.timings["initial"].items() if k != "total"}
     # w: a small move away from w0, as after an epoch, for the network and its twin alike
     torch.manual_seed(3)
@@ -187,15 +193,26 @@ def monitor_measures(model, args, device) -> dict:
         moved = dict(model.named_parameters())
         for name, p in twin.model.module.named_parameters():
             p.copy_(moved[name])
+    cpu = time.process_time()
     values = probe.measure(names, time=1.0, twin=twin)
+    cpu_seconds["epoch_end"] = time.process_time() - cpu
     epoch_end = {k: v for k, v in probe.timings["last"].items() if k != "total"}
+    # The thinned measurements a schedule takes between full ones (LazinessProbe.measure(parts=...)), CPU time.
+    for label, parts in (("epoch_end_without_kappa", {"kappa": False}),
+                         ("epoch_end_without_kappa_ntk", {"kappa": False, "ntk": False})):
+        cpu = time.process_time()
+        try:
+            probe.measure(names, time=1.0, twin=twin, parts=parts)
+        except TypeError:  # a tree before measure(parts=...) (the benchmark is run on it for the before column)
+            break
+        cpu_seconds[label] = time.process_time() - cpu
     with torch.no_grad():  # back to w0 for the plain step timed after
         for name, p in model.named_parameters():
             p.copy_(w0[name])
     kept = ("kappa", "jacobian_norm", "hessian_norm", "ntk_distance", "activation_stability", "divergence")
     values = {k: values[k] for k in kept if k in values}
     values.update({f"{k}_w0": v for k, v in (probe.initial_kappa_parts or {}).items()})
-    return {"seconds": {"fit_start": fit_start, "epoch_end": epoch_end}, "values": values}
+    return {"seconds": {"fit_start": fit_start, "epoch_end": epoch_end}, "values": values, "cpu_seconds": cpu_seconds}
 
 
 def per_layer_cost(model, args, device) -> dict:
@@ -462,7 +479,12 @@ def main(argv=None) -> dict:
             record = accuracy_study(model, args, device) if args.accuracy_study else monitor_measures(model, args, device)
             if not args.accuracy_study and args.per_layer:
                 record["per_layer"] = per_layer_cost(model, args, device)
+            before_cpu = plain_step_seconds.cpu
             after = plain_step_seconds(model, batch, target, max(args.repeats, 3))  # load drift check
+            if "cpu_seconds" in record:  # CPU time: the work done, whatever else the machine runs
+                step_cpu = (before_cpu + plain_step_seconds.cpu) / 2
+                record["plain_step_cpu_seconds"] = step_cpu
+                record["cpu_in_steps"] = {k: v / step_cpu for k, v in record["cpu_seconds"].items()}
             # The unit: the mean of the plain step timed just before and just after the measures.
             step = (before + after) / 2
             record.update(plain_step_seconds=step, plain_step_seconds_before=before, plain_step_seconds_after=after)
@@ -498,6 +520,9 @@ def print_monitor(name: str, record: dict) -> None:
             print(f"  {bucket + ': ' + measure:<42} | {seconds:8.3f} | {seconds / step:11.2f}")
         print(f"  {bucket + ': TOTAL':<42} | {sum(record['seconds'][bucket].values()):8.3f} | "
               f"{record['total_in_steps'][bucket]:11.2f}")
+    if "cpu_in_steps" in record:
+        print(f"  CPU time, in plain steps of {record['plain_step_cpu_seconds'] * 1e3:.1f} ms CPU: " + ", ".join(
+            f"{k} {v:.2f}" for k, v in record["cpu_in_steps"].items()))
     if "per_layer" in record:
         for bucket, cost in record["per_layer"].items():
             print(f"  per-layer measures, {bucket}: CPU {cost['without']:.3f} s without, {cost['with']:.3f} s with: "
