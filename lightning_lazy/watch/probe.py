@@ -201,6 +201,7 @@ class LazinessProbe:
         self.hessian_direction: Tensor | None = None
         self.hessian_names: tuple[str, ...] = ()
         self.jacobian_direction: Tensor | None = None
+        self._head: nn.Module | None | bool = False  # the LM head (_label_head), not looked for yet
 
     # ------------------------------------------------------------------------------------ the network
 
@@ -227,6 +228,28 @@ class LazinessProbe:
         kept = labels != IGNORE_INDEX  # "labels": the logit of each kept position's target class
         picked = output.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
         return (picked * kept.to(picked.dtype)).reshape(n, -1)
+
+    def _label_head(self) -> nn.Module | None:
+        """The LM head, for the label-logit NTK (``ntk_outputs="labels"``): the ``nn.Linear`` whose output *is* the
+        network's output (the same tensor: nothing applied after it), found once from a forward of one example;
+        ``None`` when there is none (the kernel is then taken of the dense logits, gathered).
+
+        Its selected logit is z_it = ⟨h_it, W[y_it]⟩ + b[y_it] (h_it its input at position t): with the head so
+        replaced (:func:`_selected_logits`) the kernel's forward and its K = T backward passes never form the
+        ``[n, T, V]`` logits, whose products dominated the kernel of a real vocabulary; W is the head's weight as
+        the forward sees it (the embedding's, when tied), so the function differentiated is the same."""
+        if self._head is False:
+            linears = [m for m in self.network.modules() if type(m) is nn.Linear]
+            seen: list[tuple[nn.Module, Tensor]] = []
+            handles = [m.register_forward_hook(lambda m, i, o: seen.append((m, o))) for m in linears]
+            try:
+                with torch.no_grad():
+                    output = self._call(self._snapshot(), take(self.x, self._index[:1]))
+            finally:
+                for handle in handles:
+                    handle.remove()
+            self._head = next((m for m, o in reversed(seen) if o is output), None)
+        return self._head
 
     def _check_ntk_budget(self, output: Tensor) -> None:
         """Refuse, before computing anything, an NTK over more numbers than ``diagnostics.DEFAULT_MEMORY_BUDGET``."""
@@ -354,8 +377,14 @@ class LazinessProbe:
         """``forward(params, x)`` (the raw network) as the ``fn(params, inputs) -> [n, K]`` the diagnostics call."""
         if not self._indexed:
             return lambda params, x: forward(params, x).reshape(len(x), -1)
+        head = self._label_head() if kernel and self.ntk_outputs == "labels" else None
 
         def fn(params: dict[str, Tensor], index: Tensor) -> Tensor:
+            if head is not None:  # the label logits straight from the LM head's input: no [n, T, V] logits
+                with _selected_logits(head, self.labels[index]):
+                    selected = forward(params, take(self.x, index))
+                kept = (self.labels[index] != IGNORE_INDEX).to(selected.dtype)
+                return (selected.squeeze(-1) * kept).reshape(selected.shape[0], -1)
             output = forward(params, take(self.x, index))
             if kernel:
                 return self._project(output, index)
@@ -876,6 +905,26 @@ def _dense_embeddings(network: nn.Module) -> Iterator[None]:
     finally:
         for m in layers:
             m.sparse = True
+
+
+@contextlib.contextmanager
+def _selected_logits(head: nn.Module, labels: Tensor) -> Iterator[None]:
+    """Within the block, the ``nn.Linear`` ``head`` returns, instead of its logits ``[..., V]``, the logit of each
+    position's class in ``labels`` (class indices of the input's shape without its last dimension; −100 read as
+    class 0, left out by the caller): ``[..., 1]``, ⟨h, W[y]⟩ + b[y], from its weight and bias as the forward sees
+    them (under ``functional_call``: the parameters given)."""
+    classes = labels.clamp_min(0)
+
+    def selected(h: Tensor) -> Tensor:
+        rows = torch.nn.functional.embedding(classes, head.weight)  # W[y], [..., d]
+        logit = (h * rows).sum(-1, keepdim=True)
+        return logit if head.bias is None else logit + head.bias[classes].unsqueeze(-1)
+
+    head.forward = selected  # an instance attribute: hooks and functional_call still apply around it
+    try:
+        yield
+    finally:
+        del head.forward
 
 
 def _stability(now: list[Tensor] | None, then: list[Tensor]) -> float:
