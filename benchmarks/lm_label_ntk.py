@@ -29,7 +29,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=50257)
     parser.add_argument("--positions", type=int, default=32)
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="plain steps timed")
+    parser.add_argument("--rounds", type=int, default=2, help="kernels of each kind, alternated")
     parser.add_argument("--output")
     args = parser.parse_args()
     import torch
@@ -84,7 +85,7 @@ def main() -> None:
     params = probe.params(names)
     head = probe._label_head()
     kernels, seconds = {}, {}
-    for label in ("head_input", "dense_logits", "head_input", "dense_logits"):  # alternated, twice each
+    for label in ("head_input", "dense_logits") * args.rounds:  # alternated
         probe._head = head if label == "head_input" else None
         started = time.process_time()
         kernels[label] = probe.kernel(params)
