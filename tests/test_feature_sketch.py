@@ -100,3 +100,18 @@ def test_a_probe_refused_for_its_whole_module_outputs_is_accepted_with_their_ske
     assert kept == 2 * 2048 + 64 * 4
     with pytest.raises(ValueError, match="feature_sketch must be a positive"):
         LazinessProbe(net, x, None, feature_sketch=0)
+
+
+def test_sketched_features_survive_the_probe_state_dict():
+    net, x = _net(), torch.randn(24, 3, 12, 12, dtype=torch.float64)
+    probe = LazinessProbe(net, x, None, measure_kappa=False, measure_ntk=False, feature_sketch=1024)
+    names = [name for name, _ in net.named_parameters()]
+    probe.measure_initial(names)
+    state = probe.state_dict()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(1.1)
+    restored = LazinessProbe(net, x, None, measure_kappa=False, measure_ntk=False, feature_sketch=1024)
+    restored.load_state_dict(state)
+    assert isinstance(restored.initial_features["0"][0], D.FeatureSketch)
+    assert restored.measure(names)["layers"] == probe.measure(names)["layers"]
