@@ -353,7 +353,13 @@ def feature_sketch_study(model, x, w0, w) -> dict:
                 if name in weights:
                     p.copy_(weights[name])
 
+    from lightning_lazy.watch.probe import ProbeMemoryError
+
     set_weights(w0)
+    try:
+        LazinessProbe(model, x, None, measure_kappa=False, measure_ntk=False, feature_sketch=None)
+    except ProbeMemoryError as error:  # whole outputs refused (the case the sketch is for): compare on what fits
+        x = x[: error.largest]
     probes = {label: LazinessProbe(model, x, None, measure_kappa=False, measure_ntk=False, feature_sketch=size)
               for label, size in (("sketch", diagnostics.FEATURE_SKETCH_SIZE), ("exact", None))}
     set_weights(w)
@@ -372,7 +378,8 @@ def feature_sketch_study(model, x, w0, w) -> dict:
     absolute = sorted(abs(e) for e in errors.values())
     return {"relative_error": errors, "max_abs_relative_error": absolute[-1],
             "median_abs_relative_error": statistics.median(absolute), "numbers_kept_at_w0": kept,
-            "forward_and_layers_cpu_seconds": cpu, "sketch_size": diagnostics.FEATURE_SKETCH_SIZE}
+            "forward_and_layers_cpu_seconds": cpu, "sketch_size": diagnostics.FEATURE_SKETCH_SIZE,
+            "probe_size": len(x)}
 
 
 def ntk_comparison(model, args, device) -> dict:
@@ -590,7 +597,8 @@ def print_study(name: str, record: dict) -> None:
         study = record["feature_movement"]
         print(f"\n{name}: feature movement from sketches of {study['sketch_size']} numbers against whole outputs: "
               f"|relative error| median {study['median_abs_relative_error']:.2%}, max "
-              f"{study['max_abs_relative_error']:.2%} over {len(study['relative_error'])} layers; numbers kept at w0 "
+              f"{study['max_abs_relative_error']:.2%} over {len(study['relative_error'])} layers (probe {study['probe_size']}); "
+              f"numbers kept at w0 "
               f"{study['numbers_kept_at_w0']['sketch']:.3g} against {study['numbers_kept_at_w0']['exact']:.3g}; forward "
               f"and per-layer values {study['forward_and_layers_cpu_seconds']['sketch']:.2f} s CPU against "
               f"{study['forward_and_layers_cpu_seconds']['exact']:.2f} s")
