@@ -134,6 +134,11 @@ def build_model(name: str, quick: bool):
             return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10)
         model = resnet18(num_classes=10)
         return model
+    if name == "vit_tiny":  # timm's ViT-tiny at CIFAR shape: image 32, patches of 4 (65 tokens), random init
+        import timm
+
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4,
+                                 num_classes=10, **({"depth": 2} if quick else {}))
     raise ValueError(f"unknown model {name!r}")
 
 
@@ -155,6 +160,10 @@ def plain_step_seconds(model, x, y, repeats: int) -> float:
 
     step()
     seconds, _ = _median_time(step, repeats)
+    cpu = time.process_time()
+    for _ in range(repeats):
+        step()
+    plain_step_seconds.cpu = (time.process_time() - cpu) / repeats  # the same step's CPU time (one thread)
     optimizer.zero_grad(set_to_none=True)
     return seconds
 
@@ -176,8 +185,10 @@ def monitor_measures(model, args, device) -> dict:
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     w0 = {k: v.detach().clone() for k, v in model.named_parameters()}
     twin = TangentTwin(model, torch.optim.SGD(model.parameters(), lr=0.0), half_squared_error)
+    cpu = time.process_time()
     probe = LazinessProbe(model, x, y, kappa_probe_size=args.kappa_probe_size, ntk_probe_size=args.ntk_probe_size)
     probe.measure_initial(names)
+    cpu_seconds = {"fit_start": time.process_time() - cpu}
     fit_start = {k: v for k, v in probe.timings["initial"].items() if k != "total"}
     # w: a small move away from w0, as after an epoch, for the network and its twin alike
     torch.manual_seed(3)
@@ -187,15 +198,26 @@ def monitor_measures(model, args, device) -> dict:
         moved = dict(model.named_parameters())
         for name, p in twin.model.module.named_parameters():
             p.copy_(moved[name])
+    cpu = time.process_time()
     values = probe.measure(names, time=1.0, twin=twin)
+    cpu_seconds["epoch_end"] = time.process_time() - cpu
     epoch_end = {k: v for k, v in probe.timings["last"].items() if k != "total"}
+    # The thinned measurements a schedule takes between full ones (LazinessProbe.measure(parts=...)), CPU time.
+    for label, parts in (("epoch_end_without_kappa", {"kappa": False}),
+                         ("epoch_end_without_kappa_ntk", {"kappa": False, "ntk": False})):
+        cpu = time.process_time()
+        try:
+            probe.measure(names, time=1.0, twin=twin, parts=parts)
+        except TypeError:  # a tree before measure(parts=...) (the benchmark is run on it for the before column)
+            break
+        cpu_seconds[label] = time.process_time() - cpu
     with torch.no_grad():  # back to w0 for the plain step timed after
         for name, p in model.named_parameters():
             p.copy_(w0[name])
     kept = ("kappa", "jacobian_norm", "hessian_norm", "ntk_distance", "activation_stability", "divergence")
     values = {k: values[k] for k in kept if k in values}
     values.update({f"{k}_w0": v for k, v in (probe.initial_kappa_parts or {}).items()})
-    return {"seconds": {"fit_start": fit_start, "epoch_end": epoch_end}, "values": values}
+    return {"seconds": {"fit_start": fit_start, "epoch_end": epoch_end}, "values": values, "cpu_seconds": cpu_seconds}
 
 
 def per_layer_cost(model, args, device) -> dict:
@@ -286,6 +308,10 @@ def accuracy_study(model, args, device) -> dict:
         values[bucket][label] = value.item()
         return direction
 
+    if "kappa" not in args.study:
+        set_aside = {"seconds": {}, "values": {}}
+        set_aside["feature_movement"] = feature_sketch_study(model, x, w0, w)
+        return set_aside
     run("fit_start", "reference", w0, **reference)
     for setting in ((4, 2, 1), (6, 2, 1), (8, 2, 1), (12, 2, 1), (4, 3, 1), (6, 3, 1), (8, 3, 1), (4, 4, 1), (6, 4, 1),
                     (12, 3, 2)):
@@ -303,7 +329,57 @@ def accuracy_study(model, args, device) -> dict:
         started = time.perf_counter()
         values["jacobian_norm"][label] = diagnostics.jacobian_norm(fn, xk, w0, tol=tol, max_iter=1000).item()
         seconds["jacobian_norm"][label] = time.perf_counter() - started
-    return {"seconds": seconds, "values": values}
+    result = {"seconds": seconds, "values": values}
+    if "features" in args.study:
+        try:
+            result["feature_movement"] = feature_sketch_study(model, x, w0, w)
+        except TypeError:  # a tree before feature_sketch (the before column)
+            pass
+    return result
+
+
+def feature_sketch_study(model, x, w0, w) -> dict:
+    """Feature movement from sketches (the default ``feature_sketch``) against whole outputs (``None``), at the
+    moved weights ``w``: the relative error of each layer's value, and the CPU time of the probe's forward with each
+    (the sketches are made in the forward's hooks)."""
+    import torch
+
+    from lightning_lazy import diagnostics
+    from lightning_lazy.watch.probe import LazinessProbe
+
+    def set_weights(weights):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in weights:
+                    p.copy_(weights[name])
+
+    from lightning_lazy.watch.probe import ProbeMemoryError
+
+    set_weights(w0)
+    try:
+        LazinessProbe(model, x, None, measure_kappa=False, measure_ntk=False, feature_sketch=None)
+    except ProbeMemoryError as error:  # whole outputs refused (the case the sketch is for): compare on what fits
+        x = x[: error.largest]
+    probes = {label: LazinessProbe(model, x, None, measure_kappa=False, measure_ntk=False, feature_sketch=size)
+              for label, size in (("sketch", diagnostics.FEATURE_SKETCH_SIZE), ("exact", None))}
+    set_weights(w)
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    layers, cpu = {}, {}
+    for label, probe in probes.items():
+        started = time.process_time()
+        probe._output_and_states(probe.x)  # the probe forward, whose hooks record (or sketch) the outputs
+        layers[label] = probe.layer_measures(probe.params(names), {k: probe.initial[k] for k in names})
+        cpu[label] = time.process_time() - started
+    set_weights(w0)
+    errors = {name: values["feature_movement"] / layers["exact"][name]["feature_movement"] - 1
+              for name, values in layers["sketch"].items() if "feature_movement" in values}
+    kept = {label: sum(t.values.numel() if isinstance(t, diagnostics.FeatureSketch) else t.numel()
+                       for ts in probe.initial_features.values() for t in ts) for label, probe in probes.items()}
+    absolute = sorted(abs(e) for e in errors.values())
+    return {"relative_error": errors, "max_abs_relative_error": absolute[-1],
+            "median_abs_relative_error": statistics.median(absolute), "numbers_kept_at_w0": kept,
+            "forward_and_layers_cpu_seconds": cpu, "sketch_size": diagnostics.FEATURE_SKETCH_SIZE,
+            "probe_size": len(x)}
 
 
 def ntk_comparison(model, args, device) -> dict:
@@ -415,6 +491,9 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny models and probes: seconds")
     parser.add_argument("--accuracy-study", action="store_true",
                         help="instead of the monitor's measures: accuracy against cost of the ‖D²h‖ and ‖Dh‖ settings")
+    parser.add_argument("--study", default="kappa,features",
+                        help="with --accuracy-study: 'kappa' (the ‖D²h‖ and ‖Dh‖ settings), 'features' (feature "
+                             "movement from sketches against whole outputs), or both")
     parser.add_argument("--per-layer", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the measures with and without the per-layer ones (default on)")
     parser.add_argument("--output", help="write the results as JSON here")
@@ -462,7 +541,12 @@ def main(argv=None) -> dict:
             record = accuracy_study(model, args, device) if args.accuracy_study else monitor_measures(model, args, device)
             if not args.accuracy_study and args.per_layer:
                 record["per_layer"] = per_layer_cost(model, args, device)
+            before_cpu = plain_step_seconds.cpu
             after = plain_step_seconds(model, batch, target, max(args.repeats, 3))  # load drift check
+            if "cpu_seconds" in record:  # CPU time: the work done, whatever else the machine runs
+                step_cpu = (before_cpu + plain_step_seconds.cpu) / 2
+                record["plain_step_cpu_seconds"] = step_cpu
+                record["cpu_in_steps"] = {k: v / step_cpu for k, v in record["cpu_seconds"].items()}
             # The unit: the mean of the plain step timed just before and just after the measures.
             step = (before + after) / 2
             record.update(plain_step_seconds=step, plain_step_seconds_before=before, plain_step_seconds_after=after)
@@ -498,6 +582,9 @@ def print_monitor(name: str, record: dict) -> None:
             print(f"  {bucket + ': ' + measure:<42} | {seconds:8.3f} | {seconds / step:11.2f}")
         print(f"  {bucket + ': TOTAL':<42} | {sum(record['seconds'][bucket].values()):8.3f} | "
               f"{record['total_in_steps'][bucket]:11.2f}")
+    if "cpu_in_steps" in record:
+        print(f"  CPU time, in plain steps of {record['plain_step_cpu_seconds'] * 1e3:.1f} ms CPU: " + ", ".join(
+            f"{k} {v:.2f}" for k, v in record["cpu_in_steps"].items()))
     if "per_layer" in record:
         for bucket, cost in record["per_layer"].items():
             print(f"  per-layer measures, {bucket}: CPU {cost['without']:.3f} s without, {cost['with']:.3f} s with: "
@@ -506,11 +593,22 @@ def print_monitor(name: str, record: dict) -> None:
 
 
 def print_study(name: str, record: dict) -> None:
+    if "feature_movement" in record:
+        study = record["feature_movement"]
+        print(f"\n{name}: feature movement from sketches of {study['sketch_size']} numbers against whole outputs: "
+              f"|relative error| median {study['median_abs_relative_error']:.2%}, max "
+              f"{study['max_abs_relative_error']:.2%} over {len(study['relative_error'])} layers (probe {study['probe_size']}); "
+              f"numbers kept at w0 "
+              f"{study['numbers_kept_at_w0']['sketch']:.3g} against {study['numbers_kept_at_w0']['exact']:.3g}; forward "
+              f"and per-layer values {study['forward_and_layers_cpu_seconds']['sketch']:.2f} s CPU against "
+              f"{study['forward_and_layers_cpu_seconds']['exact']:.2f} s")
     step = record["plain_step_seconds"]
     print(f"\n{name}: ‖D²h‖ and ‖Dh‖ on the κ probe, in plain training steps ({step * 1e3:.1f} ms); "
           f"value relative to the reference search at the same weights")
     print(f"  {'setting (‖D²h‖: max_iter, max_rounds, restarts)':<44} | {'steps':>6} | {'value':>10} | {'vs ref.':>8}")
     for bucket in ("fit_start", "epoch_end", "jacobian_norm"):
+        if bucket not in record["values"]:
+            continue
         reference = record["values"][bucket]["reference"]
         for setting, seconds in record["seconds"][bucket].items():
             value = record["values"][bucket][setting]

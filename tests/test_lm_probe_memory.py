@@ -151,15 +151,19 @@ def test_gpt2_vocabulary_default_probe_is_refused_in_one_line_naming_the_probe_s
     largest = int(re.search(r"pass probe_size=(\d+)", message).group(1))
     numbers = float(re.search(r"would hold ([0-9.e+]+) numbers", message).group(1))
     assert numbers > diagnostics.DEFAULT_MEMORY_BUDGET
-    # The largest probe that fits, by the same count: the sizes per example from the model itself.
+    # The largest probe that fits, by the same count: the sizes per example from the model itself, each module output
+    # the probe records for feature movement counted as it is kept (whole, or its sketch of FEATURE_SKETCH_SIZE).
     model = gpt2(GPT2_VOCABULARY, 32)
-    features = {}
-    with torch.no_grad(), diagnostics.recording_module_outputs(model, ["lm_head", "transformer.wte"]) as features:
-        model(input_ids=torch.zeros(1, 32, dtype=torch.long))
-    assert features["lm_head"][0].numel() == 32 * GPT2_VOCABULARY
-    sizes = {"output_numel": 32 * GPT2_VOCABULARY, "kappa_probe_size": 16, "layer_probe_size": 64}
-    lower = probe_numbers(largest, feature_numel=32 * GPT2_VOCABULARY, **sizes)
-    assert lower <= diagnostics.DEFAULT_MEMORY_BUDGET < probe_numbers(largest + 1, feature_numel=32 * GPT2_VOCABULARY, **sizes)
+    one = collate(examples(1, GPT2_VOCABULARY, 32))
+    recorded = LazinessProbe(Watched(model), {k: one[k] for k in ("input_ids", "attention_mask")}, one["labels"],
+                             measure_kappa=False, measure_ntk=False).layer_modules
+    with torch.no_grad(), diagnostics.recording_module_outputs(Watched(model), recorded) as features:
+        Watched(model)({k: one[k] for k in ("input_ids", "attention_mask")})
+    assert "inner.lm_head" in recorded and features["inner.lm_head"][0].numel() == 32 * GPT2_VOCABULARY
+    sizes = {"output_numel": 32 * GPT2_VOCABULARY, "kappa_probe_size": 16, "layer_probe_size": 64,
+             "feature_numel": [t.numel() for ts in features.values() for t in ts],
+             "feature_sketch": diagnostics.FEATURE_SKETCH_SIZE}
+    assert probe_numbers(largest, **sizes) <= diagnostics.DEFAULT_MEMORY_BUDGET < probe_numbers(largest + 1, **sizes)
     # That probe is accepted (its construction: one forward of `largest` sequences).
     batch = collate(examples(largest, GPT2_VOCABULARY, 32))
     probe = LazinessProbe(Watched(model), {k: batch[k] for k in ("input_ids", "attention_mask")}, batch["labels"])

@@ -40,6 +40,9 @@ from lightning_lazy.diagnostics.kernels import (
 )
 from lightning_lazy.diagnostics.lanczos import extreme_eigenpair
 from lightning_lazy.diagnostics.movement import (
+    FEATURE_SKETCH_SIZE,
+    FeatureSketch,
+    count_sketch,
     ActivationStates,
     Displacement,
     activation_stability,
@@ -79,6 +82,9 @@ __all__ = [
     "owning_module",
     "layer_displacement",
     "feature_movement",
+    "FEATURE_SKETCH_SIZE",
+    "FeatureSketch",
+    "count_sketch",
     "recording_module_outputs",
     "parameter_owning_modules",
     "Displacement",

@@ -193,17 +193,21 @@ def _alternate(
     After a round's Lanczos the value is its Ritz value |θ| = |uᵀH_c u| = |⟨c, D²h[u, u]⟩| ≤ ‖D²h[u, u]‖, and
     |θ| ≥ the value at the round's start (the Krylov space holds the start). Only a round followed by another
     computes D²h[u, u] (forward-over-forward, about as costly as two Hessian-vector products), for the next
-    c and the value ‖D²h[u, u]‖ ≥ |θ|; the last round's would only refine a value already met."""
+    c and the value ‖D²h[u, u]‖ ≥ |θ|; the last round's would only refine a value already met.
+
+    The rounds' Lanczos runs share one workspace (their basis vectors, parameter-sized): allocated once per start,
+    not once per product (fresh parameter-sized tensors cost their page faults, see :func:`extreme_eigenpair`)."""
     u = u / u.norm()
     second = second_derivative(u)
     check_finite(second, "the second derivative of the model on the probe")
     best, best_u = second.norm(), u
+    workspace: list[Tensor] = []
     for round_ in range(max_rounds):
         if float(best) == 0.0:
             break
         hessian_vector = _hessian_vector_products(f, params, names, second / second.norm(), unflatten)
         theta, u = extreme_eigenpair(hessian_vector, u, max_iter=max_iter, tol=tol, max_basis=max_basis,
-                                     full_reorthogonalization=False)
+                                     full_reorthogonalization=False, workspace=workspace)
         if round_ == max_rounds - 1:
             value = theta.abs()
         else:
@@ -211,7 +215,8 @@ def _alternate(
             value = second.norm()
         gained = float(value) > float(best) * (1 + tol)
         if float(value) > float(best):
-            best, best_u = value, u
+            # u lives in the workspace, which the next round overwrites: the best direction is kept apart.
+            best, best_u = value, (u.clone() if gained and round_ < max_rounds - 1 else u)
         if not gained:
             break
     return best, best_u
@@ -231,15 +236,15 @@ def _hessian_vector_products(
     # A parameter the output is affine in has a constant gradient: its rows of H_c are 0.
     curved = [(i, g) for i, g in enumerate(gradient) if g is not None and g.requires_grad]
 
-    def product(v: Tensor) -> Tensor:
+    def product(v: Tensor, out: Tensor | None = None) -> Tensor:
         if not curved:
-            return torch.zeros_like(v)
+            return torch.zeros_like(v) if out is None else out.zero_()
         direction = unflatten(v)
         with torch.enable_grad():
             parts = torch.autograd.grad([g for _, g in curved], [leaves[k] for k in names],
                                         [direction[names[i]] for i, _ in curved], retain_graph=True, allow_unused=True)
-        return torch.cat([(part if part is not None else torch.zeros_like(leaves[k])).reshape(-1)
-                          for part, k in zip(parts, names)])
+        flat = [(part if part is not None else torch.zeros_like(leaves[k])).reshape(-1) for part, k in zip(parts, names)]
+        return torch.cat(flat) if out is None else torch.cat(flat, out=out.reshape(-1)).reshape(out.shape)
 
     return product
 

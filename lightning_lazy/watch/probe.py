@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from time import perf_counter  # not time.perf_counter: measure() has an argument named time
 from typing import Any, Union
 
@@ -54,6 +54,14 @@ NTK_OUTPUTS = ("auto", "all", "labels")
 # (12, 3, 2) reaches −8 % for 31 steps. The warm search: 4.0 / 1.2 / 1.5 steps, −4.8 / −1.5 / −12 %.
 CAREFUL_HESSIAN = {"max_iter": 4, "max_rounds": 3, "restarts": 1}
 WARM_HESSIAN = {"max_iter": 2, "max_rounds": 1, "restarts": 1}
+
+#: The parts of a measurement that :meth:`LazinessProbe.measure` can leave out (``parts={name: False}``), so that a
+#: schedule can take the costly ones less often than the rest, with the entries of ``LazinessProbe.timings`` that each
+#: one's cost is recorded under (seconds of wall time at the last measurement that took it). "kappa": κ, ‖Dh‖ and
+#: ‖D²h‖ (the ‖D²h‖ search and, when the NTK cannot give ‖Dh‖, its Lanczos); "ntk": the empirical NTK and the
+#: values read from it (distance, alignment, spectrum, velocity, per-layer blocks); "layers": the per-layer values.
+MEASURE_PARTS: dict[str, tuple[str, ...]] = {"kappa": ("hessian_norm", "kappa_rest"), "ntk": ("ntk", "spectrum"),
+                                             "layers": ("layers",)}
 
 
 class LazinessProbe:
@@ -84,6 +92,12 @@ class LazinessProbe:
             the first ``layer_probe_size`` examples, and with ``measure_ntk`` the share and the distance of its
             NTK block.
         max_layers: at most this many per-layer entries (see :func:`layer_groups`).
+        feature_sketch: M, the numbers kept per module output for feature movement: an output of more numbers (over
+            the ``layer_probe_size`` examples) is kept as its CountSketch (:func:`diagnostics.count_sketch`), and its
+            feature movement is a Johnson–Lindenstrauss estimate of the exact one, of relative standard error at
+            most √(2/M) (1.1 % at the default 16384; :func:`diagnostics.feature_movement`); smaller outputs are kept
+            whole (exact). So the features cost at most 2·M numbers per module output whatever the model. ``None``:
+            whole outputs always (exact; memory 2·n_l·F, which the memory check may refuse).
 
     Raises ``ValueError`` when the output has not one row per example, the targets do not fit the output,
     the network has no parameter, or the NTK would hold more than
@@ -112,9 +126,13 @@ class LazinessProbe:
     def __init__(self, network: nn.Module, x: Inputs, y: Tensor | None, *, kappa_probe_size: int = 16,
                  ntk_probe_size: int = 16, measure_kappa: bool = True, measure_ntk: bool = True,
                  ntk_outputs: NtkOutputs = "auto", per_layer: bool = True, layer_probe_size: int = 64,
-                 max_layers: int = 32) -> None:
+                 max_layers: int = 32, feature_sketch: int | None = diagnostics.FEATURE_SKETCH_SIZE) -> None:
         self.network = network
         self.per_layer, self.layer_probe_size, self.max_layers = per_layer, layer_probe_size, max_layers
+        if feature_sketch is not None and feature_sketch < 1:
+            raise ValueError(f"feature_sketch must be a positive number of values per module output (or None: whole "
+                             f"outputs), got {feature_sketch}")
+        self.feature_sketch = feature_sketch
         # The layers: modules owning trainable parameters directly; their outputs on the probe at w0 are kept
         # from the constructor's forward (feature movement), as the ReLU states are.
         modules = dict(network.named_modules())
@@ -192,6 +210,7 @@ class LazinessProbe:
         # frozen weights, when every trained weight starts at zero) or "absolute".
         self.displacement_relative_to = "w0"
         self.jacobian_direction: Tensor | None = None
+        self._head: nn.Module | None | bool = False  # the LM head (_label_head), not looked for yet
 
     # ------------------------------------------------------------------------------------ the network
 
@@ -218,6 +237,28 @@ class LazinessProbe:
         kept = labels != IGNORE_INDEX  # "labels": the logit of each kept position's target class
         picked = output.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
         return (picked * kept.to(picked.dtype)).reshape(n, -1)
+
+    def _label_head(self) -> nn.Module | None:
+        """The LM head, for the label-logit NTK (``ntk_outputs="labels"``): the ``nn.Linear`` whose output *is* the
+        network's output (the same tensor: nothing applied after it), found once from a forward of one example;
+        ``None`` when there is none (the kernel is then taken of the dense logits, gathered).
+
+        Its selected logit is z_it = ⟨h_it, W[y_it]⟩ + b[y_it] (h_it its input at position t): with the head so
+        replaced (:func:`_selected_logits`) the kernel's forward and its K = T backward passes never form the
+        ``[n, T, V]`` logits, whose products dominated the kernel of a real vocabulary; W is the head's weight as
+        the forward sees it (the embedding's, when tied), so the function differentiated is the same."""
+        if self._head is False:
+            linears = [m for m in self.network.modules() if type(m) is nn.Linear]
+            seen: list[tuple[nn.Module, Tensor]] = []
+            handles = [m.register_forward_hook(lambda m, i, o: seen.append((m, o))) for m in linears]
+            try:
+                with torch.no_grad():
+                    output = self._call(self._snapshot(), take(self.x, self._index[:1]))
+            finally:
+                for handle in handles:
+                    handle.remove()
+            self._head = next((m for m, o in reversed(seen) if o is output), None)
+        return self._head
 
     def _check_ntk_budget(self, output: Tensor) -> None:
         """Refuse, before computing anything, an NTK over more numbers than ``diagnostics.DEFAULT_MEMORY_BUDGET``."""
@@ -246,7 +287,8 @@ class LazinessProbe:
         if not isinstance(output, Tensor) or output.dim() == 0 or output.shape[0] != rows:
             return  # the probe's forward says what is wrong, in its words
         sizes = {"output_numel": output[0].numel(),
-                 "feature_numel": sum(t.numel() // rows for ts in (features or {}).values() for t in ts),
+                 "feature_numel": [t.numel() // rows for ts in (features or {}).values() for t in ts],
+                 "feature_sketch": self.feature_sketch,
                  "float_targets": y is not None and y.is_floating_point(), "kappa_probe_size": self.kappa_probe_size,
                  "layer_probe_size": self.layer_probe_size if self.layer_modules else 0}
         numbers, budget = probe_numbers(n, **sizes), diagnostics.DEFAULT_MEMORY_BUDGET
@@ -298,7 +340,8 @@ class LazinessProbe:
         and, when ``x`` is the probe, the layers' outputs (:func:`diagnostics.recording_module_outputs`). The forward
         runs on fresh copies of every parameter and buffer; a copy written during it (a layer that renormalizes its
         weight, say) marks the network as one that writes, for every later measure."""
-        recording = (diagnostics.recording_module_outputs(self.network, self.layer_modules, rows=self.layer_probe_size)
+        recording = (diagnostics.recording_module_outputs(self.network, self.layer_modules, rows=self.layer_probe_size,
+                                                          sketch=self.feature_sketch)
                      if self.layer_modules and x is self.x else contextlib.nullcontext())
         tensors = self._snapshot()
         versions = {name: t._version for name, t in tensors.items()}
@@ -343,8 +386,14 @@ class LazinessProbe:
         """``forward(params, x)`` (the raw network) as the ``fn(params, inputs) -> [n, K]`` the diagnostics call."""
         if not self._indexed:
             return lambda params, x: forward(params, x).reshape(len(x), -1)
+        head = self._label_head() if kernel and self.ntk_outputs == "labels" else None
 
         def fn(params: dict[str, Tensor], index: Tensor) -> Tensor:
+            if head is not None:  # the label logits straight from the LM head's input: no [n, T, V] logits
+                with _selected_logits(head, self.labels[index]):
+                    selected = forward(params, take(self.x, index))
+                kept = (self.labels[index] != IGNORE_INDEX).to(selected.dtype)
+                return (selected.squeeze(-1) * kept).reshape(selected.shape[0], -1)
             output = forward(params, take(self.x, index))
             if kernel:
                 return self._project(output, index)
@@ -553,8 +602,15 @@ class LazinessProbe:
                 handle.remove()
         return found
 
-    def measure(self, names: Sequence[str], *, time: float | None = 0.0, twin: Any = None) -> dict[str, Any]:
+    def measure(self, names: Sequence[str], *, time: float | None = 0.0, twin: Any = None,
+                parts: Mapping[str, bool] | None = None) -> dict[str, Any]:
         """The measures now, as floats, over the parameters ``names``.
+
+        ``parts``: ``{part: False}`` leaves that part of :data:`MEASURE_PARTS` out of this measurement ("kappa",
+        "ntk", "layers"; a part not named, or named ``True``, is measured as configured): its values are then absent
+        from the result (never carried over from an earlier measurement), and nothing of it is computed. The NTK
+        left out, ‖Dh‖ is found by Lanczos; the next kernel's ``kernel_velocity`` is over the time since the last
+        kernel taken. Raises ``ValueError`` for a part not in :data:`MEASURE_PARTS`.
 
         ``time``: Σ of the learning rates of the steps taken, times the objective's 1/α² (so that
         t̃ = time·‖Dh(w0)‖²), or ``None`` when the optimizer's step size is not one float lr
@@ -565,6 +621,10 @@ class LazinessProbe:
         layer of dicts of floats.
         """
         started = perf_counter()
+        unknown = sorted(set(parts or {}) - set(MEASURE_PARTS))
+        if unknown:
+            raise ValueError(f"unknown measurement part {unknown[0]!r}: parts are {tuple(MEASURE_PARTS)}")
+        taken = {part: bool((parts or {}).get(part, True)) for part in MEASURE_PARTS}
         names = tuple(names)
         params = self.params(names)
         initial = {name: self.initial[name].clone() for name in names}  # a measure never holds w0 itself
@@ -608,7 +668,7 @@ class LazinessProbe:
             moved_norm = torch.sqrt(sum(v**2 for v in moved.absolute.values()))
             values["tangent_gap"] = (gap / moved_norm).item() if float(moved_norm) > 0 else 0.0
         kernel, exact = None, False
-        if self.measure_ntk and self.initial_kernel is not None:
+        if self.measure_ntk and self.initial_kernel is not None and taken["ntk"]:
             if names != self.kernel_names:
                 # Parameters were unfrozen: compare kernels over the same parameters, the new set at w0.
                 self.initial_kernel, self.kernel_names = self.kernel(initial), names
@@ -617,7 +677,7 @@ class LazinessProbe:
             values["ntk_distance"] = diagnostics.ntk_distance(kernel, self.initial_kernel).item()
             values["kernel_alignment"] = diagnostics.kernel_alignment(kernel, self.initial_kernel).item()
             values.update(timed("spectrum", lambda: self.kernel_measures(kernel, normalized_time)))
-        if self.measure_kappa:
+        if self.measure_kappa and taken["kappa"]:
             if moved.total.item() == 0.0 and self.initial_kappa_parts is not None:
                 # At w0 itself: the numbers measured there (a warm-started ‖D²h‖ search could refine its lower
                 # bound, and κ would seem to move while the weights do not).
@@ -628,8 +688,14 @@ class LazinessProbe:
                               hessian_norm=result.hessian_norm.item())
         if self.initial_relu is not None:
             values["activation_stability"] = _stability(states, self.initial_relu)
-        if self.per_layer:
-            values["layers"] = timed("layers", lambda: self.layer_measures(params, initial))
+        if self.per_layer and taken["layers"]:
+            blocks = self._blocks
+            if not taken["ntk"]:
+                self._blocks = None  # no kernel this time: no per-layer NTK values (never the last kernel's blocks)
+            try:
+                values["layers"] = timed("layers", lambda: self.layer_measures(params, initial))
+            finally:
+                self._blocks = blocks
         self.timings["last"]["total"] = perf_counter() - started
         return values
 
@@ -799,21 +865,27 @@ class ProbeMemoryError(ValueError):
         super().__init__(f"{cause}: {remedy}, or raise diagnostics.DEFAULT_MEMORY_BUDGET")
 
 
-def probe_numbers(size: int, *, output_numel: int, feature_numel: int = 0, float_targets: bool = False,
-                  kappa_probe_size: int = 16, layer_probe_size: int = 64) -> int:
+def probe_numbers(size: int, *, output_numel: int, feature_numel: int | Sequence[int] = 0,
+                  float_targets: bool = False, kappa_probe_size: int = 16, layer_probe_size: int = 64,
+                  feature_sketch: int | None = None) -> int:
     """The numbers (tensor elements) the measures of a probe of ``size`` examples hold at once, at most, in tensors
     whose size grows with the output: per example ``output_numel`` = K outputs and ``feature_numel`` outputs of the
-    layers whose feature movement is measured (0 without ``per_layer``).
+    layers whose feature movement is measured (0 without ``per_layer``): their total F, or the numbers F_o of each
+    output recorded (then with ``feature_sketch`` = M an output counts min(n_l·F_o, M), as
+    :func:`diagnostics.recording_module_outputs` keeps it).
 
     ``max(OUTPUT_COPIES·N, KAPPA_COPIES·n_κ)·K + 2·n_l·F (+ N·K for targets given as floats)``, N = ``size``,
     n_κ = min(``kappa_probe_size``, N), n_l = min(``layer_probe_size``, N): Δ's outputs and κ's vectors (one after
-    the other), the layers' outputs at w0 and now. Class-index targets cost no output-sized tensor (Δ and κ's
+    the other), the layers' outputs at w0 and now (2·Σ_o min(n_l·F_o, M) with the sketch). Class-index targets cost no output-sized tensor (Δ and κ's
     residual use :func:`~lightning_lazy.scaling.squared_distance`), nor does h(w0) (Δ keeps its distance to y*).
     Not counted: the empirical NTK and the ‖D²h‖ basis (their own budget checks), autograd's intermediates.
     """
     n_kappa, n_layer = min(kappa_probe_size, size), min(layer_probe_size, size)
     outputs = max(OUTPUT_COPIES * size, KAPPA_COPIES * n_kappa) + (size if float_targets else 0)
-    return outputs * output_numel + 2 * n_layer * feature_numel
+    sizes = [feature_numel] if isinstance(feature_numel, int) else list(feature_numel)
+    kept = sum(n_layer * f if feature_sketch is None or n_layer * f <= feature_sketch else feature_sketch
+               for f in sizes)
+    return outputs * output_numel + 2 * kept
 
 
 def layer_groups(modules: Sequence[str], max_layers: int) -> dict[str, str]:
@@ -883,6 +955,26 @@ def _dense_embeddings(network: nn.Module) -> Iterator[None]:
             m.sparse = True
 
 
+@contextlib.contextmanager
+def _selected_logits(head: nn.Module, labels: Tensor) -> Iterator[None]:
+    """Within the block, the ``nn.Linear`` ``head`` returns, instead of its logits ``[..., V]``, the logit of each
+    position's class in ``labels`` (class indices of the input's shape without its last dimension; −100 read as
+    class 0, left out by the caller): ``[..., 1]``, ⟨h, W[y]⟩ + b[y], from its weight and bias as the forward sees
+    them (under ``functional_call``: the parameters given)."""
+    classes = labels.clamp_min(0)
+
+    def selected(h: Tensor) -> Tensor:
+        rows = torch.nn.functional.embedding(classes, head.weight)  # W[y], [..., d]
+        logit = (h * rows).sum(-1, keepdim=True)
+        return logit if head.bias is None else logit + head.bias[classes].unsqueeze(-1)
+
+    head.forward = selected  # an instance attribute: hooks and functional_call still apply around it
+    try:
+        yield
+    finally:
+        del head.forward
+
+
 def _stability(now: list[Tensor] | None, then: list[Tensor]) -> float:
     if now is None or len(now) != len(then) or any(a.shape != b.shape for a, b in zip(now, then)):
         raise ValueError("the model applied a different sequence of ReLUs now and at w0")
@@ -902,6 +994,8 @@ def _keep(labels: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 def _to_device(value: Any, device: Any) -> Any:
     if isinstance(value, Tensor):
         return value.to(device)
+    if isinstance(value, diagnostics.FeatureSketch):
+        return diagnostics.FeatureSketch(value.values.to(device), value.shape)
     if isinstance(value, dict):
         return {k: _to_device(v, device) for k, v in value.items()}
     if isinstance(value, list):
@@ -909,4 +1003,4 @@ def _to_device(value: Any, device: Any) -> Any:
     return value
 
 
-__all__ = ["LazinessProbe", "ProbeMemoryError", "held_buffers", "layer_groups", "probe_numbers"]
+__all__ = ["MEASURE_PARTS", "LazinessProbe", "ProbeMemoryError", "held_buffers", "layer_groups", "probe_numbers"]

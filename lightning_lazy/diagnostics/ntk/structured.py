@@ -299,23 +299,32 @@ def _call_features(
         if bias is not None:
             features.append(("jac", g.sum(-1)))
         return features
+    native = None  # a convolution's cotangent as recorded, [n, K, O, S] (contiguous)
     if call.kind == "linear":
         o = g.shape[-1]
         g = g.reshape(n, k_out, -1, o)  # [n, K, S, O]
         patches = x.reshape(n, -1, x.shape[-1]) if weight is not None else None
     else:
         o = g.shape[2]
-        g = g.reshape(n, k_out, o, -1).transpose(2, 3)
+        native = g.reshape(n, k_out, o, -1)
+        g = native.transpose(2, 3)
         patches = _patches(x, call.options) if weight is not None else None
-    if weight is not None and bias is not None:
-        # A column of ones appended to the inputs carries the bias: Σ_s g_s ⊗ [x_s, 1] = [J_W, J_b].
-        patches = torch.cat([patches, patches.new_ones(patches.shape[:2] + (1,))], dim=2)
+    if weight is not None and form == "struct":
+        if bias is not None:
+            # A column of ones appended to the inputs carries the bias: Σ_s g_s ⊗ [x_s, 1] = [J_W, J_b].
+            patches = torch.cat([patches, patches.new_ones(patches.shape[:2] + (1,))], dim=2)
+        features.append(("struct", patches, g))
+        return features
     if weight is not None:
-        if form == "struct":
-            features.append(("struct", patches, g))
+        # J_W = Σ_s g_s ⊗ x_s: for a convolution one batched product of the cotangent as recorded, [n, K·O, S] @
+        # [n, S, P] (no transposed copy of it); the bias's J_b = Σ_s g_s is a feature of its own (appending a column
+        # of ones to the patches copied all of them).
+        if native is not None:
+            jacobian = torch.bmm(native.reshape(n, k_out * o, -1), patches)
         else:
-            features.append(("jac", torch.einsum("nkso,nsp->nkop", g, patches).reshape(n, k_out, -1)))
-    elif bias is not None:
+            jacobian = torch.einsum("nkso,nsp->nkop", g, patches)
+        features.append(("jac", jacobian.reshape(n, k_out, -1)))
+    if bias is not None:
         features.append(("jac", g.sum(2)))
     return features
 
@@ -323,10 +332,10 @@ def _call_features(
 def _feature_groups(plan: _Plan, groups: dict[str, str]) -> list[str]:
     """The group of each feature :func:`_structured_features` returns, in its order (see :func:`_call_features`)."""
     owners: list[str] = []
-    for index, (weight, bias, _) in plan.taps.items():
-        if plan.calls[index].kind == "batch_norm":
+    for index, (weight, bias, form) in plan.taps.items():
+        if plan.calls[index].kind == "batch_norm" or form == "jac":  # a feature per parameter
             owners += [groups[name] for name in (weight, bias) if name is not None]
-        else:
+        else:  # "struct": the weight's feature carries its bias
             owners.append(groups[weight if weight is not None else bias])
     return owners
 
