@@ -46,7 +46,7 @@ from lightning_lazy.watch.objective import Objective, resolve_objective, resolve
 from lightning_lazy.watch.options import Measure, Watch, WatchOptions, When, Write
 from lightning_lazy.watch.probe import LazinessProbe, ProbeMemoryError
 from lightning_lazy.watch.schedule import Budget, Schedule
-from lightning_lazy.watch.twin import TangentTwin, TwinError, Watched
+from lightning_lazy.watch.twin import _ABSENT, TangentTwin, TwinError, Watched, undo
 
 _log = logging.getLogger("lightning_lazy")
 
@@ -283,15 +283,8 @@ class LazinessWatch:
 
     def release(self) -> None:
         """Remove every hook and wrapper on the optimizer and the network (the run goes on untouched)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        for obj, attr, previous in reversed(self._patched):
-            if previous is _ABSENT:
-                vars(obj).pop(attr, None)
-            else:
-                setattr(obj, attr, previous)
-        self._patched = []
+        undo(self._handles, self._patched)
+        self._handles, self._patched = [], []
         if self.twin is not None:
             self.twin.release()
 
@@ -1154,7 +1147,6 @@ class LazinessWatch:
         self._checked = True
 
 
-_ABSENT = object()
 
 
 def _warn(message: str) -> None:

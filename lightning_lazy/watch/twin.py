@@ -302,15 +302,8 @@ class TangentTwin:
 
     def release(self) -> None:
         """Remove the hooks and instance wrappers :meth:`follow` installed."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        for obj, attr, previous in reversed(self._patched):
-            if previous is _ABSENT:
-                vars(obj).pop(attr, None)
-            else:
-                setattr(obj, attr, previous)
-        self._patched = []
+        undo(self._handles, self._patched)
+        self._handles, self._patched = [], []
 
     def use_optimizer(self, optimizer: Optimizer) -> None:
         """Follow another real optimizer object (a new fit of the same model): keeps the twin's state."""
@@ -730,6 +723,18 @@ class _ProxyOptimizer(torch.optim.SGD):
 _ABSENT = object()
 _BETWEEN_STEPS = ("between the optimizer's steps (by a hook, a callback, or a step() whose step hooks did not run, "
                   "such as an inner optimizer stepped directly)")
+
+
+def undo(handles: list[Any], patched: list[tuple[Any, str, Any]]) -> None:
+    """Remove hook ``handles`` and put back each ``(object, attribute, previous value or _ABSENT)`` of ``patched``,
+    last patched first."""
+    for handle in handles:
+        handle.remove()
+    for obj, attr, previous in reversed(patched):
+        if previous is _ABSENT:
+            vars(obj).pop(attr, None)
+        else:
+            setattr(obj, attr, previous)
 
 
 def _copied(value: Any) -> Any:
