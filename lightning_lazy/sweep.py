@@ -151,7 +151,7 @@ def _probe_batch(datamodule: Any, size: int) -> Any:
 
 def _activation_stability(model: Any, params0: dict | None, datamodule: Any, size: int, device: Any) -> float:
     """Share of the backbone's ReLU units whose on/off state on test images equals the one at w0."""
-    from lightning_lazy.diagnostics import activation_stability
+    from lightning_lazy.diagnostics import activation_stability, activation_states
 
     if model.mode == "linearized":
         # The tangent model's ReLU pattern is that of w0 by construction (J(w0) is fixed): 100 %.
@@ -164,7 +164,12 @@ def _activation_stability(model: Any, params0: dict | None, datamodule: Any, siz
         x = _probe_batch(datamodule, size).to(device=device, dtype=dtype)
         params = {k: v.detach() for k, v in backbone.named_parameters()}
         params0 = {k: v.to(device=device, dtype=dtype) for k, v in params0.items()}
-        return float(activation_stability(backbone, x, params, params0))
+        states0 = activation_states(backbone, x, params0)
+        if not states0:  # e.g. logistic regression, a GRU: no unit has pieces to switch between
+            print(f"[sweep] stable activations not measured: {type(backbone).__name__} applies no piecewise-linear "
+                  "activation (ReLU, ...)", file=sys.stderr, flush=True)
+            return math.nan
+        return float(activation_stability(backbone, x, params, initial_states=states0))
     finally:
         backbone.to(was)
 
@@ -265,9 +270,9 @@ def kernel_predictor(
         inputs: ``{name: x [M, ...]}`` sets to predict on (e.g. train, val, test).
         num_classes: K.
         implementation: the NTK implementation (``"auto"``, ``"structured"``, ``"jacobian"``, ``"products"``).
-        at_time: also predict at this finite gradient-flow time τ (neural-tangents' convention: the loss is
-            ½ · mean over the N·K output entries, ``f_t(X) = Y + e^{−Θτ/(NK)}(f_0(X) − Y)``); the outputs come
-            as ``"{name}@t"``. :func:`training_time` gives the τ that an SGD run of the package reaches.
+        at_time: also predict at this finite gradient-flow time τ
+            (:func:`~lightning_lazy.diagnostics.gradient_descent_mse`'s convention with the traced Θ:
+            ``f_t(X) = Y + e^{−Θτ/(NK)}(f_0(X) − Y)``); the outputs come as ``"{name}@t"``. :func:`training_time` gives the τ that an SGD run of the package reaches.
 
     Returns ``({name: outputs [M, K] float64}, info)`` with ``info`` = ``train_size``, ``min_eigenvalue`` and
     ``max_eigenvalue`` of ``Θ(X, X)`` (its conditioning), ``ntk_seconds`` and ``solve_seconds``.
@@ -305,21 +310,23 @@ def kernel_predictor(
     return outputs, info
 
 
-def training_time(lr: float, lr_decay: float, momentum: float, steps_per_epoch: int, steps: int,
-                  num_classes: int) -> float:
+def training_time(lr: float, lr_decay: float, momentum: float, steps_per_epoch: int, steps: int) -> float:
     r"""The gradient-flow time τ that ``steps`` SGD steps of :class:`~lightning_lazy.module.LazyClassifier` reach.
 
     The default optimizer (SGD, momentum μ) and schedule ``η_e = η0 / (1 + β e)`` (epoch e) on the square loss
     R = ½ mean over the N examples of ‖f − y‖² move the tangent model, on average over batches and to first
-    order in η, as gradient flow ``df/ds = −Θ(f − Y)/N`` run for ``s = Σ_k η_k / (1 − μ)`` (heavy-ball's
-    effective step is η/(1 − μ)). In neural-tangents' convention (½ mean over the N·K entries, used by
-    :func:`~lightning_lazy.diagnostics.gradient_descent_mse`) that is ``τ = K · s``. Under the lazy
-    objective R(αh)/α² this time is the same for every α: it measures the rows of a sweep alike.
+    order in η, as gradient flow ``df/ds = −Θ_b (f − Y)/N`` run for ``s = Σ_k η_k / (1 − μ)`` (heavy-ball's
+    effective step is η/(1 − μ)), Θ_b the per-output block of the NTK. :func:`kernel_predictor` uses the
+    output-traced kernel ``Θ = Σ_k Θ_kk ≈ K Θ_b`` in :func:`~lightning_lazy.diagnostics.gradient_descent_mse`,
+    whose exponent is ``Θ τ / (N K)``: the same flow at ``τ = s``. Under the lazy objective R(αh)/α² this time
+    is the same for every α: it measures the rows of a sweep alike.
+
+    Raises ``ValueError`` for ``steps_per_epoch < 1`` or ``steps < 0``.
     """
     if steps_per_epoch < 1 or steps < 0:
         raise ValueError(f"need steps_per_epoch >= 1 and steps >= 0, got {steps_per_epoch} and {steps}")
     total = sum(lr / (1.0 + lr_decay * (k // steps_per_epoch)) for k in range(steps))
-    return num_classes * total / (1.0 - momentum)
+    return total / (1.0 - momentum)
 
 
 def _run_time(cli: Any, datamodule: Any) -> float | None:
@@ -338,7 +345,7 @@ def _run_time(cli: Any, datamodule: Any) -> float | None:
               flush=True)
         return None
     hp = model.hparams
-    return training_time(hp.lr, hp.lr_decay, hp.momentum, steps_per_epoch, min(limits), model.num_classes)
+    return training_time(hp.lr, hp.lr_decay, hp.momentum, steps_per_epoch, min(limits))
 
 
 def _kernel_one(run: SweepRun, config_path: str, overrides: list[str], args: argparse.Namespace) -> None:
@@ -550,8 +557,8 @@ def write_table(runs: list[SweepRun], path: Path) -> None:
                          f"| {_pct_of([r.activation_stability for r in p])} | {_extra(p, 'lazy/divergence')} "
                          f"| {_extra(p, 'lazy/ntk_distance')} | {_mean([r.seconds for r in p]):.0f} |")
     if times:
-        lines += ["", (f"Training time t of the trained rows (same for every alpha): tau = K * sum_k lr_k / (1 - "
-                       f"momentum) = {times[0]:.4g} in neural-tangents' units (lightning_lazy.sweep.training_time); "
+        lines += ["", (f"Training time t of the trained rows (same for every alpha): t = sum_k lr_k / (1 - momentum) "
+                       f"= {times[0]:.4g} over their SGD steps (lightning_lazy.sweep.training_time); "
                        "the kernel (t) row is the tangent model at that time.")]
     lines += ["", "## Every run", "", "| config | width | seed | mode | alpha | lr | status | train acc | val acc "
               "| test acc | stable activations | epochs | seconds |", "| --- | --- | --- | --- | --- | --- | --- | --- "
