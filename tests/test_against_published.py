@@ -268,8 +268,11 @@ def test_weight_space_torch_side_trains_network_and_twin_in_lock_step(tmp_path: 
     data = bench.make_inputs(1, 0, str(tmp_path / "d"))
     data["order"] = data["order"][:6]
     ours = bench.torch_run(data, data["order"])
-    # Same w0: the network and its tangent model have the same loss on the first batch, then part.
+    # Same w0: the network and its tangent model have the same loss on the first batch; then they part, slowly
+    # (a 512-unit NTK-parametrized network stays close to its linearization over a few steps).
+    assert len(ours["loss"]) == len(ours["loss_lin"]) == 6
     assert ours["loss"][0] == pytest.approx(ours["loss_lin"][0], rel=1e-6)
-    assert ours["loss"][-1] != ours["loss_lin"][-1] and ours["loss"][-1] < ours["loss"][0]
+    assert any(a != b for a, b in zip(ours["loss"][1:], ours["loss_lin"][1:]))
+    assert max(abs(a - b) / b for a, b in zip(ours["loss"], ours["loss_lin"])) < 1e-3
     results = bench.main(["--epochs", "1", "--data-dir", str(tmp_path / "d"), "--output", str(tmp_path / "r.json")])
     assert results["neural_tangents"].startswith("skipped") and len(results["per_epoch"]) == 1
