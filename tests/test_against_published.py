@@ -178,16 +178,16 @@ def test_write_crossover_per_width(tmp_path: Path) -> None:
 def test_sweep_widths_option_sets_the_backbone_width(tmp_path: Path) -> None:
     out = tmp_path / "sweep"
     rc = main(["sweep", "--config", "mnist1d_mlp_standard", "--modes", "standard", "linearized", "lazy",
-               "--alphas", "1", "100", "--widths", "2", "4", "--output", str(out), "--probe_size", "8",
-               "--trainer.max_epochs=1", "--model.backbone.init_args.hidden=1", f"--data.data_dir={tmp_path / 'd'}",
+               "--alphas", "100", "--widths", "2", "4", "--output", str(out), "--probe_size", "8",
+               "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.callbacks=[]",
+               "--model.backbone.init_args.hidden=1", f"--data.data_dir={tmp_path / 'd'}",
                f"--data.num_samples={SMALL}", "--data.val_size=20", "--data.batch_size=40",
                f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}", "--trainer.enable_progress_bar=false",
-               "--trainer.enable_model_summary=false", "--trainer.callbacks.probe_size=8",
-               "--trainer.callbacks.kappa_probe_size=4", "--trainer.callbacks.ntk_probe_size=4"])
+               "--trainer.enable_model_summary=false"])
     assert rc == 0
     rows = list(csv.DictReader(open(out / "sweep.csv")))
     assert {(r["width"], r["model"]) for r in rows} == {("2", "MLP1D x2"), ("4", "MLP1D x4")}
-    assert len(rows) == 8 and (out / "crossover.md").is_file() and (out / "crossover.png").is_file()
+    assert len(rows) == 6 and (out / "crossover.md").is_file() and (out / "crossover.png").is_file()
     assert main(["sweep", "--config", "mnist1d_mlp_standard", "--widths", "0", "--output", str(out)]) == 2
     assert main(["sweep", "--config", "mnist1d_mlp_standard", "--widths", "2",
                  "--model.backbone.init_args.width=3", "--output", str(out)]) == 2
