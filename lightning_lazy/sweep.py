@@ -680,7 +680,7 @@ def write_crossover(runs: list[SweepRun], folder: Path) -> dict[str, Any]:
         hs = sorted({h for res in results.values() for h in res["widths"]})
         ref = finite_any[0] * (hs[0] ** 0.5)
         ax.plot(hs, [ref * h ** -0.5 for h in hs], ":", color="gray", label="slope -1/2 (Geiger et al.)")
-    ax.set_xscale("log")
+    ax.set_xscale("log", base=2)  # widths are usually powers of two: one labelled tick per width
     ax.set_yscale("log")
     ax.set_xlabel("width h")
     ax.set_ylabel(r"crossover $\alpha^*$")
