@@ -9,8 +9,8 @@ difference of the train and test predictions, relative to the largest prediction
 
     python benchmarks/kernel_predictor_vs_nt.py --output benchmarks/results/kernel_predictor_vs_nt.json
 
-neural-tangents runs in its own virtual environment (``--nt-python``, default ``/work/ntvenv/bin/python``; the
-pins are in the benchmarks README), in a worker process of this same file (``--nt-worker``), which then imports
+neural-tangents runs in its own virtual environment (``--nt-python``, default ``$LIGHTNING_LAZY_NT_PYTHON``;
+the pins are in the benchmarks README), in a worker process of this same file (``--nt-worker``), which then imports
 only numpy, JAX and neural-tangents, in float64 (``jax_enable_x64``).
 """
 
@@ -24,6 +24,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or imported by a test
+from _nt_env import add_nt_python_option, nt_python_missing  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMES = [1.0, 10.0, 100.0, None]
@@ -55,7 +58,7 @@ def nt_worker(folder: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nt-python", default="/work/ntvenv/bin/python")
+    add_nt_python_option(parser)
     parser.add_argument("--output", help="write the results as JSON here")
     parser.add_argument("--nt-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -87,8 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
             inputs[f"{form}_k_tt"], inputs[f"{form}_k_vt"] = k_tt.numpy(), k_vt.numpy()
     results: dict = {"benchmark": "kernel_predictor_vs_nt", "learning_rate": LEARNING_RATE, "times": TIMES,
                      "diag_regs": REGS, "cases": []}
-    if not Path(args.nt_python).exists():
-        results["skipped"] = f"no neural-tangents environment at {args.nt_python}"
+    if missing := nt_python_missing(args.nt_python):
+        results["skipped"] = missing
         print(results["skipped"])
     else:
         with tempfile.TemporaryDirectory() as folder:

@@ -16,7 +16,7 @@ by the probe itself (``LazinessProbe.timings``), as ``lightning_lazy/callback.py
 The per-layer cost (``per_layer`` in the JSON, on unless ``--no-per-layer``): the probe's measures at fit start
 and at an epoch's end with and without the per-layer measures, measured alternately in the same run.
 
-neural-tangents runs, when ``--nt-python`` (default ``/work/nt-venv/bin/python``) exists, in its own process
+neural-tangents runs, when ``--nt-python`` (default ``$LIGHTNING_LAZY_NT_PYTHON``) exists, in its own process
 (its own virtual environment with JAX; see ``benchmarks/README.md``), on the same weights and inputs. This file is also that worker (``--nt-worker``):
 it then imports only JAX and neural-tangents.
 """
@@ -29,9 +29,13 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or imported by a test
+from _nt_env import add_nt_python_option, nt_python_missing  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -432,8 +436,8 @@ def run_neural_tangents(model, x, args, kernels) -> dict:
     import torch
     from torch import nn
 
-    if not Path(args.nt_python).exists():
-        return {"neural_tangents": {"error": f"skipped: no neural-tangents interpreter at {args.nt_python}"}}
+    if missing := nt_python_missing(args.nt_python):
+        return {"neural_tangents": {"error": missing}}
     spec: dict[str, np.ndarray] = {"x": x.detach().cpu().double().numpy()}
     if isinstance(model, nn.Sequential):
         spec["kind"] = np.array("mlp")
@@ -485,7 +489,7 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads; 0 = torch's default")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    parser.add_argument("--nt-python", default="/work/nt-venv/bin/python")
+    add_nt_python_option(parser)
     parser.add_argument("--nt-jacobian-limit-gib", type=float, default=2.0,
                         help="skip neural-tangents' Jacobian contraction when its Jacobian exceeds this")
     parser.add_argument("--quick", action="store_true", help="tiny models and probes: seconds")

@@ -100,6 +100,13 @@ class MNIST1DDataModule(pl.LightningDataModule):
         split_seed: seed of the validation split.
         num_workers: DataLoader worker processes; 0 (default) loads in the training process, which is
             fastest for 40-float examples held in memory.
+        shuffle: draw the training batches in a new random order every epoch (default). False keeps the
+            stored order, batch after batch, as the MNIST-1D training code does (``notebooks/train.py``
+            takes examples ``[100 s, 100 s + 100)`` mod 4 000 at step ``s``).
+        permute_positions: shuffle the *spatial* dimension, as the "shuffled" row of the MNIST-1D table (after
+            Zhang et al. 2017): one fixed permutation of the ``length`` positions, applied to every signal of
+            every split, drawn by NumPy's legacy generator ``RandomState(permute_positions).permutation``
+            (42: the permutation of the MNIST-1D benchmark notebook). None (default): signals as generated.
 
     The data never leaves the CPU memory of the process (``5 000 × 40`` floats: 0.8 MB).
     """
@@ -116,8 +123,15 @@ class MNIST1DDataModule(pl.LightningDataModule):
         eval_batch_size: int = 1000,
         split_seed: int = 0,
         num_workers: int = 0,
+        shuffle: bool = True,
+        permute_positions: int | None = None,
     ) -> None:
         super().__init__()
+        if not isinstance(shuffle, bool):
+            raise ValueError(f"shuffle must be true or false, got {shuffle!r}")
+        if permute_positions is not None and (isinstance(permute_positions, bool)
+                                              or not isinstance(permute_positions, int) or permute_positions < 0):
+            raise ValueError(f"permute_positions must be a non-negative integer seed or null, got {permute_positions!r}")
         check_loader_options(batch_size, eval_batch_size, val_size)
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
@@ -130,6 +144,7 @@ class MNIST1DDataModule(pl.LightningDataModule):
         self.num_samples, self.seed, self.val_size = num_samples, seed, val_size
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.split_seed, self.num_workers = split_seed, num_workers
+        self.shuffle, self.permute_positions = shuffle, permute_positions
         self._splits: dict[str, tuple[Tensor, Tensor]] = {}
 
     # -- data
@@ -175,6 +190,9 @@ class MNIST1DDataModule(pl.LightningDataModule):
         if self._splits:
             return
         data = self._load()
+        if self.permute_positions is not None:
+            order = np.random.RandomState(self.permute_positions).permutation(data["x"].shape[1])
+            data["x"], data["x_test"] = data["x"][:, order], data["x_test"][:, order]
         x, y = torch.from_numpy(data["x"]), torch.from_numpy(data["y"])
         if self.val_size >= x.shape[0]:
             raise ValueError(
@@ -205,7 +223,7 @@ class MNIST1DDataModule(pl.LightningDataModule):
         return DataLoader(
             TensorDataset(*self.split(name)),
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
+            shuffle=train and self.shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

@@ -5,15 +5,16 @@ code: ``Conv1d(1, c, 5, stride 2, padding 1)``, two ``Conv1d(c, c, 3, stride 2, 
 by a ReLU, then one linear layer on the flattened features; ``c = 25`` channels. A length-40 signal becomes
 19, 10, then 5 positions, so the classifier sees ``5 c`` features. Here ``c = base_width · width``
 (``base_width=25, width=1`` is the published model, 5 210 parameters), and the initialization is the lazy-
-training paper's (Xavier-normal weights with a gain, zero biases, as for the CIFAR models) instead of
-PyTorch's default.
+training paper's (Xavier-normal weights with a gain, zero biases, as for the CIFAR models) unless
+``init="pytorch"`` keeps PyTorch's default (what the MNIST-1D code trains).
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from lightning_lazy.models.init import check_gain, check_width, xavier_normal_init
+from lightning_lazy.models.init import check_gain, check_width
+from lightning_lazy.models.mnist1d import Init, apply_init
 
 # (kernel size, stride, padding) of the three convolutions.
 CNN1D_LAYOUT: tuple[tuple[int, int, int], ...] = ((5, 2, 1), (3, 2, 1), (3, 2, 1))
@@ -36,6 +37,8 @@ class CNN1D(nn.Module):
             ``L'`` = :func:`conv_output_length` (5 at length 40).
         gain: Xavier-normal gain of every weight; biases start at zero.
         base_width: channels at ``width=1`` (25 in the MNIST-1D code); lower it for tiny test models.
+        init: ``"xavier_normal"`` (default: the lazy-training paper's, with ``gain``) or ``"pytorch"``
+            (PyTorch's default initialization, as in the MNIST-1D code).
 
     ReLUs are separate modules, so activation-stability hooks see every unit.
     """
@@ -47,6 +50,7 @@ class CNN1D(nn.Module):
         length: int = 40,
         gain: float = 1.0,
         base_width: int = 25,
+        init: Init = "xavier_normal",
     ) -> None:
         super().__init__()
         self.width = check_width(width)
@@ -66,7 +70,7 @@ class CNN1D(nn.Module):
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(channels * conv_output_length(length), num_classes)
         self.num_classes = num_classes
-        xavier_normal_init(self, gain=self.gain)
+        apply_init(self, init, self.gain)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 2:
