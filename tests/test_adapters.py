@@ -432,3 +432,19 @@ def test_without_an_optimizer_no_time_and_no_guarantee_are_claimed():
     watch.measure()
     assert "normalized_time" not in watch.history[-1]
     assert watch.summary_values()["horizon"] is None and "guarantees" not in watch.summary()
+
+
+def test_a_plain_loop_is_told_the_plain_way_out():
+    # Clipping the twin was not given is reported, with the plain loop's remedy (not Lightning's).
+    x, y = _data()
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    watch = LazinessWatch(model, opt, loss="mse", probe=(x, y))
+    with pytest.warns(UserWarning, match=r"LazinessWatch\(clip=") as said:
+        for i in range(3):
+            opt.zero_grad()
+            _half_mse(model(x[i * 8:(i + 1) * 8]), y[i * 8:(i + 1) * 8]).backward()
+            watch.batch(x[i * 8:(i + 1) * 8], y[i * 8:(i + 1) * 8])
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+            opt.step()
+    assert not any("Trainer(" in str(w.message) for w in said)

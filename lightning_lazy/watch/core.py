@@ -302,6 +302,9 @@ class LazinessWatch:
         step under way. Never a wrong number: rather than a divergence from a path the real run did not take, none."""
         if self.twin is None or self.twin.lost is not None:
             return
+        if self._plain and "Trainer(" in remedy:  # the twin's advice names Lightning's ways; a plain loop has its own
+            remedy = ("Give the loop's clipping as LazinessWatch(clip=lambda opt: ...), call watch.batch(x, y) right "
+                      "after backward, and leave the gradients and weights as they are otherwise.")
         self.twin.lose(cause, self.steps if measuring else self.steps + 1, remedy)
         self._twin_loss_sum, self._real_loss_sum, self._twin_loss_count = 0.0, 0.0, 0
         self._last_twin_train_loss = self._last_train_loss = None
