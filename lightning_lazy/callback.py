@@ -609,14 +609,12 @@ class LazyTrainingMonitor(Callback):
         self._release()
         self._loaded = state
         self.on_fit_start(trainer, pl_module)
-        self.core.set_writers(writers)
+        self.core.set_writers(writers, set_up=True)
 
     @staticmethod
     def _real_loss(trainer: pl.Trainer, loss: Tensor) -> float:
-        """The loss the training step computed, from the one Lightning back-propagates."""
-        real = float(loss.detach())
-        if trainer.lightning_module.automatic_optimization:
-            real *= trainer.accumulate_grad_batches  # Lightning divides it
+        """The loss the training step computed, from the one Lightning back-propagates (automatic optimization)."""
+        real = float(loss.detach()) * trainer.accumulate_grad_batches  # automatic optimization: Lightning divides it
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         return real / float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else real  # AMP scales it
 

@@ -9,7 +9,6 @@ pre-hook on the model; the Trainer clears gradients with ``model.zero_grad()``, 
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -90,7 +89,6 @@ class LazyTrainingCallback(TrainerCallback):
         self._handles: list[Any] = []
         self._share: str | None = None  # how the Trainer weighs micro-batches: "mean", "sum", "items" (see _weight)
         self._capturing = True
-        self._accepts_loss_kwargs = False
 
     # ------------------------------------------------------------------------------------------ results
 
@@ -140,10 +138,7 @@ class LazyTrainingCallback(TrainerCallback):
         self.core = LazinessWatch(model, optimizer, options=options, clip=clip, infer_loss_weight=False,
                                   host=_TrainerHost(writers, args.output_dir, train_dataloader))
         self._clip_norm = float(args.max_grad_norm) if clip is not None else None
-        self._accepts_loss_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD
-                                        for p in inspect.signature(model.forward).parameters.values())
-        self.core.start()
-        self.core.set_writers(writers)
+        self.core.start()  # also sets the writers up, once
         self._handles = [model.register_forward_pre_hook(self._read_inputs, with_kwargs=True),
                          model.register_forward_hook(self._read_loss, with_kwargs=True)]
 

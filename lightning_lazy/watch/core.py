@@ -50,10 +50,6 @@ from lightning_lazy.watch.twin import _ABSENT, TangentTwin, TwinError, Watched, 
 
 _log = logging.getLogger("lightning_lazy")
 
-#: Measures that come from the twin: after it stopped following the run they are not logged.
-TWIN_MEASURES = ("divergence", "tangent_gap")
-
-
 class Host:
     """What the framework around a :class:`LazinessWatch` provides. This default is one process, no framework:
     messages through :mod:`warnings` and the ``lightning_lazy`` logger, scalars and figures to ``writers``."""
@@ -251,19 +247,22 @@ class LazinessWatch:
             self._handles = [self.optimizer.register_step_post_hook(self._on_real_step)]
         if self._plain and twin is not None:
             self._handles.append(self._watched.inner.register_forward_pre_hook(self._count_forward))
-        if self.host.is_global_zero and not self._writers_set_up:
-            self._writers_set_up = True
-            self.host.writers.setup()
+        self._setup_writers()
 
     def _count_forward(self, module: nn.Module, args: Any) -> None:
         if not self._measuring and module.training and torch.is_grad_enabled():
             self._forwards += 1
 
-    def set_writers(self, writers: Sequence[Any]) -> None:
-        """Where scalars (for hosts without their own logging), figures and the summary go from now on."""
+    def set_writers(self, writers: Sequence[Any], set_up: bool = False) -> None:
+        """Where scalars (for hosts without their own logging), figures and the summary go from now on; ``set_up``:
+        they were set up already (the same writers handed to a rebuilt watch), so their layout is not written again."""
         self.host.writers = _group(writers, self.host)
-        self._writers_set_up = False
-        if self.host.is_global_zero:
+        self._writers_set_up = set_up
+        self._setup_writers()
+
+    def _setup_writers(self) -> None:
+        """Set the writers up once, on the first process (TensorBoard's custom-scalars layout, W&B's step axis)."""
+        if self.host.is_global_zero and not self._writers_set_up:
             self._writers_set_up = True
             self.host.writers.setup()
 
@@ -1202,4 +1201,4 @@ def _is_dataset(obj: Any) -> bool:
     return obj is not None and not isinstance(obj, (Tensor, tuple, list, Mapping)) and hasattr(obj, "__len__")
 
 
-__all__ = ["Host", "LazinessWatch", "TWIN_MEASURES"]
+__all__ = ["Host", "LazinessWatch"]
