@@ -448,3 +448,22 @@ def test_a_plain_loop_is_told_the_plain_way_out():
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
             opt.step()
     assert not any("Trainer(" in str(w.message) for w in said)
+
+
+def test_a_plain_loop_times_its_steps_for_the_cost_advice():
+    # The advice compares a measurement with the loop's steps: a plain loop's steps are timed too (here any
+    # measurement counts as costly, so the advice must come once the first step is timed).
+    from lightning_lazy.watch.cost import MeasurementCost
+
+    x, y = _data()
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    watch = LazinessWatch(model, opt, loss="mse", probe=(x, y))
+    watch._cost = MeasurementCost(seconds=0.0, steps=0.0)
+    with pytest.warns(UserWarning, match="a measurement took"):
+        for i in range(3):
+            opt.zero_grad()
+            _half_mse(model(x[i * 8:(i + 1) * 8]), y[i * 8:(i + 1) * 8]).backward()
+            watch.batch(x[i * 8:(i + 1) * 8], y[i * 8:(i + 1) * 8])
+            opt.step()
+    assert len(watch._cost.step_seconds) == 3

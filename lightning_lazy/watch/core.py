@@ -219,7 +219,6 @@ class LazinessWatch:
         self._plain = host is None
         self._forwards = self._batches = 0
         self._measuring = False
-        self._step_mark: float | None = None
         if host is None:  # a plain loop: follow the optimizer from now on, and the first forward's random numbers
             self.start()
             self.arm()
@@ -483,11 +482,7 @@ class LazinessWatch:
             self._time += lr
         if self._plain:
             self._check_batches_seen()
-            now = time.perf_counter()
-            if self._step_mark is not None:
-                self._cost.step_seconds.append(now - self._step_mark)
-                if len(self._cost.step_seconds) == 1:
-                    self._advise_on_cost("initial")
+            self.step_ended()  # a plain loop's step: from after the last measurement to this step
         self.steps += 1
         self._trained.update(self._names[id(p)] for p in stepped if id(p) in self._names)
         if self.twin is not None:
@@ -501,7 +496,8 @@ class LazinessWatch:
         forward's random numbers). Adapters that measure on their own events replace it."""
         if self.measures is not None and self.schedule.is_log_step(self.steps):
             self.measure_and_log(self.steps, on_step=True)
-        self._step_mark = time.perf_counter()  # the next step's time starts after this measurement
+        if self._plain:
+            self.step_started()  # the next step's time starts after this measurement
         self.arm()
 
     def _check_batches_seen(self) -> None:
@@ -601,7 +597,8 @@ class LazinessWatch:
         finally:
             self._measuring = False
             self.budget.spend(time.perf_counter() - started, "full")
-            self._step_mark = time.perf_counter()
+            if self._plain:
+                self.step_started()
 
     def _start_measuring(self, first_batch: tuple[Any, Any] | None) -> None:
         self.measures = self._make_probe(first_batch)
