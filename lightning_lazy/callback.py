@@ -95,6 +95,13 @@ class _LightningHost(Host):
                 next(iter(loaders.values()), None) if isinstance(loaders, dict) else loaders)
 
 
+def _last_epoch(trainer: pl.Trainer) -> bool:
+    """Whether the epoch ending now is the fit's last: max_epochs or max_steps reached, or a callback stopped it."""
+    return bool(trainer.should_stop
+                or (trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs)
+                or (trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps))
+
+
 class LazyTrainingMonitor(Callback):
     r"""Trains a linearized twin in lock-step and logs the laziness measures of Chizat et al. (2019).
 
@@ -158,10 +165,13 @@ class LazyTrainingMonitor(Callback):
             (structured derivatives: about K backward passes, K outputs, per validation example, plus the
             subset's once per 4·``kernel_baseline`` validation examples), once per fit.
 
-        budget: ``None`` (default: every scheduled measurement) or the share of the fit's wall time the
-            measurements may take (``0.05``): a measurement that would exceed it is taken without κ, the NTK and the
-            per-layer measures, or left out, and the summary says what was spent and thinned
-            (:class:`~lightning_lazy.watch.schedule.Budget`); ``lazy/cost/share`` logs the share spent.
+        budget: the share of the fit's wall time the measurements may take (default ``0.05``; ``None``: every
+            scheduled measurement in full): a scheduled measurement that would exceed it is taken without κ, or
+            without κ, the NTK and the per-layer measures, or left out, and the summary says what was spent and
+            thinned (:class:`~lightning_lazy.watch.schedule.Budget`); ``lazy/cost/share`` logs the share spent. The
+            measurement at w0, the last epoch's (the end state), and every epoch end's when another callback
+            monitors a ``lazy/`` key (``ModelCheckpoint``, ``EarlyStopping``) are always taken in full. An
+            experiment that plots every measurement passes ``budget=None``.
 
     Logged under ``lazy/``: ``regime`` (1 lazy, 0.5 in between, 0 feature learning:
     :data:`lightning_lazy.watch.report.REGIME_CODES`), ``divergence`` Δ, ``bound`` (= t̃²·κ(w0); only for gradient
@@ -215,7 +225,7 @@ class LazyTrainingMonitor(Callback):
         layer_probe_size: int = 64,
         max_layers: int = 32,
         kernel_baseline: int | None = None,
-        budget: float | None = None,
+        budget: float | None = 0.05,
         watch: Watch | None = None,
         measure: Measure | None = None,
         when: When | None = None,
@@ -243,6 +253,7 @@ class LazyTrainingMonitor(Callback):
         self._origin_pid = os.getpid()
         self._hand_back_path = os.path.join(tempfile.gettempdir(), f"lightning_lazy_{os.getpid()}_{uuid.uuid4().hex}.pt")
         self._carried: dict[str, Any] | None = None
+        self._monitored: list[str] = []  # lazy/ keys another callback monitors (ModelCheckpoint, EarlyStopping)
 
     # ------------------------------------------------------------------------------------------ results
 
@@ -343,6 +354,13 @@ class LazyTrainingMonitor(Callback):
             # A checkpoint's state (load_state_dict comes after setup) replaces this.
             self._release()
             self.core, self._batch, self._carried = None, None, None
+            # A callback that monitors a measure (ModelCheckpoint, EarlyStopping) needs it at every epoch end: the
+            # budget must not leave those out or thin them.
+            self._monitored = sorted({m for c in trainer.callbacks if isinstance(m := getattr(c, "monitor", None), str)
+                                      and m.startswith("lazy/")})
+            if self._monitored and self.options.when.budget is not None:
+                rank_zero_info(f"LazyTrainingMonitor: {', '.join(self._monitored)} is monitored by another callback, so "
+                               "the measurements at epoch ends are taken in full whatever the budget.")
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -448,7 +466,10 @@ class LazyTrainingMonitor(Callback):
         if loss is not None:
             pl_module.log("lazy/tangent/train_loss", loss, sync_dist=True)
         if self.core.schedule.is_epoch(trainer.current_epoch):
-            self._measure_and_log(trainer, pl_module, on_step=False)
+            # The last epoch's measurement is the end state's (callback_metrics hold it after the fit), and one a
+            # callback monitors must be there: both are taken in full whatever the budget.
+            forced = bool(self._monitored) or _last_epoch(trainer)
+            self._measure_and_log(trainer, pl_module, on_step=False, forced=forced)
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -474,8 +495,8 @@ class LazyTrainingMonitor(Callback):
         self._hand_back(trainer)
         if self.core is None or not self.core.history:
             return
-        if self.core.budget.share is not None and self.core.history[-1]["step"] < trainer.global_step:
-            with _refusals():  # the budget left the last scheduled one out: the end state is measured all the same
+        if not self.core.measured_whole(trainer.global_step):
+            with _refusals():  # the budget left the end state out or thinned it: it is measured all the same
                 self.core.measure_and_log(trainer.global_step, on_step=True, epoch=trainer.current_epoch, forced=True)
         optimizer = type(trainer.optimizers[0]).__name__ if trainer.optimizers else "none"
         text = self.core.finish(trainer.global_step, optimizer)
@@ -537,12 +558,13 @@ class LazyTrainingMonitor(Callback):
 
     # ------------------------------------------------------------------------------------------ helpers
 
-    def _measure_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, on_step: bool) -> None:
+    def _measure_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, on_step: bool,
+                         forced: bool = False) -> None:
         if self.core is None or self.core.measures is None:
             return  # no training batch has run: nothing was measured at w0
         self._rewind(trainer, pl_module)
         with _refusals():
-            self.core.measure_and_log(trainer.global_step, on_step=on_step, epoch=trainer.current_epoch)
+            self.core.measure_and_log(trainer.global_step, on_step=on_step, epoch=trainer.current_epoch, forced=forced)
 
     def _release(self) -> None:
         if self.core is not None:

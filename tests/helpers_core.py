@@ -48,3 +48,13 @@ def explicit_hessians(model: nn.Module, x: Tensor) -> Tensor:
     """[N*K, P, P]: the Hessian of every output coordinate."""
     f, flat = flat_function(model, x)
     return jacrev(jacrev(f))(flat)
+
+
+def taken(history: list[dict], *keys: str) -> list[tuple[str, float]]:
+    """``(key, value)`` for every entry of a monitor's ``history`` that measured ``key``: under the default budget a
+    scheduled measurement may be thinned (no κ, NTK or per-layer values) or left out, but the last one, the end
+    state's, is whole, so each key must be in it."""
+    assert history, "nothing was measured"
+    for key in keys:
+        assert key in history[-1], (key, history[-1])
+    return [(key, entry[key]) for entry in history for key in keys if key in entry]

@@ -55,7 +55,7 @@ def test_the_budget_keeps_the_share_and_says_what_it_thinned(name, tmp_path):
         Classifier(net), DataLoader(data, batch_size=4))
     budget = monitor.core.budget
     scheduled = 60 + 10  # epoch ends and log steps 1, 2, 4, ..., 512 (the last one at fit end is forced)
-    assert budget.counts["cheap"] + budget.counts["skip"] > 0, budget.counts
+    assert budget.counts["no_kappa"] + budget.counts["cheap"] + budget.counts["skip"] > 0, budget.counts
     assert sum(budget.counts.values()) >= scheduled - 6
     assert 0.025 <= budget.spent_share() <= 0.075, (budget.spent_share(), budget.counts)
     assert "Cost: measurements took" in monitor.summary() and "left out" in monitor.summary()
@@ -74,3 +74,75 @@ def test_budget_plans():
         Budget(1.5)
     with pytest.raises(ValueError, match="budget"):
         LazyTrainingMonitor(budget=0)
+
+
+def test_budget_takes_the_richest_plan_that_fits(monkeypatch):
+    """Without κ is taken when the whole would overrun and the rest fits: its cost is the last full measurement's
+    less κ's part, before one is taken; the counts name each plan in the summary line."""
+    import lightning_lazy.watch.schedule as schedule
+
+    now = [0.0]
+    monkeypatch.setattr(schedule, "perf_counter", lambda: now[0])
+    budget = Budget(0.1)
+    budget.start()
+    budget.spend(1.0, "full", {"kappa": 0.8, "ntk": 0.1, "layers": 0.05})  # at w0: 1 s, κ 0.8 s of it
+    assert budget.estimate("no_kappa") == pytest.approx(0.2)
+    assert budget.estimate("cheap") == pytest.approx(0.05)
+    now[0] = 15.0  # 1 + 1 > 0.1·16, but 1 + 0.2 <= 0.1·15.2
+    assert budget.plan() == "no_kappa"
+    budget.spend(0.3, "no_kappa")
+    assert budget.estimate("no_kappa") == 0.3  # learned
+    now[0] = 25.0  # 1.3 + 1 <= 0.1·26
+    assert budget.plan() == "full"
+    now[0] = 15.5  # (time only moves forward in a run; here: nothing fits but the leanest)
+    assert budget.plan() == "cheap"
+    budget.spend(0.05, "cheap")
+    budget.spend(0.0, "skip")
+    assert budget.describe().endswith(": 1 measured in full, 1 without κ, 1 without κ, the NTK and the per-layer "
+                                      "measures, 1 left out")
+    state = budget.state_dict()
+    restored = Budget(0.1)
+    restored.load_state_dict(state)
+    assert restored.counts == budget.counts and restored.estimate("no_kappa") == 0.3
+    assert restored.part_seconds == budget.part_seconds
+
+
+def test_the_last_epoch_and_a_monitored_measure_are_measured_in_full(tmp_path):
+    """Whatever the budget, the last epoch's measurement is whole (``callback_metrics`` hold the end state after the
+    fit), and a measure another callback monitors is there at every epoch end."""
+    from pytorch_lightning.callbacks import EarlyStopping
+
+    net, shape = _models()["mlp"]
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, *shape, generator=g), torch.randint(0, 10, (64,), generator=g))
+    for callbacks in ([], [EarlyStopping("lazy/kappa", patience=100, mode="max", check_on_train_epoch_end=True)]):
+        monitor = LazyTrainingMonitor(loss="cross_entropy", budget=0.01, probe_size=16, kappa_probe_size=4,
+                                      ntk_probe_size=4, figure=False)
+        trainer = pl.Trainer(max_epochs=6, callbacks=[monitor, *callbacks], logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(Classifier(net), DataLoader(data, batch_size=4))
+        ends = [entry for entry in monitor.history if entry["step"] % 16 == 0 and entry["step"] > 0]
+        if callbacks:
+            assert len(ends) == 6 and all("kappa" in entry and "ntk_distance" in entry for entry in ends), ends
+        else:
+            assert monitor.core.budget.counts["skip"] + monitor.core.budget.counts["cheap"] > 0  # it did thin
+        for key in ("lazy/kappa", "lazy/ntk_distance", "lazy/divergence"):
+            assert float(trainer.callback_metrics[key]) == pytest.approx(monitor.history[-1][key.split("/", 1)[1]])
+        assert monitor.history[-1]["step"] == 96.0
+
+
+def test_a_resumed_budget_goes_on_from_the_checkpoint_s_time(monkeypatch):
+    import lightning_lazy.watch.schedule as schedule
+
+    now = [100.0]
+    monkeypatch.setattr(schedule, "perf_counter", lambda: now[0])
+    budget = Budget(0.1)
+    budget.start()
+    budget.spend(1.0, "full")
+    now[0] = 120.0  # 20 s run, 1 s measured
+    state = budget.state_dict()
+    now[0] = 5000.0  # another process, another clock
+    resumed = Budget(0.1)
+    resumed.load_state_dict(state)
+    resumed.start()
+    assert resumed.spent_share() == pytest.approx(1.0 / 20.0)

@@ -44,8 +44,8 @@ from lightning_lazy.watch.batches import (WatchError, default_batch_to_xy, is_ca
 from lightning_lazy.watch.cost import MeasurementCost
 from lightning_lazy.watch.objective import Objective, resolve_objective, resolve_watched
 from lightning_lazy.watch.options import Measure, Watch, WatchOptions, When, Write
-from lightning_lazy.watch.probe import LazinessProbe, ProbeMemoryError
-from lightning_lazy.watch.schedule import Budget, Schedule
+from lightning_lazy.watch.probe import MEASURE_PARTS, LazinessProbe, ProbeMemoryError
+from lightning_lazy.watch.schedule import PLANS, Budget, Schedule
 from lightning_lazy.watch.twin import _ABSENT, TangentTwin, TwinError, Watched, undo
 
 _log = logging.getLogger("lightning_lazy")
@@ -199,6 +199,7 @@ class LazinessWatch:
         self._last_per_tensor: dict[str, float] = {}
         self._labels: dict[str, str] = {}  # short layer / parameter name -> label with its type, for people
         self._last_scalars: tuple[Any, dict[str, float]] = (None, {})
+        self._last_plan = "full"  # what the last measurement took (schedule.PLANS)
         self._drawn = 0
         self._draw_seconds = 1.0
         self._drawn_at = time.perf_counter()
@@ -567,12 +568,16 @@ class LazinessWatch:
         self.arm()
         return dict(self.history[-1]) if self.history else {}
 
+    def measured_whole(self, step: int) -> bool:
+        """Whether the last measurement was after ``step`` optimizer steps and in full (not thinned by the budget)."""
+        return bool(self.history) and self.history[-1]["step"] == float(step) and self._last_plan == "full"
+
     def close(self) -> None:
         """The final measurement, the summary and the figures to the writers; the hooks removed (the model and the
         optimizer are left as they are)."""
         if self._closed:
             return
-        if self.measures is not None and (not self.history or self.history[-1]["step"] != float(self.steps)):
+        if self.measures is not None and not self.measured_whole(self.steps):  # the end state, whole
             self.measure_and_log(self.steps, on_step=False, forced=True)
         self.finish(self.steps)
         self.release()
@@ -596,7 +601,7 @@ class LazinessWatch:
             self._start_measuring(first_batch)
         finally:
             self._measuring = False
-            self.budget.spend(time.perf_counter() - started, "full")
+            self.budget.spend(time.perf_counter() - started, "full", self._part_seconds("initial"))
             if self._plain:
                 self.step_started()
 
@@ -642,16 +647,16 @@ class LazinessWatch:
         trainable = self.measures.trainable_names()  # by identity: a renamed parameter keeps its name at w0
         return tuple(name for name in self.measures.initial if name in trainable | self._trained)
 
-    def values(self, cheap: bool = False) -> dict[str, Any]:
+    def values(self, plan: str = "full") -> dict[str, Any]:
         """The measures now, as floats (``displacement_per_tensor``: by tensor name; per layer as
-        ``"layers/<layer>/<measure>"``), without adding them to the history; ``cheap``: without κ, the NTK and the
-        per-layer measures (what the budget leaves out first)."""
+        ``"layers/<layer>/<measure>"``), without adding them to the history; ``plan``: the parts taken
+        (:data:`~lightning_lazy.watch.schedule.PLANS`: ``"full"``, ``"no_kappa"``, ``"cheap"``)."""
         if self.measures is None:
             raise WatchError(f"{self.who}.measure needs the probe: training has not started")
         self.check_twin()
         time_ = None if self._time is None else self._time * self._loss_scale
         try:
-            parts = {"kappa": False, "ntk": False, "layers": False} if cheap else None
+            parts = PLANS[plan][0]
             values = self.measures.measure(self.measured_names(), time=time_, twin=self.following_twin(),
                                            **({"parts": parts} if parts else {}))
         except ValueError as error:  # a parameter replaced, or weights gone to NaN: one line
@@ -700,20 +705,32 @@ class LazinessWatch:
         started = time.perf_counter()
         self._measuring = True
         try:
-            return self._measure_and_log(step, on_step, epoch, cheap=plan == "cheap")
+            return self._measure_and_log(step, on_step, epoch, plan)
         finally:
             self._measuring = False
-            self.budget.spend(time.perf_counter() - started, plan)
+            self.budget.spend(time.perf_counter() - started, plan, self._part_seconds("last"))
 
-    def _measure_and_log(self, step: int, on_step: bool, epoch: int | None, cheap: bool) -> dict[str, float] | None:
+    def _part_seconds(self, bucket: str) -> dict[str, float]:
+        """What each part of a measurement took, from the probe's timings of ``bucket`` (``"initial"``, ``"last"``)."""
+        timings = self.measures.timings.get(bucket, {}) if self.measures is not None else {}
+        return {part: sum(timings[key] for key in keys if key in timings) for part, keys in MEASURE_PARTS.items()
+                if any(key in timings for key in keys)}
+
+    def _measure_and_log(self, step: int, on_step: bool, epoch: int | None, plan: str) -> dict[str, float] | None:
         weights = self._weights_now()
-        if self.history and self.history[-1]["step"] == float(step) and self._last_scalars[0] == (step, weights):
+        same = self.history and self.history[-1]["step"] == float(step) and self._last_scalars[0] == (step, weights)
+        if same and list(PLANS).index(self._last_plan) <= list(PLANS).index(plan):
             # The same network at the same step (micro-batches of one accumulated step, an epoch ending at a log
             # step): one entry per optimizer step. The ‖D²h‖ search, a lower bound, would give another value.
             if not on_step:
                 self.host.log_scalars(self._last_scalars[1], step, epoch_end=True)
             return self._last_scalars[1]
-        values = self.values(cheap=cheap)
+        if same:  # a richer measurement of the network the budget thinned at this step replaces that entry
+            self.history.pop()
+            if self.layer_history and self.layer_history[-1]["step"] == float(step):
+                self.layer_history.pop()
+        values = self.values(plan)
+        self._last_plan = plan
         self._advise_on_cost("last")
         self._last_per_tensor = values.pop("displacement_per_tensor")
         scalars = {f"lazy/{name}": value for name, value in values.items()}
@@ -871,6 +888,7 @@ class LazinessWatch:
         """At the end of training: the summary (returned, and to the writers), the HParams, the figures."""
         if not self.history:
             return None
+        self.budget.stop()
         text = self.summary()
         if self.host.is_global_zero:
             self.host.writers.text("lazy/summary", text, step, "lazy_summary.txt")
@@ -1143,6 +1161,7 @@ class LazinessWatch:
         self._weight = state.get("weight", 1.0)
         if "budget" in state:
             self.budget.load_state_dict(state["budget"])
+        self.budget.start()  # the resumed run keeps within the budget from its first step
         self._checked = True
 
 

@@ -67,11 +67,12 @@ class Measure:
 class When:
     """When to measure: ``log_steps`` (``"log"`` for steps 1, 2, 4, 8, ..., a list, or ``None``) and every
     ``every_n_epochs`` epoch ends (epochs exist where the framework has them); ``budget``: the share of the run's
-    wall time the measurements may take (``None``: no limit; see :class:`~lightning_lazy.watch.schedule.Budget`)."""
+    wall time the measurements may take (default 5 %; ``None``: no limit, every scheduled measurement in full; see
+    :class:`~lightning_lazy.watch.schedule.Budget`)."""
 
     log_steps: str | Sequence[int] | None = "log"
     every_n_epochs: int = 1
-    budget: float | None = None
+    budget: float | None = 0.05
 
 
 @dataclass

@@ -49,12 +49,27 @@ class Schedule:
 
 
 
+#: What a scheduled measurement takes under a budget, from the richest plan to the leanest: the parts of
+#: :meth:`LazinessProbe.measure <lightning_lazy.watch.probe.LazinessProbe.measure>` each one leaves out
+#: (:data:`~lightning_lazy.watch.probe.MEASURE_PARTS`), and how the summary names what it left out.
+PLANS: dict[str, tuple[dict[str, bool], str]] = {
+    "full": ({}, ""),
+    "no_kappa": ({"kappa": False}, "without κ"),
+    "cheap": ({"kappa": False, "ntk": False, "layers": False}, "without κ, the NTK and the per-layer measures"),
+}
+
+
 class Budget:
     """The share of the fit's wall time the measurements may take (``share``; ``None``: no limit), kept by measuring
-    less: a scheduled measurement that would take the spent share over it is taken without its costly parts (κ,
-    the NTK, the per-layer measures), or not at all, and counted. The measurement at w0 and those asked for
-    (``measure()``, the last one) are always taken whole. Wall times: the measurements' (with their logging) against
-    the whole run's since the measurement at w0 began, the twin's training steps not counted as measurement."""
+    less: a scheduled measurement takes the richest plan of :data:`PLANS` whose cost keeps the spent share within
+    it (in full; without κ; without κ, the NTK and the per-layer measures), or is left out, and each is counted.
+    The measurement at w0 and those asked for (``measure()``, the last one) are always taken whole, and counted as
+    spent. Wall times: the measurements' (with their logging and drawing) against the whole run's since the
+    measurement at w0 began; the twin's training steps are not measurement.
+
+    A plan's cost is what its last measurement took; before one was taken, the last full measurement's less the
+    parts it leaves out (the probe's timings of them), and with neither known the leanest plan is taken to learn
+    it."""
 
     def __init__(self, share: float | None = None) -> None:
         if share is not None and not (isinstance(share, (int, float)) and 0 < share < 1):
@@ -62,25 +77,45 @@ class Budget:
         self.share = share
         self.started: float | None = None
         self.spent = 0.0
-        self.counts = {"full": 0, "cheap": 0, "skip": 0}
+        self.counts = {plan: 0 for plan in PLANS} | {"skip": 0}
         self.estimates: dict[str, float] = {}
+        self.part_seconds: dict[str, float] = {}  # what each part took in the last measurement that took it
+        self._elapsed_before = 0.0
+        self.stopped: float | None = None
 
     def start(self) -> None:
-        if self.started is None:
-            self.started = perf_counter()
+        if self.started is None:  # a resumed run goes on from the time its checkpoint had run
+            self.started = perf_counter() - self._elapsed_before
+
+    def stop(self) -> None:
+        """The run ended: its share is what it was then (a summary read later says the same)."""
+        if self.started is not None and self.stopped is None:
+            self.stopped = perf_counter()
 
     def spent_share(self) -> float:
-        """Measurement seconds over the run's seconds so far."""
-        elapsed = perf_counter() - self.started if self.started is not None else 0.0
+        """Measurement seconds over the run's seconds so far (until :meth:`stop`)."""
+        if self.started is None:
+            return 0.0
+        elapsed = (self.stopped if self.stopped is not None else perf_counter()) - self.started
         return self.spent / elapsed if elapsed > 0 else 0.0
 
+    def estimate(self, plan: str) -> float | None:
+        """Seconds a measurement of ``plan`` is expected to take (``None``: not known yet)."""
+        if plan in self.estimates:
+            return self.estimates[plan]
+        full = self.estimates.get("full")
+        left_out = [part for part, taken in PLANS[plan][0].items() if not taken]
+        if full is None or any(part not in self.part_seconds for part in left_out):
+            return None
+        return max(full - sum(self.part_seconds[part] for part in left_out), 0.0)
+
     def plan(self) -> str:
-        """``"full"``, ``"cheap"`` (without the costly parts) or ``"skip"`` for the next scheduled measurement."""
+        """The plan of :data:`PLANS` for the next scheduled measurement, or ``"skip"``."""
         if self.share is None or self.started is None:
             return "full"
         elapsed = perf_counter() - self.started
-        for plan in ("full", "cheap"):
-            estimate = self.estimates.get(plan)
+        for plan in PLANS:
+            estimate = self.estimate(plan)
             if estimate is None:
                 if plan == "cheap":
                     return "cheap"  # its cost is learned by taking one
@@ -89,29 +124,38 @@ class Budget:
                 return plan
         return "skip"
 
-    def spend(self, seconds: float, plan: str) -> None:
-        """A measurement of kind ``plan`` took ``seconds`` (``"skip"``: one was left out)."""
+    def spend(self, seconds: float, plan: str, parts: dict[str, float] | None = None) -> None:
+        """A measurement of ``plan`` took ``seconds`` (``"skip"``: one was left out); ``parts``: the seconds of each
+        part of :data:`~lightning_lazy.watch.probe.MEASURE_PARTS` it took."""
         self.counts[plan] += 1
         if plan != "skip":
             self.spent += seconds
             self.estimates[plan] = seconds
+            self.part_seconds.update(parts or {})
 
     def describe(self) -> str | None:
         """One line for the summary: what was spent, and what was thinned to keep within the budget."""
         if self.share is None:
             return None
-        thinned = self.counts["cheap"] + self.counts["skip"]
         line = (f"measurements took {100 * self.spent_share():.1f} % of the run's time (budget {100 * self.share:g} %)")
-        if thinned:
-            line += (f": {self.counts['full']} measured in full, {self.counts['cheap']} without κ, the NTK and the "
-                     f"per-layer measures, {self.counts['skip']} left out")
+        if any(self.counts[plan] for plan in self.counts if plan != "full"):
+            taken = [f"{self.counts['full']} measured in full"]
+            taken += [f"{self.counts[plan]} {words}" for plan, (_, words) in PLANS.items()
+                      if plan != "full" and self.counts[plan]]
+            line += f": {', '.join(taken)}, {self.counts['skip']} left out"
         return line
 
     def state_dict(self) -> dict[str, Any]:
-        return {"share": self.share, "spent": self.spent, "counts": dict(self.counts), "estimates": dict(self.estimates)}
+        elapsed = ((self.stopped if self.stopped is not None else perf_counter()) - self.started
+                   if self.started is not None else self._elapsed_before)
+        return {"share": self.share, "spent": self.spent, "counts": dict(self.counts), "estimates": dict(self.estimates),
+                "part_seconds": dict(self.part_seconds), "elapsed": elapsed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.spent, self.counts, self.estimates = state["spent"], dict(state["counts"]), dict(state["estimates"])
+        self.spent, self.estimates = state["spent"], dict(state["estimates"])
+        self.counts.update(state["counts"])
+        self.part_seconds = dict(state.get("part_seconds", {}))
+        self._elapsed_before, self.started, self.stopped = state.get("elapsed", 0.0), None, None
 
 
-__all__ = ["Budget", "Schedule"]
+__all__ = ["PLANS", "Budget", "Schedule"]
