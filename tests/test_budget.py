@@ -55,7 +55,7 @@ def test_the_budget_keeps_the_share_and_says_what_it_thinned(name, tmp_path):
         Classifier(net), DataLoader(data, batch_size=4))
     budget = monitor.core.budget
     scheduled = 60 + 10  # epoch ends and log steps 1, 2, 4, ..., 512 (the last one at fit end is forced)
-    assert budget.counts["no_kappa"] + budget.counts["cheap"] + budget.counts["skip"] > 0, budget.counts
+    assert budget.thinned() > 0, budget.counts
     assert sum(budget.counts.values()) >= scheduled - 6
     assert 0.025 <= budget.spent_share() <= 0.075, (budget.spent_share(), budget.counts)
     assert "Cost: measurements took" in monitor.summary() and "left out" in monitor.summary()
@@ -64,47 +64,55 @@ def test_the_budget_keeps_the_share_and_says_what_it_thinned(name, tmp_path):
 
 def test_budget_plans():
     budget = Budget(0.5)
-    assert budget.plan() == "full"  # before the run starts
+    assert budget.plan() == ()  # before the run starts: whole
     budget.start()
-    budget.spend(1.0, "full")  # a measurement at w0 of 1 s, at once: far over half the time
-    assert budget.plan() == "cheap"  # its cost is not known yet: learned by taking one
-    budget.spend(0.5, "cheap")
-    assert budget.plan() == "skip"
+    budget.spend(1.0, ())  # a measurement at w0 of 1 s, at once: far over half the time
+    leanest = ("kappa", "ntk", "layers")
+    assert budget.plan() == leanest  # its cost is not known yet: learned by taking one
+    budget.spend(0.5, leanest)
+    assert budget.plan() is None  # left out
     with pytest.raises(ValueError, match="budget"):
         Budget(1.5)
     with pytest.raises(ValueError, match="budget"):
         LazyTrainingMonitor(budget=0)
 
 
-def test_budget_takes_the_richest_plan_that_fits(monkeypatch):
-    """Without κ is taken when the whole would overrun and the rest fits: its cost is the last full measurement's
-    less κ's part, before one is taken; the counts name each plan in the summary line."""
+@pytest.mark.parametrize("costliest", ["kappa", "ntk"])
+def test_budget_leaves_the_costliest_part_out_first(costliest, monkeypatch):
+    """A measurement that would overrun is taken without its costliest part (κ on an MLP, the NTK on a ViT) when the
+    rest fits: its cost is the last whole measurement's less that part's, before one is taken; then without the two
+    costliest; the summary line counts each."""
     import lightning_lazy.watch.schedule as schedule
 
+    other = "ntk" if costliest == "kappa" else "kappa"
     now = [0.0]
     monkeypatch.setattr(schedule, "perf_counter", lambda: now[0])
     budget = Budget(0.1)
     budget.start()
-    budget.spend(1.0, "full", {"kappa": 0.8, "ntk": 0.1, "layers": 0.05})  # at w0: 1 s, κ 0.8 s of it
-    assert budget.estimate("no_kappa") == pytest.approx(0.2)
-    assert budget.estimate("cheap") == pytest.approx(0.05)
+    budget.spend(1.0, (), {costliest: 0.8, other: 0.1, "layers": 0.05})  # at w0: 1 s, 0.8 s of it the costliest
+    assert budget.plans() == [(), (costliest,), (costliest, other), (costliest, other, "layers")]
+    assert budget.estimate((costliest,)) == pytest.approx(0.2)
+    assert budget.estimate((costliest, other, "layers")) == pytest.approx(0.05)
     now[0] = 15.0  # 1 + 1 > 0.1·16, but 1 + 0.2 <= 0.1·15.2
-    assert budget.plan() == "no_kappa"
-    budget.spend(0.3, "no_kappa")
-    assert budget.estimate("no_kappa") == 0.3  # learned
+    assert budget.plan() == (costliest,)
+    budget.spend(0.3, (costliest,))
+    assert budget.estimate((costliest,)) == 0.3  # learned
     now[0] = 25.0  # 1.3 + 1 <= 0.1·26
-    assert budget.plan() == "full"
-    now[0] = 15.5  # (time only moves forward in a run; here: nothing fits but the leanest)
-    assert budget.plan() == "cheap"
-    budget.spend(0.05, "cheap")
-    budget.spend(0.0, "skip")
-    assert budget.describe().endswith(": 1 measured in full, 1 without κ, 1 without κ, the NTK and the per-layer "
-                                      "measures, 1 left out")
+    assert budget.plan() == ()
+    now[0] = 14.5  # (time only moves forward in a run; here it is set) 1.3 + 0.1 <= 0.1·14.6, 1.3 + 0.3 > 0.1·14.8
+    assert budget.plan() == (costliest, other)
+    now[0] = 13.6  # only the leanest fits: 1.3 + 0.05 <= 0.1·13.65
+    assert budget.plan() == (costliest, other, "layers")
+    budget.spend(0.05, (costliest, other, "layers"))
+    budget.spend(0.0, None)
+    words = {"kappa": "κ", "ntk": "the NTK"}
+    assert budget.describe().endswith(f": 1 measured in full, 1 without {words[costliest]}, 1 without κ, the NTK and the "
+                                      "per-layer measures, 1 left out"), budget.describe()
     state = budget.state_dict()
     restored = Budget(0.1)
     restored.load_state_dict(state)
-    assert restored.counts == budget.counts and restored.estimate("no_kappa") == 0.3
-    assert restored.part_seconds == budget.part_seconds
+    assert restored.counts == budget.counts and restored.estimate((costliest,)) == 0.3
+    assert restored.part_seconds == budget.part_seconds and restored.plans() == budget.plans()
 
 
 def test_the_last_epoch_and_a_monitored_measure_are_measured_in_full(tmp_path):
@@ -125,7 +133,7 @@ def test_the_last_epoch_and_a_monitored_measure_are_measured_in_full(tmp_path):
         if callbacks:
             assert len(ends) == 6 and all("kappa" in entry and "ntk_distance" in entry for entry in ends), ends
         else:
-            assert monitor.core.budget.counts["skip"] + monitor.core.budget.counts["cheap"] > 0  # it did thin
+            assert monitor.core.budget.thinned() > 0  # it did thin
         for key in ("lazy/kappa", "lazy/ntk_distance", "lazy/divergence"):
             assert float(trainer.callback_metrics[key]) == pytest.approx(monitor.history[-1][key.split("/", 1)[1]])
         assert monitor.history[-1]["step"] == 96.0
@@ -138,7 +146,7 @@ def test_a_resumed_budget_goes_on_from_the_checkpoint_s_time(monkeypatch):
     monkeypatch.setattr(schedule, "perf_counter", lambda: now[0])
     budget = Budget(0.1)
     budget.start()
-    budget.spend(1.0, "full")
+    budget.spend(1.0, ())
     now[0] = 120.0  # 20 s run, 1 s measured
     state = budget.state_dict()
     now[0] = 5000.0  # another process, another clock

@@ -45,7 +45,7 @@ from lightning_lazy.watch.cost import MeasurementCost
 from lightning_lazy.watch.objective import Objective, resolve_objective, resolve_watched
 from lightning_lazy.watch.options import Measure, Watch, WatchOptions, When, Write
 from lightning_lazy.watch.probe import MEASURE_PARTS, LazinessProbe, ProbeMemoryError
-from lightning_lazy.watch.schedule import PLANS, Budget, Schedule
+from lightning_lazy.watch.schedule import FULL, Budget, Schedule
 from lightning_lazy.watch.twin import _ABSENT, TangentTwin, TwinError, Watched, undo
 
 _log = logging.getLogger("lightning_lazy")
@@ -199,7 +199,7 @@ class LazinessWatch:
         self._last_per_tensor: dict[str, float] = {}
         self._labels: dict[str, str] = {}  # short layer / parameter name -> label with its type, for people
         self._last_scalars: tuple[Any, dict[str, float]] = (None, {})
-        self._last_plan = "full"  # what the last measurement took (schedule.PLANS)
+        self._last_plan: tuple[str, ...] = FULL  # the parts the last measurement left out
         self._drawn = 0
         self._draw_seconds = 1.0
         self._drawn_at = time.perf_counter()
@@ -570,7 +570,7 @@ class LazinessWatch:
 
     def measured_whole(self, step: int) -> bool:
         """Whether the last measurement was after ``step`` optimizer steps and in full (not thinned by the budget)."""
-        return bool(self.history) and self.history[-1]["step"] == float(step) and self._last_plan == "full"
+        return bool(self.history) and self.history[-1]["step"] == float(step) and self._last_plan == FULL
 
     def close(self) -> None:
         """The final measurement, the summary and the figures to the writers; the hooks removed (the model and the
@@ -601,7 +601,7 @@ class LazinessWatch:
             self._start_measuring(first_batch)
         finally:
             self._measuring = False
-            self.budget.spend(time.perf_counter() - started, "full", self._part_seconds("initial"))
+            self.budget.spend(time.perf_counter() - started, FULL, self._part_seconds("initial"))
             if self._plain:
                 self.step_started()
 
@@ -647,16 +647,16 @@ class LazinessWatch:
         trainable = self.measures.trainable_names()  # by identity: a renamed parameter keeps its name at w0
         return tuple(name for name in self.measures.initial if name in trainable | self._trained)
 
-    def values(self, plan: str = "full") -> dict[str, Any]:
+    def values(self, plan: tuple[str, ...] = FULL) -> dict[str, Any]:
         """The measures now, as floats (``displacement_per_tensor``: by tensor name; per layer as
-        ``"layers/<layer>/<measure>"``), without adding them to the history; ``plan``: the parts taken
-        (:data:`~lightning_lazy.watch.schedule.PLANS`: ``"full"``, ``"no_kappa"``, ``"cheap"``)."""
+        ``"layers/<layer>/<measure>"``), without adding them to the history; ``plan``: the parts left out
+        (of :data:`~lightning_lazy.watch.probe.MEASURE_PARTS`; the budget's, :class:`~lightning_lazy.watch.schedule.Budget`)."""
         if self.measures is None:
             raise WatchError(f"{self.who}.measure needs the probe: training has not started")
         self.check_twin()
         time_ = None if self._time is None else self._time * self._loss_scale
         try:
-            parts = PLANS[plan][0]
+            parts = {part: False for part in plan}
             values = self.measures.measure(self.measured_names(), time=time_, twin=self.following_twin(),
                                            **({"parts": parts} if parts else {}))
         except ValueError as error:  # a parameter replaced, or weights gone to NaN: one line
@@ -698,9 +698,9 @@ class LazinessWatch:
         if self.measures is None:
             return None
         self.agree()
-        plan = "full" if forced else self.budget.plan()
-        if plan == "skip":
-            self.budget.spend(0.0, "skip")
+        plan = FULL if forced else self.budget.plan()
+        if plan is None:
+            self.budget.spend(0.0, None)
             return None
         started = time.perf_counter()
         self._measuring = True
@@ -716,10 +716,11 @@ class LazinessWatch:
         return {part: sum(timings[key] for key in keys if key in timings) for part, keys in MEASURE_PARTS.items()
                 if any(key in timings for key in keys)}
 
-    def _measure_and_log(self, step: int, on_step: bool, epoch: int | None, plan: str) -> dict[str, float] | None:
+    def _measure_and_log(self, step: int, on_step: bool, epoch: int | None,
+                         plan: tuple[str, ...]) -> dict[str, float] | None:
         weights = self._weights_now()
         same = self.history and self.history[-1]["step"] == float(step) and self._last_scalars[0] == (step, weights)
-        if same and list(PLANS).index(self._last_plan) <= list(PLANS).index(plan):
+        if same and set(self._last_plan) <= set(plan):  # the last one left out no more than this one would
             # The same network at the same step (micro-batches of one accumulated step, an epoch ending at a log
             # step): one entry per optimizer step. The ‖D²h‖ search, a lower bound, would give another value.
             if not on_step:

@@ -49,39 +49,45 @@ class Schedule:
 
 
 
-#: What a scheduled measurement takes under a budget, from the richest plan to the leanest: the parts of
-#: :meth:`LazinessProbe.measure <lightning_lazy.watch.probe.LazinessProbe.measure>` each one leaves out
-#: (:data:`~lightning_lazy.watch.probe.MEASURE_PARTS`), and how the summary names what it left out.
-PLANS: dict[str, tuple[dict[str, bool], str]] = {
-    "full": ({}, ""),
-    "no_kappa": ({"kappa": False}, "without κ"),
-    "cheap": ({"kappa": False, "ntk": False, "layers": False}, "without κ, the NTK and the per-layer measures"),
-}
+#: The parts of a measurement a budget may leave out (:data:`~lightning_lazy.watch.probe.MEASURE_PARTS`), and how
+#: the summary names them.
+PART_WORDS: dict[str, str] = {"kappa": "κ", "ntk": "the NTK", "layers": "the per-layer measures"}
+
+#: The plan of a whole measurement: nothing left out.
+FULL: tuple[str, ...] = ()
+
+
+def plan_words(plan: tuple[str, ...]) -> str:
+    """``()`` → ``"in full"``; ``("kappa", "ntk")`` → ``"without κ and the NTK"``."""
+    if not plan:
+        return "in full"
+    words = [PART_WORDS[part] for part in PART_WORDS if part in plan]
+    return "without " + (words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1])
 
 
 class Budget:
     """The share of the fit's wall time the measurements may take (``share``; ``None``: no limit), kept by measuring
-    less: a scheduled measurement takes the richest plan of :data:`PLANS` whose cost keeps the spent share within
-    it (in full; without κ; without κ, the NTK and the per-layer measures), or is left out, and each is counted.
-    The measurement at w0 and those asked for (``measure()``, the last one) are always taken whole, and counted as
-    spent. Wall times: the measurements' (with their logging and drawing) against the whole run's since the
-    measurement at w0 began; the twin's training steps are not measurement.
+    less: a scheduled measurement leaves out the costliest parts of :data:`PART_WORDS` (κ, the NTK, the per-layer
+    measures: by what each took when last measured, the costliest first) as far as needed to keep the spent share
+    within it, or is left out, and each is counted. On an MLP that drops κ first; on a ViT, whose NTK is most of a
+    measurement, the NTK first. The measurement at w0 and those asked for (``measure()``, the end state) are always
+    taken whole, and counted as spent. Wall times: the measurements' (with their logging and drawing) against the
+    whole run's since the measurement at w0 began; the twin's training steps are not measurement.
 
-    A plan's cost is what its last measurement took; before one was taken, the last full measurement's less the
-    parts it leaves out (the probe's timings of them), and with neither known the leanest plan is taken to learn
-    it."""
+    A plan's cost is what its last measurement took; before one was taken, the last whole measurement's less the
+    parts it leaves out (the probe's timings of them); with neither known, the leanest plan is taken to learn it."""
 
     def __init__(self, share: float | None = None) -> None:
         if share is not None and not (isinstance(share, (int, float)) and 0 < share < 1):
             raise ValueError(f"budget must be None or a share of the fit's wall time in (0, 1), got {share!r}")
         self.share = share
         self.started: float | None = None
+        self.stopped: float | None = None
         self.spent = 0.0
-        self.counts = {plan: 0 for plan in PLANS} | {"skip": 0}
-        self.estimates: dict[str, float] = {}
+        self.counts: dict[str, int] = {"full": 0, "skip": 0}  # by plan key (see _key), and "skip"
+        self.estimates: dict[str, float] = {}  # by plan key: what its last measurement took
         self.part_seconds: dict[str, float] = {}  # what each part took in the last measurement that took it
         self._elapsed_before = 0.0
-        self.stopped: float | None = None
 
     def start(self) -> None:
         if self.started is None:  # a resumed run goes on from the time its checkpoint had run
@@ -92,70 +98,86 @@ class Budget:
         if self.started is not None and self.stopped is None:
             self.stopped = perf_counter()
 
+    def _elapsed(self) -> float:
+        if self.started is None:
+            return self._elapsed_before
+        return (self.stopped if self.stopped is not None else perf_counter()) - self.started
+
     def spent_share(self) -> float:
         """Measurement seconds over the run's seconds so far (until :meth:`stop`)."""
-        if self.started is None:
-            return 0.0
-        elapsed = (self.stopped if self.stopped is not None else perf_counter()) - self.started
+        elapsed = self._elapsed() if self.started is not None else 0.0
         return self.spent / elapsed if elapsed > 0 else 0.0
 
-    def estimate(self, plan: str) -> float | None:
-        """Seconds a measurement of ``plan`` is expected to take (``None``: not known yet)."""
-        if plan in self.estimates:
-            return self.estimates[plan]
-        full = self.estimates.get("full")
-        left_out = [part for part, taken in PLANS[plan][0].items() if not taken]
-        if full is None or any(part not in self.part_seconds for part in left_out):
-            return None
-        return max(full - sum(self.part_seconds[part] for part in left_out), 0.0)
+    def plans(self) -> list[tuple[str, ...]]:
+        """The plans from the richest to the leanest: nothing left out, then the costliest part, then the two
+        costliest, then all (parts never timed count as free, in :data:`PART_WORDS`' order)."""
+        order = sorted(PART_WORDS, key=lambda part: -self.part_seconds.get(part, 0.0))
+        return [tuple(order[:k]) for k in range(len(order) + 1)]
 
-    def plan(self) -> str:
-        """The plan of :data:`PLANS` for the next scheduled measurement, or ``"skip"``."""
+    @staticmethod
+    def _key(plan: tuple[str, ...]) -> str:
+        return "+".join(sorted(plan)) or "full"
+
+    def estimate(self, plan: tuple[str, ...]) -> float | None:
+        """Seconds a measurement of ``plan`` (the parts it leaves out) is expected to take (``None``: not known)."""
+        if self._key(plan) in self.estimates:
+            return self.estimates[self._key(plan)]
+        full = self.estimates.get("full")
+        if full is None or any(part not in self.part_seconds for part in plan):
+            return None
+        return max(full - sum(self.part_seconds[part] for part in plan), 0.0)
+
+    def plan(self) -> tuple[str, ...] | None:
+        """The parts the next scheduled measurement leaves out (``()``: whole), or ``None``: leave it out."""
         if self.share is None or self.started is None:
-            return "full"
-        elapsed = perf_counter() - self.started
-        for plan in PLANS:
+            return FULL
+        elapsed = self._elapsed()
+        plans = self.plans()
+        for plan in plans:
             estimate = self.estimate(plan)
             if estimate is None:
-                if plan == "cheap":
-                    return "cheap"  # its cost is learned by taking one
+                if plan == plans[-1]:
+                    return plan  # its cost is learned by taking one
                 continue
             if self.spent + estimate <= self.share * (elapsed + estimate):
                 return plan
-        return "skip"
+        return None
 
-    def spend(self, seconds: float, plan: str, parts: dict[str, float] | None = None) -> None:
-        """A measurement of ``plan`` took ``seconds`` (``"skip"``: one was left out); ``parts``: the seconds of each
-        part of :data:`~lightning_lazy.watch.probe.MEASURE_PARTS` it took."""
-        self.counts[plan] += 1
-        if plan != "skip":
+    def spend(self, seconds: float, plan: tuple[str, ...] | None, parts: dict[str, float] | None = None) -> None:
+        """A measurement leaving out ``plan`` took ``seconds`` (``None``: one was left out); ``parts``: the seconds
+        of each part of :data:`PART_WORDS` it took."""
+        key = "skip" if plan is None else self._key(plan)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        if plan is not None:
             self.spent += seconds
-            self.estimates[plan] = seconds
+            self.estimates[key] = seconds
             self.part_seconds.update(parts or {})
+
+    def thinned(self) -> int:
+        """How many scheduled measurements were thinned or left out."""
+        return sum(count for key, count in self.counts.items() if key != "full")
 
     def describe(self) -> str | None:
         """One line for the summary: what was spent, and what was thinned to keep within the budget."""
         if self.share is None:
             return None
         line = (f"measurements took {100 * self.spent_share():.1f} % of the run's time (budget {100 * self.share:g} %)")
-        if any(self.counts[plan] for plan in self.counts if plan != "full"):
+        if self.thinned():
             taken = [f"{self.counts['full']} measured in full"]
-            taken += [f"{self.counts[plan]} {words}" for plan, (_, words) in PLANS.items()
-                      if plan != "full" and self.counts[plan]]
+            taken += [f"{count} {plan_words(tuple(key.split('+')))}" for key, count in self.counts.items()
+                      if key not in ("full", "skip") and count]
             line += f": {', '.join(taken)}, {self.counts['skip']} left out"
         return line
 
     def state_dict(self) -> dict[str, Any]:
-        elapsed = ((self.stopped if self.stopped is not None else perf_counter()) - self.started
-                   if self.started is not None else self._elapsed_before)
         return {"share": self.share, "spent": self.spent, "counts": dict(self.counts), "estimates": dict(self.estimates),
-                "part_seconds": dict(self.part_seconds), "elapsed": elapsed}
+                "part_seconds": dict(self.part_seconds), "elapsed": self._elapsed()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.spent, self.estimates = state["spent"], dict(state["estimates"])
-        self.counts.update(state["counts"])
+        self.counts = {"full": 0, "skip": 0} | dict(state["counts"])
         self.part_seconds = dict(state.get("part_seconds", {}))
         self._elapsed_before, self.started, self.stopped = state.get("elapsed", 0.0), None, None
 
 
-__all__ = ["PLANS", "Budget", "Schedule"]
+__all__ = ["FULL", "PART_WORDS", "Budget", "Schedule", "plan_words"]
