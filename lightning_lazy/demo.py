@@ -226,7 +226,9 @@ def _run_one(args: argparse.Namespace, alpha: float, version: str, index: int, t
                                     seed=args.seed, step=args.step)
     # Measured at every epoch end and after steps 1, 2, 4, 8, ...: log-spaced points show the early phase. The
     # kernel baseline: the tangent model at w0 trained to convergence on 512 training examples, on the val set.
-    monitor = LazyTrainingMonitor(log_steps="log", kernel_baseline=512)
+    # No budget: on a model this small measuring costs more than training, and the demo is there to show every
+    # measurement (a real run keeps the default 5 %).
+    monitor = LazyTrainingMonitor(log_steps="log", kernel_baseline=512, budget=None)
     # demo/version_N/alpha_A: one folder per run of the demo, all its α side by side in TensorBoard.
     logger = DemoLogger(args.log_dir, name="demo", version=f"{version}/alpha_{alpha:g}", default_hp_metric=False)
     steps_per_epoch = math.ceil(args.n_train / args.batch_size)
