@@ -237,3 +237,16 @@ def test_two_dimensional_patches_reproduce_the_convolution(options):
         F.conv2d(x, weight, **options)
     patches = structured._patches(x, recorder.calls[0].options)  # [n, S, C·kh·kw]
     torch.testing.assert_close((patches @ weight.reshape(4, -1).T).mT.reshape(out.shape), out)
+
+
+@pytest.mark.parametrize("rows", [255, 257, 301])
+def test_symmetric_product_from_blocks_above_the_diagonal(rows):
+    j = torch.randn(rows, 7, generator=torch.Generator().manual_seed(rows), dtype=torch.float64)
+    torch.testing.assert_close(structured._symmetric_product(j), j @ j.T, rtol=1e-13, atol=1e-13)
+
+
+def test_many_examples_symmetric_kernel_equals_explicit_jacobians():
+    model, shape, _ = _models()["no_gap"]  # per-example Jacobians of 90·3 rows: the blocked symmetric product
+    model = _prepared(model)
+    x = torch.randn(90, *shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    _close(D.empirical_ntk(model, x), _explicit(model, x, x))
