@@ -222,21 +222,30 @@ def test_mixed_forms_in_gram_and_concatenation():
         _close(joined[1], structured._as_jacobian(entry))
 
 
-@pytest.mark.parametrize("options", [
-    dict(stride=1, padding=1, dilation=1),
-    dict(stride=(2, 1), padding=(0, 2), dilation=(1, 2)),
-    dict(stride=1, padding="same", dilation=1),  # even kernel: one more pixel after than before
+@pytest.mark.parametrize("dims, options", [
+    (2, dict(stride=1, padding=1, dilation=1)),
+    (2, dict(stride=(2, 1), padding=(0, 2), dilation=(1, 2))),
+    (2, dict(stride=1, padding="same", dilation=1)),  # even kernel: one more pixel after than before
+    (1, dict(stride=2, padding=1, dilation=2)),
+    (3, dict(stride=(1, 2, 1), padding="same", dilation=1)),
 ])
-def test_two_dimensional_patches_reproduce_the_convolution(options):
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+def test_patches_and_example_weight_gradients_reproduce_the_convolution(dims, options):
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 2, 7, 8, generator=generator, dtype=torch.float64)
-    weight = torch.randn(4, 2, 2, 3, generator=generator, dtype=torch.float64)
-    out = F.conv2d(x, weight, **options)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+    if options["padding"] == "same":
+        options = dict(options, stride=1)
+    x = torch.randn(3, 2, *(7, 8, 6)[:dims], generator=generator, dtype=torch.float64)
+    weight = torch.randn(4, 2, *(2, 3, 2)[:dims], generator=generator, dtype=torch.float64)
+    out = conv(x, weight, **options)
     recorder = structured._LayerRecorder({"w": weight})
     with recorder:
-        F.conv2d(x, weight, **options)
-    patches = structured._patches(x, recorder.calls[0].options)  # [n, S, C·kh·kw]
+        conv(x, weight, **options)
+    call = recorder.calls[0]
+    patches = structured._patches(x, call.options)  # [n, S, C·Π kernel]
     torch.testing.assert_close((patches @ weight.reshape(4, -1).T).mT.reshape(out.shape), out)
+    m = torch.randn(3, 4, patches.shape[1], generator=generator, dtype=torch.float64)
+    torch.testing.assert_close(structured._example_weight_gradients(m, x, call), m @ patches)
 
 
 @pytest.mark.parametrize("rows", [255, 257, 301])

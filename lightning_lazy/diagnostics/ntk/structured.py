@@ -352,18 +352,20 @@ def _call_features(
         o = g.shape[2]
         native = g.reshape(n, k_out, o, -1)
         g = native.transpose(2, 3)
-        patches = _patches(x, call.options) if weight is not None else None
+        patches = None
     factors = _channel_factors(g.transpose(2, 3)) if weight is not None and factor else None
     if factors is not None:
         # J_ik = Σ_s g_ik,s ⊗ x_i,s = diag(c_ik)·A_i with A_i = Σ_s m_i,s ⊗ x_i,s: one product per example, not K.
         c, m = factors
-        a = torch.bmm(m, patches)  # [n, O, P]
+        a = torch.bmm(m, patches) if call.kind == "linear" else _example_weight_gradients(m, x, call)  # [n, O, P]
         if bias is not None and form == "struct":  # the planned form's feature carries the bias: so does this one
             a = torch.cat([a, m.sum(2, keepdim=True)], dim=2)
         features.append(("factored", a, c))
         if bias is not None and form == "jac":
             features.append(("jac", c * m.sum(2).unsqueeze(1)))
         return features
+    if call.kind == "conv" and weight is not None:
+        patches = _patches(x, call.options)
     if weight is not None and form == "struct":
         if bias is not None:
             # A column of ones appended to the inputs carries the bias: Σ_s g_s ⊗ [x_s, 1] = [J_W, J_b].
@@ -417,6 +419,26 @@ def _channel_factors(g: Tensor, block: int = 1 << 22) -> tuple[Tensor, Tensor] |
         cs.append(c)
         ms.append(m)
     return torch.cat(cs), torch.cat(ms)
+
+
+def _example_weight_gradients(m: Tensor, x: Tensor, call: _LayerCall) -> Tensor:
+    """Σ_s m_i,s ⊗ x_i,s over the im2col patches of a convolution, ``[n, O, C·Π kernel]`` for ``m [n, O, S]``: each
+    example's weight gradient for the cotangent m_i, as one convolution weight-gradient with the examples as groups
+    (no im2col copy of the input; with it, the same numbers)."""
+    options = call.options
+    n, channels = x.shape[:2]
+    out_channels, dims = m.shape[1], len(options["kernel"])
+    padding = options["padding"]
+    if any(before != after for before, after in padding):  # "same" with an even kernel: pad before, as F.conv*d
+        x = F.pad(x, [p for pair in reversed(padding) for p in pair])
+        padding = tuple((0, 0) for _ in padding)
+    weight = x.new_empty(())
+    _, grads, _ = torch.ops.aten.convolution_backward(
+        m.reshape(1, n * out_channels, *call.out_shape[1:]), x.reshape(1, n * channels, *x.shape[2:]),
+        weight.expand(n * out_channels, channels, *options["kernel"]), None, list(options["stride"]),
+        [before for before, _ in padding], list(options["dilation"]), False, [0] * dims, n, [False, True, False],
+    )
+    return grads.reshape(n, out_channels, -1)
 
 
 def _feature_groups(plan: _Plan, groups: dict[str, str]) -> list[str]:
