@@ -258,9 +258,7 @@ def _structured_features(
         indexes = list(plan.taps)
         taps = [recorder.taps[i] for i in indexes]
         n, k_out = out.shape
-        # Convolutions' backward has no batched rule over the K cotangents (vmap runs it K times and concatenates,
-        # and broadcasts the ReLU masks): K plain passes into the [n, K, ...] layout are faster there.
-        cotangents = _output_cotangents(out, taps, batched=not any(call.kind == "conv" for call in plan.calls))
+        cotangents = _output_cotangents(out, taps)
         del out, taps, recorder.taps
         chunk_features: list[list[_Feature]] = []
         for slot, index in enumerate(indexes):
@@ -292,36 +290,29 @@ def _as_jacobian(feature: _Feature) -> Tensor:
     return torch.einsum("nkso,nsp->nkop", second, first).flatten(2)  # struct: Σ_s g_s ⊗ x_s
 
 
-def _output_cotangents(out: Tensor, taps: list[Tensor], batched: bool = True) -> list[Tensor]:
+def _output_cotangents(out: Tensor, taps: list[Tensor]) -> list[Tensor]:
     """For each tap, ∂h_k(x_i)/∂tap_i for every output unit k: ``[n, K, *tap.shape[1:]]``.
 
     One backward per output unit, batched over the K units (``is_grads_batched``, a vmap over the backward
-    graph: one wide matrix product per layer instead of K narrow ones); K plain backward passes, written into
-    a contiguous ``[n, K, ...]``, where an op has no batching rule or ``batched`` is False. Rows are independent
-    examples, so the cotangent e_k on every row at once gives each example's own derivative.
+    graph: one wide matrix product per layer instead of K narrow ones); K plain backward passes where an op
+    has no batching rule. Rows are independent examples, so the cotangent e_k on every row at once gives
+    each example's own derivative.
     """
     n, k_out = out.shape
     eye = torch.eye(k_out, dtype=out.dtype, device=out.device)
     try:
-        if not batched:
-            raise RuntimeError("K plain backward passes")
         grads = torch.autograd.grad(
             out, taps, eye[:, None, :].expand(k_out, n, k_out), retain_graph=True, allow_unused=True,
             is_grads_batched=True,
         )
         result = [g.transpose(0, 1) if g is not None else None for g in grads]
     except RuntimeError:  # no batching rule for some op of the backward graph
-        result = [None] * len(taps)
+        per_output: list[list[Tensor]] = [[] for _ in taps]
         for k in range(k_out):
             grads = torch.autograd.grad(out[:, k].sum(), taps, retain_graph=True, allow_unused=True)
             for slot, g in enumerate(grads):
-                if g is None and result[slot] is not None:
-                    result[slot][:, k] = 0  # this output unit does not reach the tap
-                elif g is not None:
-                    if result[slot] is None:
-                        result[slot] = g.new_empty((n, k_out, *g.shape[1:]))
-                        result[slot][:, :k] = 0
-                    result[slot][:, k] = g
+                per_output[slot].append(g)
+        result = [None if parts[0] is None else torch.stack(parts, dim=1) for parts in per_output]
     return [
         torch.zeros((n, k_out, *tap.shape[1:]), dtype=out.dtype, device=out.device) if g is None else g
         for g, tap in zip(result, taps)
