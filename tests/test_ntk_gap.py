@@ -215,6 +215,7 @@ def test_mixed_forms_in_gram_and_concatenation():
         expected = structured._gram(as_jac, as_jac, trace, 1 << 20)[""]
         _close(structured._gram(features, as_jac, trace, 1 << 20)[""], expected)
         _close(structured._gram(features, features, trace, 1 << 20)[""], expected)
+        _close(structured._gram(features, features, trace, 1)[""], expected)  # the factored Gram by single rows
     for entry in features:  # chunks in different forms are joined as Jacobians
         first = (entry[0], *(t[:3] for t in entry[1:]))
         joined = structured._concat([first, ("jac", structured._as_jacobian(entry)[3:])])

@@ -423,10 +423,10 @@ def _example_weight_gradients(m: Tensor, x: Tensor, call: _LayerCall) -> Tensor:
     if any(before != after for before, after in padding):  # "same" with an even kernel: pad before, as F.conv*d
         x = F.pad(x, [p for pair in reversed(padding) for p in pair])
         padding = tuple((0, 0) for _ in padding)
-    weight = x.new_empty(())
+    weight = x.new_empty(n * out_channels, channels, *options["kernel"])  # only its shape is read
     _, grads, _ = torch.ops.aten.convolution_backward(
         m.reshape(1, n * out_channels, *call.out_shape[1:]), x.reshape(1, n * channels, *x.shape[2:]),
-        weight.expand(n * out_channels, channels, *options["kernel"]), None, list(options["stride"]),
+        weight, None, list(options["stride"]),
         [before for before, _ in padding], list(options["dilation"]), False, [0] * dims, n, [False, True, False],
     )
     return grads.reshape(n, out_channels, -1)
@@ -518,18 +518,20 @@ def _struct_gram(x1: Tensor, g1: Tensor, x2: Tensor, g2: Tensor, trace: bool, bu
 def _factored_gram(a1: Tensor, c1: Tensor, a2: Tensor, c2: Tensor, trace: bool, budget: int) -> Tensor:
     """⟨diag(c1_ik)·A1_i, diag(c2_jl)·A2_j⟩ = Σ_o c1[i,k,o]·c2[j,l,o]·C[o,i,j], C[o,i,j] = Σ_p A1[i,o,p]·A2[j,o,p],
     for A ``[n, O, P]``, c ``[n, K, O]``: ``[a, K, b, K]`` (``[a, b]`` traced). Multiply-adds a·b·O·(P + K²)
-    instead of the Jacobians' a·b·K²·O·P."""
+    instead of the Jacobians' a·b·K²·O·P. By blocks of rows i, so that C and the intermediates (O·rows·b·K
+    numbers) stay under ``budget`` and 2^22."""
     a, k_out, o = c1.shape
     b = c2.shape[0]
-    channel = torch.bmm(a1.transpose(0, 1), a2.permute(1, 2, 0))  # C [O, a, b]
-    if trace:
-        pairs = torch.bmm(c1.permute(2, 0, 1), c2.permute(2, 1, 0))  # Σ_k c1 c2, [O, a, b]
-        return (pairs * channel).sum(0)
-    # Blocks of rows i: E[i, o, j, l] = C[o, i, j]·c2[j, l, o], then [K, O] @ [O, (j l)] per i; E kept small.
-    rows = max(1, min(budget, 1 << 22) // max(1, o * b * k_out))
-    c2t = c2.permute(2, 0, 1)  # [O, b, K]
+    rows = max(1, min(budget, 1 << 22) // max(1, o * b * (1 if trace else k_out)))
+    a2t = a2.permute(1, 2, 0)  # [O, P, b]
+    c2t = c2.permute(2, 0, 1) if not trace else c2.permute(2, 1, 0)  # [O, b, K] ([O, K, b] traced)
     blocks = []
     for start in range(0, a, rows):
-        mixed = channel[:, start : start + rows].permute(1, 0, 2).unsqueeze(3) * c2t  # [A, O, b, K]
-        blocks.append(torch.bmm(c1[start : start + rows], mixed.flatten(2)).reshape(-1, k_out, b, k_out))
+        channel = torch.bmm(a1[start : start + rows].transpose(0, 1), a2t)  # C [O, A, b]
+        c1b = c1[start : start + rows]
+        if trace:
+            blocks.append((torch.bmm(c1b.permute(2, 0, 1), c2t) * channel).sum(0))  # Σ_o (Σ_k c1 c2)·C
+        else:  # E[i, o, j, l] = C[o, i, j]·c2[j, l, o], then [K, O] @ [O, (j l)] per i
+            mixed = channel.permute(1, 0, 2).unsqueeze(3) * c2t  # [A, O, b, K]
+            blocks.append(torch.bmm(c1b, mixed.flatten(2)).reshape(-1, k_out, b, k_out))
     return torch.cat(blocks)
