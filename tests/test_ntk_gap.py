@@ -170,8 +170,13 @@ def test_gated_model_takes_mixed_forms(factored):
     model = _prepared(model)
     x = torch.randn(4, *shape, dtype=torch.float64)
     x[:2, 0, 0, 0], x[2:, 0, 0, 0] = -1.0, 1.0
-    _close(D.empirical_ntk(model, x, chunk_size=2), _explicit(model, x, x))
+    _close(D.empirical_ntk(model, x, chunk_size=2), _explicit(model, x, x))  # chunks in different forms
     assert [ok for _, ok in factored] == [True, False], factored
+    x1, x2 = x[:2], x[2:]  # x1's cotangent factors, x2's does not: their Gram in different forms
+    _close(D.empirical_ntk(model, x1, x2), _explicit(model, x1, x2))
+    _close(D.empirical_ntk(model, x1, x2, trace=True),
+           _explicit(model, x1, x2).reshape(2, 3, 2, 3).diagonal(dim1=1, dim2=3).sum(-1))
+    assert [ok for _, ok in factored[2:]] == [True, False] * 2, factored  # x1 then x2, twice
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
