@@ -88,7 +88,12 @@ def empirical_ntk(
       Σ_{s,t} ⟨g_ik,s, g_jl,t⟩⟨x_i,s, x_j,t⟩ (s, t: positions sharing the weight, the im2col patches of a
       convolution) — computed either in that form or through the per-example weight Jacobian
       Σ_s g_ik,s ⊗ x_i,s, whichever costs fewer multiply-adds (the choice neural-tangents makes per
-      layer); biases and BatchNorm affine parameters through their (small) per-example Jacobians. No
+      layer). Where, for every example and channel, the K output units' cotangents over the positions are
+      multiples of one row (g_ik,s,o = c_ik,o·m_i,s,o: a layer followed by position-wise ops and global average
+      pooling into a linear head), the per-example Jacobian is diag(c_ik)·A_i with A_i = Σ_s m_i,s ⊗ x_i,s, one
+      product per example instead of K, and the block Σ_o c_ik,o c_jl,o ⟨A_i,o, A_j,o⟩; this structure is checked
+      on the recorded cotangents, to 128 machine epsilons relative, before it is used. Biases and BatchNorm
+      affine parameters go through their (small) per-example Jacobians. No
       parameter Jacobian of a wide dense layer is ever formed. Every other parameter — embeddings,
       LayerNorm/GroupNorm, depthwise convolutions, tied weights used in more than one call, parameters
       that reach the output through any other op (e.g. inside ``nn.MultiheadAttention``, whose projections

@@ -90,12 +90,21 @@ def _padding(padding: object, kernel: tuple[int, ...], dilation: tuple[int, ...]
 
 
 def _patches(x: Tensor, options: dict) -> Tensor:
-    """im2col of ``x [n, C, *spatial]``: ``[n, S, C·Π kernel]``, S the output positions (any of 1-3 dims)."""
+    """im2col of ``x [n, C, *spatial]``: ``[n, S, C·Π kernel]``, S the output positions (any of 1-3 dims).
+
+    For 2-D convolutions a transposed view of ``F.unfold``'s ``[n, C·Π kernel, S]`` (its im2col kernel is
+    about twice as fast as the strided copy below, and matrix products take the transposed view as it is)."""
     kernel, stride, dilation, padding = options["kernel"], options["stride"], options["dilation"], options["padding"]
     pad = [p for pair in reversed(padding) for p in pair]
+    dims = len(kernel)
+    if dims == 2:
+        symmetric = all(before == after for before, after in padding)
+        if not symmetric:  # "same" with an even kernel: F.unfold pads both sides alike
+            x = F.pad(x, pad)
+        return F.unfold(x, kernel, dilation=dilation, padding=tuple(p[0] for p in padding) if symmetric else 0,
+                        stride=stride).transpose(1, 2)
     if any(pad):
         x = F.pad(x, pad)
-    dims = len(kernel)
     for d in range(dims):  # each unfold appends the window dimension at the end
         x = x.unfold(2 + d, dilation[d] * (kernel[d] - 1) + 1, stride[d])
         if dilation[d] > 1:
@@ -164,6 +173,9 @@ class _Plan(NamedTuple):
     calls: list[_LayerCall]
     per_example_features: int
     per_example_transient: int
+    # Call indexes whose weight takes the channel-factored form (see _channel_factors) when the cotangent allows:
+    # fewer multiply-adds than the planned form, and no more numbers per example.
+    factor: frozenset[int] = frozenset()
 
 
 def _plan_structured(
@@ -179,6 +191,7 @@ def _plan_structured(
     k_out = n_outputs
     pairs = k_out if trace else k_out * k_out
     taps: dict[int, tuple[str | None, str | None, str]] = {}
+    factor: set[int] = set()
     features = 0
     transient = 0
     for index, call in enumerate(recorder.calls):
@@ -210,13 +223,20 @@ def _plan_structured(
                 size_jac, size_struct = k_out * o * p, s * (p + k_out * o)
                 form = "struct" if cost_struct <= cost_jac or size_jac > feature_budget // 2 else "jac"
                 features += size_struct if form == "struct" else size_jac
+                # Channel-factored (if the cotangent is): A_i = Σ_s m_i,s ⊗ x_i,s, the check, Σ_p A_i A_j, then Σ_o c c.
+                cost_factor = (n1 + n2) * s * o * (p + 3 * k_out) + n1 * n2 * o * (p + pairs)
+                cost_form, size_form = (cost_struct, size_struct) if form == "struct" else (cost_jac, size_jac)
+                if cost_factor < cost_form and o * (p + k_out) <= size_form:
+                    factor.add(index)
             if bias is not None and weight is None:
                 features += k_out * o
         taps[index] = (weight, bias, form)
-    return _Plan(taps, recorder.calls, features, transient)
+    return _Plan(taps, recorder.calls, features, transient, frozenset(factor))
 
 
-_Feature = tuple  # ("jac", J [n, K, M]) or ("struct", X [n, S, P], G [n, K, S, O])
+# ("jac", J [n, K, M]), ("struct", X [n, S, P], G [n, K, S, O]) or ("factored", A [n, O, P], c [n, K, O]): the
+# per-example Jacobian J_ik = diag(c_ik)·A_i, i.e. J[i, k, (o, p)] = c[i, k, o]·A[i, o, p] (see _channel_factors).
+_Feature = tuple
 
 
 def _structured_features(
@@ -244,15 +264,30 @@ def _structured_features(
         for slot, index in enumerate(indexes):
             weight, bias, form = plan.taps[index]
             g, cotangents[slot] = cotangents[slot], None
-            chunk_features.append(_call_features(plan.calls[index], recorder.inputs.pop(index), g, weight, bias, form))
+            chunk_features.append(_call_features(plan.calls[index], recorder.inputs.pop(index), g, weight, bias, form,
+                                                 index in plan.factor))
         pieces.append(chunk_features)
     if len(pieces) == 1:
         return pieces[0]
-    return [
-        [tuple([entry[0], *(torch.cat([p[slot][e][i] for p in pieces]) for i in range(1, len(entry)))])
-         for e, entry in enumerate(pieces[0][slot])]
-        for slot in range(len(plan.taps))
-    ]
+    return [[_concat([p[slot][e] for p in pieces]) for e in range(len(pieces[0][slot]))] for slot in range(len(plan.taps))]
+
+
+def _concat(parts: list[_Feature]) -> _Feature:
+    """One feature of the examples of ``parts`` (chunks of examples, in order); as per-example Jacobians where the
+    chunks took different forms (a cotangent that factors on some examples only)."""
+    if len({part[0] for part in parts}) > 1:
+        parts = [("jac", _as_jacobian(part)) for part in parts]
+    return tuple([parts[0][0], *(torch.cat([part[i] for part in parts]) for i in range(1, len(parts[0])))])
+
+
+def _as_jacobian(feature: _Feature) -> Tensor:
+    """The per-example Jacobian ``[n, K, M]`` a feature stands for (M ordered (o, p) as a weight ``[O, P]``)."""
+    kind, first, second = (feature + (None,))[:3]
+    if kind == "jac":
+        return first
+    if kind == "factored":  # J[i, k, o, p] = c[i, k, o]·A[i, o, p]
+        return (second.unsqueeze(3) * first.unsqueeze(1)).flatten(2)
+    return torch.einsum("nkso,nsp->nkop", second, first).flatten(2)  # struct: Σ_s g_s ⊗ x_s
 
 
 def _output_cotangents(out: Tensor, taps: list[Tensor]) -> list[Tensor]:
@@ -285,7 +320,7 @@ def _output_cotangents(out: Tensor, taps: list[Tensor]) -> list[Tensor]:
 
 
 def _call_features(
-    call: _LayerCall, x: Tensor, g: Tensor, weight: str | None, bias: str | None, form: str
+    call: _LayerCall, x: Tensor, g: Tensor, weight: str | None, bias: str | None, form: str, factor: bool = False,
 ) -> list[_Feature]:
     n, k_out = g.shape[:2]
     features: list[_Feature] = []
@@ -308,7 +343,20 @@ def _call_features(
         o = g.shape[2]
         native = g.reshape(n, k_out, o, -1)
         g = native.transpose(2, 3)
-        patches = _patches(x, call.options) if weight is not None else None
+        patches = None
+    factors = _channel_factors(g.transpose(2, 3)) if weight is not None and factor else None
+    if factors is not None:
+        # J_ik = Σ_s g_ik,s ⊗ x_i,s = diag(c_ik)·A_i with A_i = Σ_s m_i,s ⊗ x_i,s: one product per example, not K.
+        c, m = factors
+        a = torch.bmm(m, patches) if call.kind == "linear" else _example_weight_gradients(m, x, call)  # [n, O, P]
+        if bias is not None and form == "struct":  # the planned form's feature carries the bias: so does this one
+            a = torch.cat([a, m.sum(2, keepdim=True)], dim=2)
+        features.append(("factored", a, c))
+        if bias is not None and form == "jac":
+            features.append(("jac", c * m.sum(2).unsqueeze(1)))
+        return features
+    if call.kind == "conv" and weight is not None:
+        patches = _patches(x, call.options)
     if weight is not None and form == "struct":
         if bias is not None:
             # A column of ones appended to the inputs carries the bias: Σ_s g_s ⊗ [x_s, 1] = [J_W, J_b].
@@ -329,6 +377,61 @@ def _call_features(
     return features
 
 
+# How far (in units of the dtype's machine epsilon, relative to each cotangent row) a cotangent may be from its
+# channel-factored form and still be taken in it: rounding of the factors only (a few units), never a real rank > 1.
+_FACTOR_TOLERANCE = 128
+
+
+def _channel_factors(g: Tensor, block: int = 1 << 22) -> tuple[Tensor, Tensor] | None:
+    """``g [n, K, O, S]`` (cotangents of K output units at O channels, S positions) as g[i, k, o, s] =
+    c[i, k, o]·m[i, o, s], ``c [n, K, O]``, ``m [n, O, S]``, when for every example and channel the K rows over the
+    positions are multiples of one row; else None.
+
+    This is the structure of a layer followed by position-wise ops and a pooling over positions, as global average
+    pooling then a linear head: g_ik = ReLU'(z_i)·W[k, o]/S. m_io = Σ_k g_iko (a multiple of every row when the rows
+    are multiples of one another), c_iko = g_iko,s/m_io,s at the position s of largest |m_io,s|. The factors are
+    taken when every row is within ``_FACTOR_TOLERANCE`` machine epsilons of c_iko·m_io, relative to |c_iko|·‖m_io‖
+    (Frobenius over S; a row that is not a multiple of m_io, or rows that cancel in m_io, fail it) — checked on one
+    example first, then on blocks of about ``block`` numbers (a temporary of that size). Three passes over g."""
+    n, k_out, o, s = g.shape
+    tolerance = _FACTOR_TOLERANCE * torch.finfo(g.dtype).eps
+    rows = max(1, block // max(1, k_out * o * s))
+    cs, ms = [], []
+    for start, stop in [(0, 1)] + [(i, min(n, i + rows)) for i in range(1, n, rows)]:
+        gb = g[start:stop]
+        m = gb.sum(1)  # [b, O, S]
+        peak = m.abs().argmax(dim=2, keepdim=True)  # [b, O, 1]
+        pivot = m.gather(2, peak).mT  # [b, 1, O]
+        at_peak = gb.gather(3, peak.unsqueeze(1).expand(-1, k_out, -1, -1)).squeeze(3)  # [b, K, O]
+        c = torch.where(pivot != 0, at_peak / torch.where(pivot != 0, pivot, 1), 0)
+        residual = torch.linalg.vector_norm(torch.addcmul(gb, c.unsqueeze(3), m.unsqueeze(1), value=-1), dim=3)
+        if not bool((residual <= tolerance * c.abs() * torch.linalg.vector_norm(m, dim=2).unsqueeze(1)).all()):
+            return None
+        cs.append(c)
+        ms.append(m)
+    return torch.cat(cs), torch.cat(ms)
+
+
+def _example_weight_gradients(m: Tensor, x: Tensor, call: _LayerCall) -> Tensor:
+    """Σ_s m_i,s ⊗ x_i,s over the im2col patches of a convolution, ``[n, O, C·Π kernel]`` for ``m [n, O, S]``: each
+    example's weight gradient for the cotangent m_i, as one convolution weight-gradient with the examples as groups
+    (no im2col copy of the input; with it, the same numbers)."""
+    options = call.options
+    n, channels = x.shape[:2]
+    out_channels, dims = m.shape[1], len(options["kernel"])
+    padding = options["padding"]
+    if any(before != after for before, after in padding):  # "same" with an even kernel: pad before, as F.conv*d
+        x = F.pad(x, [p for pair in reversed(padding) for p in pair])
+        padding = tuple((0, 0) for _ in padding)
+    weight = x.new_empty(n * out_channels, channels, *options["kernel"])  # only its shape is read
+    _, grads, _ = torch.ops.aten.convolution_backward(
+        m.reshape(1, n * out_channels, *call.out_shape[1:]), x.reshape(1, n * channels, *x.shape[2:]),
+        weight, None, list(options["stride"]),
+        [before for before, _ in padding], list(options["dilation"]), False, [0] * dims, n, [False, True, False],
+    )
+    return grads.reshape(n, out_channels, -1)
+
+
 def _feature_groups(plan: _Plan, groups: dict[str, str]) -> list[str]:
     """The group of each feature :func:`_structured_features` returns, in its order (see :func:`_call_features`)."""
     owners: list[str] = []
@@ -346,18 +449,39 @@ def _gram(f1: list[_Feature], f2: list[_Feature], trace: bool, budget: int,
     ``{group: [a, K, b, K]}`` (or ``[a, b]`` traced)."""
     totals: dict[str, Tensor] = {}
     for e1, e2, owner in zip(f1, f2, owners or [""] * len(f1)):
-        if e1[0] == "jac":
+        if e1[0] != e2[0]:  # forms that differ between x1 and x2 (a cotangent factored on one side only)
+            e1, e2 = ("jac", _as_jacobian(e1)), ("jac", _as_jacobian(e2))
+        if e1[0] == "factored":
+            part = _factored_gram(e1[1], e1[2], e2[1], e2[2], trace, budget)
+        elif e1[0] == "jac":
             j1, j2 = e1[1], e2[1]
             a, k_out, m = j1.shape
             b = j2.shape[0]
             if trace:
                 part = torch.einsum("akm,bkm->ab", j1, j2)
+            elif j1 is j2:
+                part = _symmetric_product(j1.reshape(a * k_out, m)).reshape(a, k_out, b, k_out)
             else:
                 part = (j1.reshape(a * k_out, m) @ j2.reshape(b * k_out, m).T).reshape(a, k_out, b, k_out)
         else:
             part = _struct_gram(e1[1], e1[2], e2[1], e2[2], trace, budget)
         totals[owner] = part if owner not in totals else totals[owner] + part
     return totals
+
+
+def _symmetric_product(j: Tensor, blocks: int = 4) -> Tensor:
+    """j jᵀ for ``j [r, m]`` from the blocks of rows on and above the diagonal (``blocks``·(``blocks`` + 1)/2 of
+    ``blocks``² products; the rest mirrored): about 30 % faster than one product for r in the hundreds."""
+    rows = j.shape[0]
+    if rows < 64 * blocks:
+        return j @ j.T
+    step = -(-rows // blocks)
+    out = j.new_empty(rows, rows)
+    for start in range(0, rows, step):
+        part = j[start : start + step] @ j[start:].T
+        out[start : start + step, start:] = part
+        out[start + step :, start : start + step] = part[:, step:].T
+    return out
 
 
 def _struct_gram(x1: Tensor, g1: Tensor, x2: Tensor, g2: Tensor, trace: bool, budget: int) -> Tensor:
@@ -388,4 +512,26 @@ def _struct_gram(x1: Tensor, g1: Tensor, x2: Tensor, g2: Tensor, trace: bool, bu
             blocks.append(torch.einsum("bAqk,Akq->Ab", mixed, ga))
         else:
             blocks.append(torch.matmul(ga.unsqueeze(0), mixed).permute(1, 2, 0, 3))  # [A, k, b, l]
+    return torch.cat(blocks)
+
+
+def _factored_gram(a1: Tensor, c1: Tensor, a2: Tensor, c2: Tensor, trace: bool, budget: int) -> Tensor:
+    """⟨diag(c1_ik)·A1_i, diag(c2_jl)·A2_j⟩ = Σ_o c1[i,k,o]·c2[j,l,o]·C[o,i,j], C[o,i,j] = Σ_p A1[i,o,p]·A2[j,o,p],
+    for A ``[n, O, P]``, c ``[n, K, O]``: ``[a, K, b, K]`` (``[a, b]`` traced). Multiply-adds a·b·O·(P + K²)
+    instead of the Jacobians' a·b·K²·O·P. By blocks of rows i, so that C and the intermediates (O·rows·b·K
+    numbers) stay under ``budget`` and 2^22."""
+    a, k_out, o = c1.shape
+    b = c2.shape[0]
+    rows = max(1, min(budget, 1 << 22) // max(1, o * b * (1 if trace else k_out)))
+    a2t = a2.permute(1, 2, 0)  # [O, P, b]
+    c2t = c2.permute(2, 0, 1) if not trace else c2.permute(2, 1, 0)  # [O, b, K] ([O, K, b] traced)
+    blocks = []
+    for start in range(0, a, rows):
+        channel = torch.bmm(a1[start : start + rows].transpose(0, 1), a2t)  # C [O, A, b]
+        c1b = c1[start : start + rows]
+        if trace:
+            blocks.append((torch.bmm(c1b.permute(2, 0, 1), c2t) * channel).sum(0))  # Σ_o (Σ_k c1 c2)·C
+        else:  # E[i, o, j, l] = C[o, i, j]·c2[j, l, o], then [K, O] @ [O, (j l)] per i
+            mixed = channel.permute(1, 0, 2).unsqueeze(3) * c2t  # [A, O, b, K]
+            blocks.append(torch.bmm(c1b, mixed.flatten(2)).reshape(-1, k_out, b, k_out))
     return torch.cat(blocks)
