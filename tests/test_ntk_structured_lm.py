@@ -81,6 +81,19 @@ class _TwiceLooked(nn.Module):
         return self.out(torch.cat([a, b], dim=1))
 
 
+class _NormOverPositions(nn.Module):
+    """LayerNorm over the last two dimensions (positions and width), without a bias, between a table and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Embedding(VOCAB, WIDTH)
+        self.norm = nn.LayerNorm((LENGTH, WIDTH), bias=False)
+        self.out = nn.Linear(LENGTH * WIDTH, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.norm(self.table(ids))).flatten(1))
+
+
 def _ids(n: int, seed: int) -> torch.Tensor:
     # Few ids, so that they repeat within and across sequences (the rule's cross terms are exercised).
     return torch.randint(0, VOCAB, (n, LENGTH), generator=torch.Generator().manual_seed(seed))
@@ -111,7 +124,8 @@ def _models() -> dict[str, tuple[nn.Module, set[str]]]:
     models: dict[str, tuple[nn.Module, set[str]]] = {}
     for name, model in {"gpt_tied": _TinyGPT(tied=True), "gpt_untied": _TinyGPT(tied=False),
                         "gpt_broadcast_positions": _TinyGPT(tied=True, broadcast_positions=True),
-                        "embedding_twice": _TwiceLooked(), "padding_idx": _TwiceLooked(padding_idx=2)}.items():
+                        "embedding_twice": _TwiceLooked(), "padding_idx": _TwiceLooked(padding_idx=2),
+                        "layer_norm_over_positions": _NormOverPositions()}.items():
         model = model.double()
         with torch.no_grad():
             for p in model.parameters():  # LayerNorm's affine parameters away from 1 and 0
@@ -126,6 +140,7 @@ def test_structured_rules_equal_products_and_the_explicit_jacobian(name):
     model, structured = _models()[name]
     x1, x2 = _ids(6, 1), _ids(4, 2)
     x1[1] = x1[0]  # a repeated sequence: every id shared with another example
+    assert (x1 == 2).any(), "the padding index is looked up"
     assert _structured(model, x1) == structured
     explicit = _explicit(model, x1, x1)
     fast = D.empirical_ntk(model, x1)
@@ -183,6 +198,7 @@ def test_embedding_gram_pairs_rows_by_id():
     assert no_match.shape == (2, 3, 3, 3) and not no_match.any()
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap's fallback for embedding_renorm_
 def test_max_norm_embedding_falls_back_and_equals_the_reference():
     # max_norm renormalizes the table's rows in place during the forward: not the lookup rule's function, so the
     # table goes the generic path (rows inside the norm bound: the renormalization leaves them as they are).
