@@ -1,7 +1,7 @@
 """Structured rules of the empirical NTK for language models, float64, against the column-by-column reference
 ("products") and the explicit Jacobian: embedding lookups (a tied table looked up by the input and by the label
 rule's W[y], a table looked up twice, padding_idx, max_norm's fallback, a position table broadcast over the
-batch), ``torch.addmm`` of a parameter (transformers' ``Conv1D``) and LayerNorm's affine parameters.
+batch, and the fallback when such a table is used other than elementwise), ``torch.addmm`` of a parameter (transformers' ``Conv1D``) and LayerNorm's affine parameters.
 
 Every model is checked twice: the kernel equals the references, and the parameters the rule is for are indeed
 taken by the structured path (so that a fallback to the generic path cannot make the equality trivial).
@@ -47,9 +47,9 @@ class _TinyGPT(nn.Module):
     """A GPT-2-like toy: token and position tables, LayerNorm, a causal mixing of positions, Conv1D layers,
     and the label-logit head ⟨h_t, W[y_t]⟩ (W the token table when ``tied``), 0 where the label is ignored."""
 
-    def __init__(self, tied: bool, broadcast_positions: bool = False) -> None:
+    def __init__(self, tied: bool, broadcast_positions: bool = False, reduce_positions: bool = False) -> None:
         super().__init__()
-        self.tied, self.broadcast_positions = tied, broadcast_positions
+        self.tied, self.broadcast_positions, self.reduce_positions = tied, broadcast_positions, reduce_positions
         self.wte, self.wpe = nn.Embedding(VOCAB, WIDTH), nn.Embedding(LENGTH, WIDTH)
         self.ln_1, self.ln_f = nn.LayerNorm(WIDTH), nn.LayerNorm(WIDTH)
         self.c_fc, self.c_proj = _Conv1D(WIDTH, 2 * WIDTH), _Conv1D(2 * WIDTH, WIDTH)
@@ -60,7 +60,10 @@ class _TinyGPT(nn.Module):
         positions = torch.arange(ids.shape[1], device=ids.device)[None]
         if not self.broadcast_positions:
             positions = positions.expand(ids.shape[0], -1)
-        h = self.wte(ids) + self.wpe(positions)  # [1, T] positions: one lookup broadcast over the batch
+        # [1, T] positions: one lookup broadcast over the batch; summed over its first dimension (of size 1, so the
+        # same values), a use through which the lookup expanded to the batch would not give the same
+        table = self.wpe(positions).sum(0) if self.reduce_positions else self.wpe(positions)
+        h = self.wte(ids) + table
         h = h + self.causal @ self.c_proj(torch.tanh(self.c_fc(self.ln_1(h))))
         h = self.ln_f(h)
         labels = _labels(ids)
@@ -124,6 +127,7 @@ def _models() -> dict[str, tuple[nn.Module, set[str]]]:
     models: dict[str, tuple[nn.Module, set[str]]] = {}
     for name, model in {"gpt_tied": _TinyGPT(tied=True), "gpt_untied": _TinyGPT(tied=False),
                         "gpt_broadcast_positions": _TinyGPT(tied=True, broadcast_positions=True),
+                        "gpt_reduced_positions": _TinyGPT(tied=True, broadcast_positions=True, reduce_positions=True),
                         "embedding_twice": _TwiceLooked(), "padding_idx": _TwiceLooked(padding_idx=2),
                         "layer_norm_over_positions": _NormOverPositions()}.items():
         model = model.double()
@@ -131,7 +135,8 @@ def _models() -> dict[str, tuple[nn.Module, set[str]]]:
             for p in model.parameters():  # LayerNorm's affine parameters away from 1 and 0
                 p.add_(0.3 * torch.randn_like(p))
         everything = {k for k, _ in model.named_parameters()}
-        models[name] = (model, everything - {"wpe.weight"} if name == "gpt_broadcast_positions" else everything)
+        # a broadcast lookup used other than elementwise goes the generic path
+        models[name] = (model, everything - {"wpe.weight"} if name == "gpt_reduced_positions" else everything)
     return models
 
 
@@ -219,8 +224,8 @@ def test_hf_conv1d_and_gpt2_are_structured():
     x = torch.randn(5, LENGTH, WIDTH, dtype=torch.float64)
     assert _structured(layer, x) == {k for k, _ in layer.named_parameters()}
     assert _relative(D.empirical_ntk(layer, x), _explicit(layer, x, x)) < 1e-10
-    # A GPT-2 with the label-logit head: every parameter structured but the position table, looked up by
-    # position ids [1, T] broadcast over the batch.
+    # A GPT-2 with the label-logit head: every parameter structured, the position table too (looked up by
+    # position ids [1, T] broadcast over the batch, then added to the token embeddings).
     transformers.logging.set_verbosity_error()
     config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=8, n_layer=1, n_head=2, n_positions=LENGTH,
                                      attn_implementation="eager")
@@ -240,5 +245,5 @@ def test_hf_conv1d_and_gpt2_are_structured():
     model = LabelLogits()
     ids = _ids(4, 7)
     covered = _structured(model, ids)
-    assert covered == {k for k, _ in model.named_parameters()} - {"gpt.transformer.wpe.weight"}
+    assert covered == {k for k, _ in model.named_parameters()}
     assert _relative(D.empirical_ntk(model, ids), D.empirical_ntk(model, ids, implementation="products")) < 1e-10

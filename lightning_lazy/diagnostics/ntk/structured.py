@@ -49,6 +49,11 @@ _EMBEDDING_DEFAULTS = {"padding_idx": None, "max_norm": None, "norm_type": 2.0, 
                        "sparse": False}
 # Ops that flatten a batched [n, ..., P] tensor into the [n·S, P] rows a ``torch.addmm`` multiplies.
 _FLATTENS = (Tensor.view, Tensor.reshape, torch.reshape, Tensor.flatten, torch.flatten)
+# Elementwise ops through which a [1, ...] lookup broadcast over the batch gives what its copy expanded to [n, ...]
+# would give (see _LayerRecorder).
+_ELEMENTWISE = (torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__, torch.sub, Tensor.sub,
+                Tensor.__sub__, Tensor.__rsub__, Tensor.__isub__, torch.mul, Tensor.mul, Tensor.__mul__,
+                Tensor.__rmul__, Tensor.__imul__)
 
 
 def _parse_layer_call(func: Callable, args: tuple, kwargs: dict, ids: dict[int, str], batch: int | None = None,
@@ -102,7 +107,10 @@ def _parse_layer_call(func: Callable, args: tuple, kwargs: dict, ids: dict[int, 
         padding = a["padding_idx"]
         if padding is not None and padding < 0:
             padding += w.shape[0]  # as F.embedding reads it
-        return _LayerCall("embedding", name(w), None, rows_ids, {"padding_idx": padding}, batched(rows_ids))
+        options = {"padding_idx": padding}
+        if not batched(rows_ids) and rows_ids.shape[0] == 1 and batch:
+            options["broadcast"] = True  # one lookup for the whole batch (position ids [1, T]): see _LayerRecorder
+        return _LayerCall("embedding", name(w), None, rows_ids, options, batched(rows_ids))
     if func is F.layer_norm:
         a = _arguments(args, kwargs, ("input", "normalized_shape", "weight", "bias", "eps"),
                        {"weight": None, "bias": None, "eps": 1e-5})
@@ -177,6 +185,12 @@ class _LayerRecorder(TorchFunctionMode):
     With ``taps`` (indexes of calls), the output of each of those calls gets a zero tap added, whose
     gradient is the cotangent at that output (taken before any in-place op that follows), and its input is
     kept. ``batch``: the number of examples of the forward (see :func:`_parse_layer_call`).
+
+    An embedding lookup of ids ``[1, ...]`` broadcast over the batch (GPT-2's position table) has one cotangent
+    for all examples, the sum of theirs. When every use of its output is an elementwise add, subtract or
+    multiply whose result has the batch as its first dimension and no more dimensions (``self.unsafe`` lists the
+    lookups used otherwise), the output expanded to ``[n, ...]`` gives the same values downstream: a tapped
+    lookup is so expanded, and its tap then gives each example's own cotangent.
     """
 
     def __init__(self, params: Params, taps: set[int] | None = None, batch: int | None = None) -> None:
@@ -192,6 +206,8 @@ class _LayerRecorder(TorchFunctionMode):
         # id of a 2-D view of a batched tensor, flattened example-major -> (a weak reference to it, rows per
         # example); weak, and checked by identity, so that an id reused by a later tensor is never mistaken for it
         self.flattened: dict[int, tuple[weakref.ref, int]] = {}
+        self.broadcasts: dict[int, tuple[weakref.ref, int]] = {}  # id of a broadcast lookup's output -> call index
+        self.unsafe: set[int] = set()  # broadcast lookups whose output has a use other than elementwise
 
     def _rows(self, x: Tensor) -> int | None:
         entry = self.flattened.get(id(x))
@@ -204,6 +220,15 @@ class _LayerRecorder(TorchFunctionMode):
                 and out.shape[1] == source.shape[-1] and id(source) not in self.ids):
             self.flattened[id(out)] = (weakref.ref(out), out.shape[0] // self.batch)
 
+    def _note_broadcast_uses(self, func: Callable, args: tuple, kwargs: dict, out: object, layer: bool) -> None:
+        for leaf in tree_leaves((args, kwargs)):
+            entry = self.broadcasts.get(id(leaf)) if isinstance(leaf, Tensor) else None
+            if entry is None or entry[0]() is not leaf or out is leaf:  # out is leaf: .to() or .contiguous(), a no-op
+                continue
+            if layer or func not in _ELEMENTWISE or not isinstance(out, Tensor) or out.dim() != leaf.dim() \
+                    or out.shape[0] != self.batch:
+                self.unsafe.add(entry[1])
+
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch protocol
         kwargs = kwargs or {}
         if func is F.batch_norm and (args[5] if len(args) > 5 else kwargs.get("training", False)):
@@ -211,6 +236,8 @@ class _LayerRecorder(TorchFunctionMode):
         call = _parse_layer_call(func, args, kwargs, self.ids, self.batch, self._rows)
         if call is None:
             out = func(*args, **kwargs)
+            if self.broadcasts:
+                self._note_broadcast_uses(func, args, kwargs, out, layer=False)
             if self.ids and _holds_tensor(out):
                 for leaf in tree_leaves((args, kwargs)):
                     if isinstance(leaf, Tensor) and id(leaf) in self.ids:
@@ -220,18 +247,27 @@ class _LayerRecorder(TorchFunctionMode):
         index = len(self.calls)
         self.calls.append(call)
         out = func(*args, **kwargs)
+        if self.broadcasts:
+            self._note_broadcast_uses(func, args, kwargs, out, layer=True)
         rows = call.options.get("rows")  # torch.addmm: out [n·rows, O], seen per example as [rows, O]
         call.out_shape = (rows, out.shape[-1]) if rows is not None else tuple(out.shape[1:])
         known = {call.weight, call.bias}
         for leaf in tree_leaves((args, kwargs)):  # e.g. a parameter used as running statistics
             if isinstance(leaf, Tensor) and id(leaf) in self.ids and self.ids[id(leaf)] not in known:
                 self.other_uses.add(self.ids[id(leaf)])
+        broadcast = call.options.get("broadcast", False)
         if index in self.taps_wanted:
             self.inputs[index] = call.input.detach()
             shape = (call.input.shape[0], *call.out_shape)
+            if broadcast:  # the lookup's output and ids expanded to the batch (safe: see the class's docstring)
+                shape = (self.batch, *call.out_shape)
+                self.inputs[index] = self.inputs[index].expand(self.batch, *call.input.shape[1:])
+                out = out.expand(shape)
             tap = torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True).expand(shape)
             self.taps[index] = tap
             out = out + tap.reshape(out.shape)
+        elif broadcast:
+            self.broadcasts[id(out)] = (weakref.ref(out), index)
         call.input = None  # not kept beyond the call unless tapped
         return out
 
@@ -245,6 +281,12 @@ class _Plan(NamedTuple):
     per_example_transient: int
 
 
+def _structurable(call: _LayerCall, index: int, recorder: _LayerRecorder) -> bool:
+    """Whether the call's features are each example's own: a batched input, or a broadcast lookup whose output is
+    only used elementwise (see :class:`_LayerRecorder`)."""
+    return call.batched or (call.options.get("broadcast", False) and index not in recorder.unsafe)
+
+
 def _plan_structured(
     recorder: _LayerRecorder, params: Params, n_outputs: int, n1: int, n2: int, trace: bool, feature_budget: int,
     groups: dict[str, str] | None = None,
@@ -256,7 +298,8 @@ def _plan_structured(
                 kinds.setdefault(name, []).append(call.kind)
     # A parameter in one call, or a table in embedding lookups only (its features, one per table, sum the lookups:
     # a tied input embedding and the label rule's W[y]); one used elsewhere too goes the generic path.
-    unbatched = {name for call in recorder.calls if not call.batched for name in (call.weight, call.bias)}
+    unbatched = {name for index, call in enumerate(recorder.calls) if not _structurable(call, index, recorder)
+                 for name in (call.weight, call.bias)}
     eligible = {k for k, used in kinds.items()
                 if (len(used) == 1 or set(used) == {"embedding"}) and k not in recorder.other_uses | unbatched}
     k_out = n_outputs
@@ -320,7 +363,7 @@ def _structured_features(
             out = _as_function(model, xc)(params)
         check_finite(out, "the model output on the probe")
         if [c.kind for c in recorder.calls] != [c.kind for c in plan.calls] or \
-                not all(recorder.calls[i].batched for i in plan.taps):
+                not all(_structurable(recorder.calls[i], i, recorder) for i in plan.taps):
             raise RuntimeError(
                 "the model applied a different sequence of layers on another chunk of the probe (or a layer's "
                 "input lost its example dimension); use implementation='products'"
