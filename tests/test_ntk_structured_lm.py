@@ -1,7 +1,8 @@
 """Structured rules of the empirical NTK for language models, float64, against the column-by-column reference
 ("products") and the explicit Jacobian: embedding lookups (a tied table looked up by the input and by the label
 rule's W[y], a table looked up twice, padding_idx, max_norm's fallback, a position table broadcast over the
-batch, and the fallback when such a table is used other than elementwise), ``torch.addmm`` of a parameter (transformers' ``Conv1D``) and LayerNorm's affine parameters.
+batch, and the fallback when such a table is used other than elementwise), ``torch.addmm`` of a parameter
+(transformers' ``Conv1D``) and LayerNorm's affine parameters (over one and two dimensions).
 
 Every model is checked twice: the kernel equals the references, and the parameters the rule is for are indeed
 taken by the structured path (so that a fallback to the generic path cannot make the equality trivial).

@@ -63,8 +63,9 @@ def _parse_layer_call(func: Callable, args: tuple, kwargs: dict, ids: dict[int, 
     depend on ``batch``, so that every forward records the same sequence of calls.
 
     ``batch``: the number of examples of the forward, when known: a call whose input does not have it as its first
-    dimension (a lookup of position ids ``[1, T]`` broadcast over the batch) is recorded with ``batched=False``,
-    and its parameters are left to the generic path, since its cotangent would sum the examples'. ``rows(x)``: for
+    dimension is recorded with ``batched=False``, and its parameters are left to the generic path, since its
+    cotangent would sum the examples' (a lookup of ids ``[1, ...]`` broadcast over the batch, GPT-2's positions,
+    is marked ``broadcast``: see :class:`_LayerRecorder`). ``rows(x)``: for
     a 2-D ``x``, the number of its rows per example when it is a batched tensor flattened example-major (None
     otherwise); it lets ``torch.addmm(b, x, W)`` count as a linear layer on ``[n, rows, P]``."""
 
@@ -101,8 +102,8 @@ def _parse_layer_call(func: Callable, args: tuple, kwargs: dict, ids: dict[int, 
         rows_ids, w = a["input"], a["weight"]
         # max_norm renormalizes rows of the weight in place, and scale_grad_by_freq makes the derivative depend
         # on the batch: both are left to the generic path.
-        if name(w) is None or w.dim() != 2 or not layer_input(rows_ids) or rows_ids.is_floating_point() or rows_ids.is_complex() \
-                or a["max_norm"] is not None or a["scale_grad_by_freq"]:
+        if name(w) is None or w.dim() != 2 or not layer_input(rows_ids) or rows_ids.is_floating_point() \
+                or rows_ids.is_complex() or a["max_norm"] is not None or a["scale_grad_by_freq"]:
             return None
         padding = a["padding_idx"]
         if padding is not None and padding < 0:
@@ -348,7 +349,8 @@ def _plan_structured(
     return _Plan(taps, recorder.calls, features, transient)
 
 
-_Feature = tuple  # ("jac", J [n, K, M]), ("struct", X [n, S, P], G [n, K, S, O]) or ("embed", ids [n, S], G [n, K, S, D])
+# ("jac", J [n, K, M]), ("struct", X [n, S, P], G [n, K, S, O]) or ("embed", ids [n, S], G [n, K, S, D])
+_Feature = tuple
 
 
 def _structured_features(
