@@ -98,6 +98,26 @@ class _NormOverPositions(nn.Module):
         return self.out(torch.tanh(self.norm(self.table(ids))).flatten(1))
 
 
+class _FlatRows(nn.Module):
+    """Layers on the hidden states flattened to rows [n·T, D] (as OPT's decoder layers): LayerNorm and Linear on
+    the rows of a batched tensor, a Linear on their rows through an activation, and one on rows through an op not
+    known to keep rows apart (a cumulative sum along each row: left generic)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Embedding(VOCAB, WIDTH)
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(WIDTH), nn.Linear(WIDTH, 4), nn.Linear(4, WIDTH)
+        self.fc3 = nn.Linear(WIDTH, WIDTH)
+        self.out = nn.Linear(LENGTH * WIDTH, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.table(ids)
+        rows = h.reshape(-1, WIDTH)
+        rows = rows + self.fc2(torch.tanh(self.fc1(self.norm(rows))))
+        rows = self.fc3(torch.cumsum(rows, dim=1))
+        return self.out(torch.tanh(rows.view(ids.shape[0], -1)))
+
+
 def _ids(n: int, seed: int) -> torch.Tensor:
     # Few ids, so that they repeat within and across sequences (the rule's cross terms are exercised).
     return torch.randint(0, VOCAB, (n, LENGTH), generator=torch.Generator().manual_seed(seed))
@@ -130,14 +150,16 @@ def _models() -> dict[str, tuple[nn.Module, set[str]]]:
                         "gpt_broadcast_positions": _TinyGPT(tied=True, broadcast_positions=True),
                         "gpt_reduced_positions": _TinyGPT(tied=True, broadcast_positions=True, reduce_positions=True),
                         "embedding_twice": _TwiceLooked(), "padding_idx": _TwiceLooked(padding_idx=2),
-                        "layer_norm_over_positions": _NormOverPositions()}.items():
+                        "layer_norm_over_positions": _NormOverPositions(), "flattened_rows": _FlatRows()}.items():
         model = model.double()
         with torch.no_grad():
             for p in model.parameters():  # LayerNorm's affine parameters away from 1 and 0
                 p.add_(0.3 * torch.randn_like(p))
         everything = {k for k, _ in model.named_parameters()}
-        # a broadcast lookup used other than elementwise goes the generic path
-        models[name] = (model, everything - {"wpe.weight"} if name == "gpt_reduced_positions" else everything)
+        # a broadcast lookup used other than elementwise goes the generic path, so do rows not known to be a
+        # flattening of the batch
+        generic = {"gpt_reduced_positions": {"wpe.weight"}, "flattened_rows": {"fc3.weight", "fc3.bias"}}
+        models[name] = (model, everything - generic.get(name, set()))
     return models
 
 

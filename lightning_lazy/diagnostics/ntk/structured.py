@@ -49,6 +49,8 @@ _EMBEDDING_DEFAULTS = {"padding_idx": None, "max_norm": None, "norm_type": 2.0, 
                        "sparse": False}
 # Ops that flatten a batched [n, ..., P] tensor into the [n·S, P] rows a ``torch.addmm`` multiplies.
 _FLATTENS = (Tensor.view, Tensor.reshape, torch.reshape, Tensor.flatten, torch.flatten)
+# Ops that act on each row alone and keep the shape: the rows of their output are those of their input.
+_ROWWISE = (F.relu, torch.relu, F.gelu, F.silu, torch.tanh, Tensor.tanh, torch.sigmoid, Tensor.sigmoid, F.dropout)
 # Elementwise ops through which a [1, ...] lookup broadcast over the batch gives what its copy expanded to [n, ...]
 # would give (see _LayerRecorder).
 _ELEMENTWISE = (torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__, torch.sub, Tensor.sub,
@@ -67,7 +69,8 @@ def _parse_layer_call(func: Callable, args: tuple, kwargs: dict, ids: dict[int, 
     cotangent would sum the examples' (a lookup of ids ``[1, ...]`` broadcast over the batch, GPT-2's positions,
     is marked ``broadcast``: see :class:`_LayerRecorder`). ``rows(x)``: for
     a 2-D ``x``, the number of its rows per example when it is a batched tensor flattened example-major (None
-    otherwise); it lets ``torch.addmm(b, x, W)`` count as a linear layer on ``[n, rows, P]``."""
+    otherwise); it lets ``torch.addmm(b, x, W)`` count as a linear layer on ``[n, rows, P]``, and ``F.linear`` or
+    ``F.layer_norm`` on such rows as the same layer on ``[n, rows, ...]``."""
 
     def name(t: object) -> str | None:
         return ids.get(id(t)) if isinstance(t, Tensor) else None
@@ -78,11 +81,19 @@ def _parse_layer_call(func: Callable, args: tuple, kwargs: dict, ids: dict[int, 
     def batched(x: Tensor) -> bool:
         return batch is None or x.shape[0] == batch
 
+    def flattened_rows(x: Tensor) -> int | None:
+        """Rows per example of a 2-D input that is a batched tensor flattened (OPT's [n·T, D] hidden states)."""
+        return rows(x) if batch and rows is not None and x.dim() == 2 and x.shape[0] != batch else None
+
     if func is F.linear:
         a = _arguments(args, kwargs, ("input", "weight", "bias"), {"bias": None})
         if not layer_input(a["input"], 2):
             return None
         x = a["input"]
+        per_example = flattened_rows(x)
+        if per_example is not None:
+            return _LayerCall("linear", name(a["weight"]), name(a["bias"]), x.reshape(batch, per_example, x.shape[1]),
+                              {"rows": per_example})
         return _LayerCall("linear", name(a["weight"]), name(a["bias"]), x, {}, batched(x))
     if func is torch.addmm:
         # out = bias + x @ W, W [P, O]: a linear layer on the rows of x (transformers' Conv1D flattens [n, T, P]).
@@ -119,8 +130,13 @@ def _parse_layer_call(func: Callable, args: tuple, kwargs: dict, ids: dict[int, 
         x = a["input"]
         if not layer_input(x, dims + 1):
             return None
-        return _LayerCall("layer_norm", name(a["weight"]), name(a["bias"]), x, {"dims": dims, "eps": a["eps"]},
-                          batched(x))
+        options = {"dims": dims, "eps": a["eps"]}
+        per_example = flattened_rows(x) if dims == 1 else None
+        if per_example is not None:
+            options["rows"] = per_example
+            return _LayerCall("layer_norm", name(a["weight"]), name(a["bias"]), x.reshape(batch, per_example, -1),
+                              options)
+        return _LayerCall("layer_norm", name(a["weight"]), name(a["bias"]), x, options, batched(x))
     if func in _CONV_DIMS:
         dims = _CONV_DIMS[func]
         a = _arguments(
@@ -216,10 +232,13 @@ class _LayerRecorder(TorchFunctionMode):
 
     def _note_flattening(self, func: Callable, args: tuple, out: object) -> None:
         source = args[0] if args else None
-        if (func in _FLATTENS and self.batch and isinstance(source, Tensor) and isinstance(out, Tensor)
-                and out.dim() == 2 and source.dim() >= 3 and source.shape[0] == self.batch
+        if not (self.batch and isinstance(source, Tensor) and isinstance(out, Tensor) and out.dim() == 2):
+            return
+        if (func in _FLATTENS and source.dim() >= 3 and source.shape[0] == self.batch
                 and out.shape[1] == source.shape[-1] and id(source) not in self.ids):
             self.flattened[id(out)] = (weakref.ref(out), out.shape[0] // self.batch)
+        elif func in _ROWWISE and out.shape == source.shape and self._rows(source) is not None:
+            self.flattened[id(out)] = (weakref.ref(out), self._rows(source))
 
     def _note_broadcast_uses(self, func: Callable, args: tuple, kwargs: dict, out: object, layer: bool) -> None:
         for leaf in tree_leaves((args, kwargs)):
@@ -269,6 +288,8 @@ class _LayerRecorder(TorchFunctionMode):
             out = out + tap.reshape(out.shape)
         elif broadcast:
             self.broadcasts[id(out)] = (weakref.ref(out), index)
+        if rows is not None and call.batched and out.dim() == 2:  # a layer on rows gives rows: the next may use them
+            self.flattened[id(out)] = (weakref.ref(out), rows)
         call.input = None  # not kept beyond the call unless tapped
         return out
 
