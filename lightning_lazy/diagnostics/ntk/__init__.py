@@ -84,8 +84,10 @@ def empirical_ntk(
       (ICML 2022), structured derivatives. One forward of the probe under a ``TorchFunctionMode`` records,
       for every ``F.linear``, ``torch.addmm(b, x, W)`` (x the rows of a batched tensor, as transformers'
       ``Conv1D``), ``F.conv1d/2d/3d`` (``groups=1``), eval-mode ``F.batch_norm``, ``F.layer_norm`` and
-      ``F.embedding`` call whose weight or bias is one of ``params``, the layer input x and, by K backward
-      passes (one per output unit), the cotangent g at its output. A dense weight's block is then
+      ``F.embedding`` call whose weight or bias is one of ``params`` (a dense layer or LayerNorm on hidden
+      states flattened to rows ``[N·T, D]``, as OPT's, is read per example when the rows are seen to come
+      from the batch: a flattening, a layer on such rows, a row-wise activation), the layer input x and, by
+      K backward passes (one per output unit), the cotangent g at its output. A dense weight's block is then
       Σ_{s,t} ⟨g_ik,s, g_jl,t⟩⟨x_i,s, x_j,t⟩ (s, t: positions sharing the weight, the im2col patches of a
       convolution) — computed either in that form or through the per-example weight Jacobian
       Σ_s g_ik,s ⊗ x_i,s, whichever costs fewer multiply-adds (the choice neural-tangents makes per
@@ -97,7 +99,9 @@ def empirical_ntk(
       formed. Every other parameter — embeddings with ``max_norm`` (they write their weight) or
       ``scale_grad_by_freq``, GroupNorm, depthwise convolutions, tied weights used in more than one call
       (embedding lookups aside), layers whose input's first dimension is not the examples' (a position
-      table looked up once and broadcast over the batch), parameters that reach the output through any
+      table looked up once, ``[1, T]``, and broadcast over the batch, unless its output is only added,
+      subtracted or multiplied onto the batch's: then it is expanded to the batch while the cotangents are
+      recorded), parameters that reach the output through any
       other op (e.g. inside ``nn.MultiheadAttention``, whose projections are applied by one fused
       function) — goes through the generic path.
     - ``"jacobian"`` — the generic path for every parameter: per-example Jacobians
