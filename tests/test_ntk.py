@@ -2,7 +2,7 @@
 
 Each model is chosen to exercise one path: dense and convolutional layers (structured), pooling, BatchNorm in
 eval mode (structured affine parameters), residual sums, attention written by hand and nn.MultiheadAttention
-(whose fused projections go through the generic per-example path), LayerNorm, tied weights, frozen
+(whose fused projections go through the generic per-example path), LayerNorm (structured), tied weights, frozen
 parameters, and a functional model.
 """
 
@@ -166,7 +166,7 @@ def test_structured_path_covers_layers_and_leaves_the_rest_generic():
     assert covered == {k for k, _ in resnet.named_parameters()}, "convolutions and eval BatchNorm are structured"
     attention, _ = models["attention"]
     covered = _plan(_prepared(attention), torch.randn(2, 24, dtype=torch.float64))
-    assert covered == {k for k, _ in attention.named_parameters() if not k.startswith("norm.")}, "LayerNorm is generic"
+    assert covered == {k for k, _ in attention.named_parameters()}, "dense layers and LayerNorm are structured"
     tied, _ = models["tied"]
     assert _plan(_prepared(tied), torch.randn(2, 5, dtype=torch.float64)) == {"head.weight", "head.bias"}
     torch_attention, _ = models["multihead_attention"]

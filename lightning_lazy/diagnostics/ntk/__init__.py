@@ -82,17 +82,32 @@ def empirical_ntk(
 
     - ``"structured"`` — Novak, Sohl-Dickstein & Schoenholz, "Fast Finite Width Neural Tangent Kernel"
       (ICML 2022), structured derivatives. One forward of the probe under a ``TorchFunctionMode`` records,
-      for every ``F.linear``, ``F.conv1d/2d/3d`` (``groups=1``) and eval-mode ``F.batch_norm`` call whose
-      weight or bias is one of ``params``, the layer input x and, by K backward passes (one per output
-      unit), the cotangent g at its output. A dense weight's block is then
+      for every ``F.linear``, ``torch.addmm(b, x, W)`` (x the rows of a batched tensor, as transformers'
+      ``Conv1D``), ``F.conv1d/2d/3d`` (``groups=1``), eval-mode ``F.batch_norm``, ``F.layer_norm`` and
+      ``F.embedding`` call whose weight or bias is one of ``params`` (a dense layer or LayerNorm on hidden
+      states flattened to rows ``[N·T, D]``, as OPT's, is read per example when the rows are seen to come
+      from the batch: a flattening, a layer on such rows, a row-wise activation), the layer input x and, by
+      K backward passes (one per output unit), the cotangent g at its output. A dense weight's block is then
       Σ_{s,t} ⟨g_ik,s, g_jl,t⟩⟨x_i,s, x_j,t⟩ (s, t: positions sharing the weight, the im2col patches of a
       convolution) — computed either in that form or through the per-example weight Jacobian
       Σ_s g_ik,s ⊗ x_i,s, whichever costs fewer multiply-adds (the choice neural-tangents makes per
-      layer); biases and BatchNorm affine parameters through their (small) per-example Jacobians. No
-      parameter Jacobian of a wide dense layer is ever formed. Every other parameter — embeddings,
-      LayerNorm/GroupNorm, depthwise convolutions, tied weights used in more than one call, parameters
-      that reach the output through any other op (e.g. inside ``nn.MultiheadAttention``, whose projections
-      are applied by one fused function) — goes through the generic path.
+      layer). Where, for every example and channel, the K output units' cotangents over the positions are
+      multiples of one row (g_ik,s,o = c_ik,o·m_i,s,o: a layer followed by position-wise ops and global average
+      pooling into a linear head), the per-example Jacobian is diag(c_ik)·A_i with A_i = Σ_s m_i,s ⊗ x_i,s, one
+      product per example instead of K, and the block Σ_o c_ik,o c_jl,o ⟨A_i,o, A_j,o⟩; this structure is checked
+      on the recorded cotangents, to 128 machine epsilons relative, before it is used. Biases and BatchNorm /
+      LayerNorm affine parameters go through their (small) per-example Jacobians. An embedding table's block is
+      Σ_{s,t} [id_is = id_jt] ⟨g_ik,s, g_jl,t⟩ over the positions of every lookup of that table (a tied table
+      looked up by the input and by an LM head's W[y] included, cross terms and all), from the rows each example
+      looks up: no [V, D] Jacobian is formed, and a padding_idx row gets no gradient, as in ``F.embedding``. No
+      parameter Jacobian of a wide dense layer is ever formed. Every other parameter — embeddings with
+      ``max_norm`` (they write their weight) or ``scale_grad_by_freq``, GroupNorm, depthwise convolutions, tied
+      weights used in more than one call (embedding lookups aside), layers whose input's first dimension is not
+      the examples' (a position table looked up once, ``[1, T]``, and broadcast over the batch, unless its output
+      is only added, subtracted or multiplied onto the batch's: then it is expanded to the batch while the
+      cotangents are recorded), parameters that reach the output through any other op (e.g. inside
+      ``nn.MultiheadAttention``, whose projections are applied by one fused function) — goes through the generic
+      path.
     - ``"jacobian"`` — the generic path for every parameter: per-example Jacobians
       ``vmap(jacrev)`` over examples, chunked over examples and over parameter tensors, contracted.
     - ``"products"`` — the reference: column blocks Jᵀ(x2)E (vmapped vjp of unit cotangents) then J(x1)

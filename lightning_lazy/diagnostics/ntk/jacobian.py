@@ -67,9 +67,12 @@ def _ntk_fast(
 ) -> dict[str, Tensor]:
     """The "structured" / "jacobian" / "auto" implementations of :func:`empirical_ntk`: ``{group: kernel block}``
     (``groups`` maps each parameter name to its group)."""
-    pilot = _LayerRecorder(params)
+    # Two examples where there are (x2's second when x1 has one): a layer input whose first dimension is not the
+    # number of examples (a lookup broadcast over the batch) shows itself only on more than one.
+    sample = x1[:2] if x1.shape[0] > 1 or symmetric else torch.cat([x1[:1], x2[:1]])
+    pilot = _LayerRecorder(params, batch=sample.shape[0])
     with torch.no_grad(), pilot:
-        out = _as_function(model, x1[: min(2, x1.shape[0])])(params)
+        out = _as_function(model, sample)(params)
     check_finite(out, "the model output on the probe")
     if pilot.mixes_examples:
         if implementation == "auto":
