@@ -82,6 +82,9 @@ class _LightningHost(Host):
             for logger in trainer.loggers:
                 logger.log_metrics(dict(scalars), step=max(trainer.global_step - 1, 0))
 
+    def log_again_at_epoch_end(self, scalars: Mapping[str, float], step: int) -> None:
+        self.log_scalars(scalars, step, epoch_end=True)  # callback_metrics hold the epoch's values
+
     def convert(self, batch: Any) -> Any:
         # The trainer converts inputs inside training_step (e.g. to float64 under precision="64-true").
         return self.trainer.precision_plugin.convert_input(batch)

@@ -57,7 +57,9 @@ def test_the_budget_keeps_the_share_and_says_what_it_thinned(name, tmp_path):
     scheduled = 60 + 10  # epoch ends and log steps 1, 2, 4, ..., 512 (the last one at fit end is forced)
     assert budget.thinned() > 0, budget.counts
     assert sum(budget.counts.values()) >= scheduled - 6
-    assert 0.025 <= budget.spent_share() <= 0.075, (budget.spent_share(), budget.counts)
+    # The share the budget keeps: the scheduled measurements' (the whole ones at w0 and at the end come on top).
+    assert 0.025 <= budget.scheduled_share() <= 0.075, (budget.scheduled_share(), budget.counts)
+    assert budget.spent_share() > budget.scheduled_share() and budget.counts["whole"] >= 2
     assert "Cost: measurements took" in monitor.summary() and "left out" in monitor.summary()
     assert monitor.history[-1]["step"] == 960.0  # the end state, measured whatever the budget
 
@@ -154,3 +156,17 @@ def test_a_resumed_budget_goes_on_from_the_checkpoint_s_time(monkeypatch):
     resumed.load_state_dict(state)
     resumed.start()
     assert resumed.spent_share() == pytest.approx(1.0 / 20.0)
+
+
+def test_an_epoch_end_at_a_measured_step_is_not_counted_again(tmp_path):
+    """Log step 8 ends epoch 0 and 16 ends epoch 1: the epoch ends reuse those measurements, which the counts (and the
+    summary's Cost line) hold once each, beside the one at w0."""
+    net, shape = _models()["mlp"]
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, *shape, generator=g), torch.randint(0, 10, (32,), generator=g))
+    monitor = LazyTrainingMonitor(loss="cross_entropy", budget=None, probe_size=16, kappa_probe_size=4,
+                                  ntk_probe_size=4, figure=False)
+    pl.Trainer(max_epochs=2, callbacks=[monitor], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False).fit(Classifier(net), DataLoader(data, batch_size=4))
+    assert [entry["step"] for entry in monitor.history] == [1.0, 2.0, 4.0, 8.0, 16.0]
+    assert monitor.core.budget.counts == {"full": 5, "skip": 0, "whole": 1}

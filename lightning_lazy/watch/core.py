@@ -90,6 +90,10 @@ class Host:
         if self.is_global_zero:
             self.writers.scalars(scalars, step)
 
+    def log_again_at_epoch_end(self, scalars: Mapping[str, float], step: int) -> None:
+        """An epoch ends at a step already measured (and logged): the writers have these values at this step already;
+        a framework that keeps epoch-end values apart (Lightning's ``callback_metrics``) logs them again."""
+
     def convert(self, batch: Any) -> Any:
         """The batch as the training step sees it (a precision plugin's conversion)."""
         return batch
@@ -118,9 +122,11 @@ class LazinessWatch:
             (:class:`~lightning_lazy.watch.options.Measure`). ``probe`` is ``(x, y)``, ``x``, a Hugging Face batch, or
             a ``Dataset`` / ``DataLoader`` to draw ``probe_size`` examples from; without one, the first batch
             given to :meth:`batch` is the probe.
-        log_steps, every_n_epochs: when (:class:`~lightning_lazy.watch.options.When`): measurements after the
-            optimizer steps ``log_steps`` (1, 2, 4, 8, ... by default), at :meth:`epoch_end` calls, and at
-            :meth:`measure`.
+        log_steps, every_n_epochs, budget: when (:class:`~lightning_lazy.watch.options.When`): measurements after
+            the optimizer steps ``log_steps`` (1, 2, 4, 8, ... by default) and at :meth:`epoch_end` calls, kept to
+            ``budget`` (default 0.05) of the run's wall time by leaving out their costliest parts or whole ones
+            (:class:`~lightning_lazy.watch.schedule.Budget`; ``None``: all of them, whole), and, whole, at w0, at
+            :meth:`measure` and at :meth:`close`.
         figure, log_dir, writers: where (:class:`~lightning_lazy.watch.options.Write`): scalars, the figures and
             the summary to ``writers``, by default a TensorBoard event file and ``lazy_metrics.csv`` in ``log_dir``.
         clip: ``clip(optimizer)``, what the loop does to the gradients between backward and step (e.g.
@@ -200,6 +206,7 @@ class LazinessWatch:
         self._labels: dict[str, str] = {}  # short layer / parameter name -> label with its type, for people
         self._last_scalars: tuple[Any, dict[str, float]] = (None, {})
         self._last_plan: tuple[str, ...] = FULL  # the parts the last measurement left out
+        self._measure_started, self._repeated = 0.0, False  # the measurement under way: when, and whether it is new
         self._drawn = 0
         self._draw_seconds = 1.0
         self._drawn_at = time.perf_counter()
@@ -601,7 +608,7 @@ class LazinessWatch:
             self._start_measuring(first_batch)
         finally:
             self._measuring = False
-            self.budget.spend(time.perf_counter() - started, FULL, self._part_seconds("initial"))
+            self.budget.spend(time.perf_counter() - started, FULL, self._part_seconds("initial"), forced=True)
             if self._plain:
                 self.step_started()
 
@@ -702,13 +709,15 @@ class LazinessWatch:
         if plan is None:
             self.budget.spend(0.0, None)
             return None
-        started = time.perf_counter()
-        self._measuring = True
+        self._measure_started = time.perf_counter()
+        self._measuring, self._repeated = True, False
         try:
             return self._measure_and_log(step, on_step, epoch, plan)
         finally:
             self._measuring = False
-            self.budget.spend(time.perf_counter() - started, plan, self._part_seconds("last"))
+            if not self._repeated:
+                self.budget.spend(time.perf_counter() - self._measure_started, plan, self._part_seconds("last"),
+                                  forced=forced)
 
     def _part_seconds(self, bucket: str) -> dict[str, float]:
         """What each part of a measurement took, from the probe's timings of ``bucket`` (``"initial"``, ``"last"``)."""
@@ -724,7 +733,8 @@ class LazinessWatch:
             # The same network at the same step (micro-batches of one accumulated step, an epoch ending at a log
             # step): one entry per optimizer step. The ‖D²h‖ search, a lower bound, would give another value.
             if not on_step:
-                self.host.log_scalars(self._last_scalars[1], step, epoch_end=True)
+                self.host.log_again_at_epoch_end(self._last_scalars[1], step)
+            self._repeated = True  # no new measurement: nothing spent
             return self._last_scalars[1]
         if same:  # a richer measurement of the network the budget thinned at this step replaces that entry
             self.history.pop()
@@ -748,8 +758,8 @@ class LazinessWatch:
         code = regime_code(values)
         if math.isfinite(code):
             scalars["lazy/regime"] = code
-        if self.budget.share is not None:
-            scalars["lazy/cost/share"] = self.budget.spent_share()
+        if self.budget.share is not None:  # this measurement's time so far included
+            scalars["lazy/cost/share"] = self.budget.spent_share(pending=time.perf_counter() - self._measure_started)
         self._last_scalars = ((step, weights), dict(scalars))
         self.host.log_scalars(scalars, step, epoch_end=not on_step)
         # Rendering costs a few tenths of a second: at epoch ends (never at log steps) while that stays under 5 % of

@@ -70,9 +70,11 @@ class Budget:
     less: a scheduled measurement leaves out the costliest parts of :data:`PART_WORDS` (κ, the NTK, the per-layer
     measures: by what each took when last measured, the costliest first) as far as needed to keep the spent share
     within it, or is left out, and each is counted. On an MLP that drops κ first; on a ViT, whose NTK is most of a
-    measurement, the NTK first. The measurement at w0 and those asked for (``measure()``, the end state) are always
-    taken whole, and counted as spent. Wall times: the measurements' (with their logging and drawing) against the
-    whole run's since the measurement at w0 began; the twin's training steps are not measurement.
+    measurement, the NTK first. The measurement at w0 and those that must be whole (the end state, one another
+    callback monitors) are always taken whole: they count in the share reported (:meth:`spent_share`), not in the
+    one the budget keeps (:meth:`scheduled_share`), so that a costly start does not leave out every measurement of
+    the early phase. Wall times: the measurements' (with their logging and drawing) against the whole run's since
+    the measurement at w0 began; the twin's training steps are not measurement.
 
     A plan's cost is what its last measurement took; before one was taken, the last whole measurement's less the
     parts it leaves out (the probe's timings of them); with neither known, the leanest plan is taken to learn it."""
@@ -83,7 +85,8 @@ class Budget:
         self.share = share
         self.started: float | None = None
         self.stopped: float | None = None
-        self.spent = 0.0
+        self.spent = 0.0  # every measurement's seconds
+        self.scheduled = 0.0  # the scheduled ones' (what the budget keeps)
         self.counts: dict[str, int] = {"full": 0, "skip": 0}  # by plan key (see _key), and "skip"
         self.estimates: dict[str, float] = {}  # by plan key: what its last measurement took
         self.part_seconds: dict[str, float] = {}  # what each part took in the last measurement that took it
@@ -103,10 +106,16 @@ class Budget:
             return self._elapsed_before
         return (self.stopped if self.stopped is not None else perf_counter()) - self.started
 
-    def spent_share(self) -> float:
-        """Measurement seconds over the run's seconds so far (until :meth:`stop`)."""
+    def spent_share(self, pending: float = 0.0) -> float:
+        """Measurement seconds (and ``pending`` ones of a measurement under way) over the run's seconds so far (until
+        :meth:`stop`)."""
         elapsed = self._elapsed() if self.started is not None else 0.0
-        return self.spent / elapsed if elapsed > 0 else 0.0
+        return (self.spent + pending) / elapsed if elapsed > 0 else 0.0
+
+    def scheduled_share(self) -> float:
+        """The scheduled measurements' seconds over the run's seconds so far: what the budget keeps."""
+        elapsed = self._elapsed() if self.started is not None else 0.0
+        return self.scheduled / elapsed if elapsed > 0 else 0.0
 
     def plans(self) -> list[tuple[str, ...]]:
         """The plans from the richest to the leanest: nothing left out, then the costliest part, then the two
@@ -139,42 +148,47 @@ class Budget:
                 if plan == plans[-1]:
                     return plan  # its cost is learned by taking one
                 continue
-            if self.spent + estimate <= self.share * (elapsed + estimate):
+            if self.scheduled + estimate <= self.share * (elapsed + estimate):
                 return plan
         return None
 
-    def spend(self, seconds: float, plan: tuple[str, ...] | None, parts: dict[str, float] | None = None) -> None:
+    def spend(self, seconds: float, plan: tuple[str, ...] | None, parts: dict[str, float] | None = None,
+              forced: bool = False) -> None:
         """A measurement leaving out ``plan`` took ``seconds`` (``None``: one was left out); ``parts``: the seconds
-        of each part of :data:`PART_WORDS` it took."""
-        key = "skip" if plan is None else self._key(plan)
-        self.counts[key] = self.counts.get(key, 0) + 1
+        of each part of :data:`PART_WORDS` it took; ``forced``: one that had to be whole (not scheduled)."""
+        counted = "whole" if forced else "skip" if plan is None else self._key(plan)
+        self.counts[counted] = self.counts.get(counted, 0) + 1
         if plan is not None:
             self.spent += seconds
-            self.estimates[key] = seconds
+            self.scheduled += 0.0 if forced else seconds
+            self.estimates[self._key(plan)] = seconds  # a whole one tells what a full one costs
             self.part_seconds.update(parts or {})
 
     def thinned(self) -> int:
         """How many scheduled measurements were thinned or left out."""
-        return sum(count for key, count in self.counts.items() if key != "full")
+        return sum(count for key, count in self.counts.items() if key not in ("full", "whole"))
 
     def describe(self) -> str | None:
         """One line for the summary: what was spent, and what was thinned to keep within the budget."""
         if self.share is None:
             return None
-        line = (f"measurements took {100 * self.spent_share():.1f} % of the run's time (budget {100 * self.share:g} %)")
+        line = (f"measurements took {100 * self.spent_share():.1f} % of the run's time besides the twin's steps: "
+                f"{self.counts.get('whole', 0)} that must be whole (at w0, the end state) and the scheduled ones, "
+                f"{100 * self.scheduled_share():.1f} % (budget {100 * self.share:g} %)")
         if self.thinned():
             taken = [f"{self.counts['full']} measured in full"]
             taken += [f"{count} {plan_words(tuple(key.split('+')))}" for key, count in self.counts.items()
-                      if key not in ("full", "skip") and count]
+                      if key not in ("full", "skip", "whole") and count]
             line += f": {', '.join(taken)}, {self.counts['skip']} left out"
         return line
 
     def state_dict(self) -> dict[str, Any]:
-        return {"share": self.share, "spent": self.spent, "counts": dict(self.counts), "estimates": dict(self.estimates),
+        return {"share": self.share, "spent": self.spent, "scheduled": self.scheduled, "counts": dict(self.counts), "estimates": dict(self.estimates),
                 "part_seconds": dict(self.part_seconds), "elapsed": self._elapsed()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.spent, self.estimates = state["spent"], dict(state["estimates"])
+        self.scheduled = state.get("scheduled", self.spent)
         self.counts = {"full": 0, "skip": 0} | dict(state["counts"])
         self.part_seconds = dict(state.get("part_seconds", {}))
         self._elapsed_before, self.started, self.stopped = state.get("elapsed", 0.0), None, None
