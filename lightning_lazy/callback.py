@@ -173,8 +173,9 @@ class LazyTrainingMonitor(Callback):
             parts (κ, the NTK, the per-layer measures: the costliest first, by what each took last time), or is
             left out, and the summary says what was spent and thinned (:class:`~lightning_lazy.watch.schedule.Budget`); ``lazy/cost/share`` logs the share spent. The
             measurement at w0, the last epoch's (the end state), and every epoch end's when another callback
-            monitors a ``lazy/`` key (``ModelCheckpoint``, ``EarlyStopping``) are always taken in full. An
-            experiment that plots every measurement passes ``budget=None``.
+            monitors a ``lazy/`` key (``ModelCheckpoint``, ``EarlyStopping``) are always taken in full: they count in
+            ``lazy/cost/share`` but not against the budget. An experiment that plots every measurement passes
+            ``budget=None``.
 
     Logged under ``lazy/``: ``regime`` (1 lazy, 0.5 in between, 0 feature learning:
     :data:`lightning_lazy.watch.report.REGIME_CODES`), ``divergence`` Δ, ``bound`` (= t̃²·κ(w0); only for gradient
