@@ -170,3 +170,5 @@ def test_an_epoch_end_at_a_measured_step_is_not_counted_again(tmp_path):
                enable_model_summary=False).fit(Classifier(net), DataLoader(data, batch_size=4))
     assert [entry["step"] for entry in monitor.history] == [1.0, 2.0, 4.0, 8.0, 16.0]
     assert monitor.core.budget.counts == {"full": 5, "skip": 0, "whole": 1}
+    # Without a budget the summary still says what the measurements cost.
+    assert "Cost: measurements took" in monitor.summary() and "no budget" in monitor.summary()

@@ -878,8 +878,8 @@ class LazinessWatch:
             text += ("\n  Displacement is " + ("relative to the frozen weights the trained ones adapt" if
                                                 relative == "reference" else "absolute, ‖w − w0‖") +
                      ": every trained weight started at zero.")
-        if (cost := self.budget.describe()) is not None:
-            text += f"\n  Cost: {cost}."
+        if self.budget.started is not None:
+            text += f"\n  Cost: {self.budget.describe()}."
         return text
 
     def moved_layers(self, count: int = 3) -> list[tuple[str, str, float]]:

@@ -168,10 +168,11 @@ class Budget:
         """How many scheduled measurements were thinned or left out."""
         return sum(count for key, count in self.counts.items() if key not in ("full", "whole"))
 
-    def describe(self) -> str | None:
+    def describe(self) -> str:
         """One line for the summary: what was spent, and what was thinned to keep within the budget."""
         if self.share is None:
-            return None
+            return (f"measurements took {100 * self.spent_share():.1f} % of the run's time besides the twin's steps "
+                    "(no budget: every scheduled one whole)")
         line = (f"measurements took {100 * self.spent_share():.1f} % of the run's time besides the twin's steps: "
                 f"{self.counts.get('whole', 0)} that must be whole (at w0, the end state) and the scheduled ones, "
                 f"{100 * self.scheduled_share():.1f} % (budget {100 * self.share:g} %)")
