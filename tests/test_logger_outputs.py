@@ -158,8 +158,8 @@ def test_a_plain_loop_writes_to_tensorboard_csv_wandb_and_mlflow(tmp_path, wandb
             watch.batch(x[i * 4:i * 4 + 8], y[i * 4:i * 4 + 8])
             optimizer.step()
         watch.measure()
-        summary = watch.summary()
         watch.close()
+    summary = watch.summary()  # as written at close (read before it, the Cost line's share would be of that moment)
     pictures = _assert_files(log_dir, summary)
     with open(log_dir / "lazy_metrics.csv", newline="") as f:
         assert any(row.get("lazy/divergence") for row in csv.DictReader(f))
