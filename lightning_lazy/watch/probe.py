@@ -833,7 +833,7 @@ class LazinessProbe:
         """Tensors, numbers, strings and containers of them only: a checkpoint of it loads with
         ``torch.load(weights_only=True)``, Lightning's default (a sketched output is kept as ``{"sketch": values,
         "shape": shape}``)."""
-        return {key: _plain(_to_device(getattr(self, key), "cpu")) for key in self._STATE}
+        return {key: _saved(getattr(self, key)) for key in self._STATE}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         device = next(iter(self.initial.values())).device
@@ -848,7 +848,7 @@ class LazinessProbe:
         for key in self._STATE:
             # Absent from older checkpoints:
             value = state.get(key, getattr(self, key)) if key in self._OPTIONAL_STATE else state[key]
-            setattr(self, key, tuple(value) if key.endswith("names") else _to_device(_revived(value), device))
+            setattr(self, key, tuple(value) if key.endswith("names") else _restored(value, device))
 
 
 #: Output-sized tensors ([N, K]) alive at once at the peak of Δ's part of a measurement, per probe example: the
@@ -997,37 +997,32 @@ def _keep(labels: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if bool(kept.all()) else kept.unsqueeze(-1).to(dtype)
 
 
-def _plain(value: Any) -> Any:
-    """``value`` with every :class:`~lightning_lazy.diagnostics.FeatureSketch` as a plain dict (see :func:`_revived`)."""
+def _saved(value: Any) -> Any:
+    """``value`` for a checkpoint: tensors on the CPU, each :class:`~lightning_lazy.diagnostics.FeatureSketch` as a
+    plain ``{"sketch": values, "shape": shape}`` (see :func:`_restored`)."""
+    if isinstance(value, Tensor):
+        return value.to("cpu")
     if isinstance(value, diagnostics.FeatureSketch):
-        return {"sketch": value.values, "shape": tuple(value.shape)}
+        return {"sketch": value.values.to("cpu"), "shape": tuple(value.shape)}
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: _saved(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_plain(v) for v in value]
+        return [_saved(v) for v in value]
     return value
 
 
-def _revived(value: Any) -> Any:
-    """The inverse of :func:`_plain` (a sketch pickled whole by an older checkpoint stays as it is)."""
-    if isinstance(value, dict) and set(value) == {"sketch", "shape"}:
-        return diagnostics.FeatureSketch(value["sketch"], tuple(value["shape"]))
-    if isinstance(value, dict):
-        return {k: _revived(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_revived(v) for v in value]
-    return value
-
-
-def _to_device(value: Any, device: Any) -> Any:
+def _restored(value: Any, device: Any) -> Any:
+    """The inverse of :func:`_saved`, tensors on ``device`` (a sketch pickled whole by an older checkpoint too)."""
     if isinstance(value, Tensor):
         return value.to(device)
+    if isinstance(value, dict) and set(value) == {"sketch", "shape"}:
+        value = diagnostics.FeatureSketch(value["sketch"], tuple(value["shape"]))
     if isinstance(value, diagnostics.FeatureSketch):
         return diagnostics.FeatureSketch(value.values.to(device), value.shape)
     if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
+        return {k: _restored(v, device) for k, v in value.items()}
     if isinstance(value, list):
-        return [_to_device(v, device) for v in value]
+        return [_restored(v, device) for v in value]
     return value
 
 
