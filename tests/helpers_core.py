@@ -23,6 +23,20 @@ class FrozenFeatures(nn.Module):
         return torch.relu(self.layer(x))
 
 
+def with_batchnorm_statistics(model: nn.Module) -> nn.Module:
+    """``model`` in float64 with every BatchNorm's running statistics and affine parameters drawn at random (not the
+    identity they start as), so a derivative that mishandles them shows."""
+    model = model.double()
+    for module in model.modules():  # non-trivial running statistics and affine parameters
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.normal_()
+                module.bias.normal_()
+    return model
+
+
 def flat_function(model: nn.Module, x: Tensor):
     """(flat parameter vector -> flat output [N*K]) and the flat vector at the current parameters."""
     params = {k: v.detach() for k, v in model.named_parameters()}

@@ -19,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from lightning_lazy import diagnostics as D
 from lightning_lazy.diagnostics.ntk.structured import _LayerRecorder, _plan_structured
 
-from helpers_core import explicit_jacobian, mlp
+from helpers_core import explicit_jacobian, mlp, with_batchnorm_statistics
 
 
 class _ResBlock(nn.Module):
@@ -101,15 +101,7 @@ def _models() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
 
 
 def _prepared(model: nn.Module) -> nn.Module:
-    model = model.double()
-    for module in model.modules():  # non-trivial running statistics and affine parameters
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.normal_()
-                module.bias.normal_()
-    return model.train()  # the NTK is taken in eval mode whatever the module's mode
+    return with_batchnorm_statistics(model).train()  # the NTK is taken in eval mode whatever the module's mode
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -17,7 +17,7 @@ from torch import nn
 from lightning_lazy import diagnostics as D
 from lightning_lazy.diagnostics.ntk import structured
 
-from helpers_core import explicit_jacobian
+from helpers_core import explicit_jacobian, with_batchnorm_statistics
 
 
 class _TokenMean(nn.Module):
@@ -88,15 +88,7 @@ def _models() -> dict[str, tuple[nn.Module, tuple[int, ...], bool]]:
 
 
 def _prepared(model: nn.Module) -> nn.Module:
-    model = model.double()
-    for module in model.modules():  # non-trivial running statistics and affine parameters
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.normal_()
-                module.bias.normal_()
-    return model.eval()
+    return with_batchnorm_statistics(model).eval()
 
 
 def _explicit(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor, owner: str | None = None) -> torch.Tensor:
