@@ -1,8 +1,8 @@
 """What share of a fit's wall time the monitor's measurements take, with the default budget (5 %) and without one.
 
-Three small models of the budget test (``tests/test_budget.py``: an MLP, a CNN with BatchNorm, an attention layer)
-trained with ``LazyTrainingMonitor`` at its defaults for many short epochs (each ending in a scheduled
-measurement), once with ``budget=0.05`` (the default) and once with ``budget=None``. For each: the share the monitor
+Three small models, which the budget test (``tests/test_budget.py``) takes from here (an MLP, a CNN with BatchNorm,
+an attention layer), trained with ``LazyTrainingMonitor`` at its defaults for many short epochs (each ending in a
+scheduled measurement), once with ``budget=0.05`` (the default) and once with ``budget=None``. For each: the share the monitor
 keeps (``Budget.scheduled_share``: the scheduled measurements' seconds over the run's since the measurement at w0
 began) and the share of all of them (``Budget.spent_share``: the whole ones at w0 and at the end included) and how many scheduled measurements were taken in full, without their costliest parts (which), or left
 out. Writes JSON.
@@ -44,26 +44,37 @@ class Classifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.02, momentum=0.9)
 
 
+#: The models' names in the table.
+LABELS = {"mlp": "MLP 48-128-10", "cnn_bn": "CNN + BatchNorm", "attention": "attention"}
+
+
 def models() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
+    """``{name: (network, input shape)}``, the same networks at every call (seeded)."""
     torch.manual_seed(0)
     return {
-        "MLP 48-128-10": (nn.Sequential(nn.Flatten(), nn.Linear(48, 128), nn.ReLU(), nn.Linear(128, 10)), (3, 4, 4)),
-        "CNN + BatchNorm": (nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)), (3, 8, 8)),
+        "mlp": (nn.Sequential(nn.Flatten(), nn.Linear(48, 128), nn.ReLU(), nn.Linear(128, 10)), (3, 4, 4)),
+        "cnn_bn": (nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                 nn.Flatten(), nn.Linear(8, 10)), (3, 8, 8)),
         "attention": (nn.Sequential(nn.Flatten(1), nn.Unflatten(1, (6, 8)),
                                     nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True),
                                     nn.Flatten(), nn.Linear(48, 10)), (6, 8)),
     }
 
 
+def loader(shape: tuple[int, ...], n: int = 64) -> DataLoader:
+    """``n`` random inputs of ``shape`` with random labels of 10 classes (seeded), in batches of 4: 16 steps an epoch
+    at the default ``n``."""
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.randn(n, *shape, generator=g), torch.randint(0, 10, (n,), generator=g)),
+                      batch_size=4)
+
+
 def fit(name: str, budget: float | None, epochs: int) -> dict:
     net, shape = models()[name]
-    g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(64, *shape, generator=g), torch.randint(0, 10, (64,), generator=g))
     monitor = LazyTrainingMonitor(loss="cross_entropy", budget=budget, figure=False)
     started = time.perf_counter()
     pl.Trainer(max_epochs=epochs, callbacks=[monitor], logger=False, enable_checkpointing=False,
-               enable_progress_bar=False, enable_model_summary=False).fit(Classifier(net), DataLoader(data, batch_size=4))
+               enable_progress_bar=False, enable_model_summary=False).fit(Classifier(net), loader(shape))
     seconds = time.perf_counter() - started
     counts = dict(monitor.core.budget.counts)
     return {"seconds": seconds, "share": monitor.core.budget.spent_share(),
@@ -89,7 +100,7 @@ def main() -> None:
         counts = ", ".join(f"{n} {plan_words(tuple(k.split('+'))) if k not in ('full', 'skip', 'whole') else k}"
                            for k, n in with_budget["counts"].items() if n)
         # Without a budget Budget still times every measurement (its share is None: it thins nothing).
-        print(f"| {name} | {100 * with_budget['scheduled_share']:.1f} % | {100 * with_budget['share']:.1f} % | "
+        print(f"| {LABELS[name]} | {100 * with_budget['scheduled_share']:.1f} % | {100 * with_budget['share']:.1f} % | "
               f"{counts} | {with_budget['seconds']:.1f} | {100 * without['share']:.1f} % | {without['seconds']:.1f} |")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"args": vars(args), "machine": platform.processor() or platform.machine(),

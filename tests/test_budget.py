@@ -3,56 +3,34 @@ near 5 % by measuring less (the costly parts first), says what it spent and thin
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import pytorch_lightning as pl
-import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lazy import LazyTrainingMonitor
 from lightning_lazy.watch.schedule import Budget
 
 
-class Classifier(pl.LightningModule):
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.02, momentum=0.9)
-
-
-def _models():
-    torch.manual_seed(0)
-    return {
-        "mlp": (nn.Sequential(nn.Flatten(), nn.Linear(48, 128), nn.ReLU(), nn.Linear(128, 10)), (3, 4, 4)),
-        "cnn_bn": (nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                                 nn.Flatten(), nn.Linear(8, 10)), (3, 8, 8)),
-        "attention": (nn.Sequential(nn.Flatten(1), nn.Unflatten(1, (6, 8)),
-                                    nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True),
-                                    nn.Flatten(), nn.Linear(48, 10)), (6, 8)),
-    }
+# The budget benchmark's models, data and module (benchmarks/budget_share.py), so the test and the benchmark measure
+# the same thing.
+_spec = importlib.util.spec_from_file_location(
+    "budget_share", Path(__file__).resolve().parents[1] / "benchmarks" / "budget_share.py")
+budget_share = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(budget_share)
+Classifier, _models, _loader = budget_share.Classifier, budget_share.models, budget_share.loader
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn_bn", "attention"])
 def test_the_budget_keeps_the_share_and_says_what_it_thinned(name, tmp_path):
     net, shape = _models()[name]
-    g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(64, *shape, generator=g), torch.randint(0, 10, (64,), generator=g))
     monitor = LazyTrainingMonitor(loss="cross_entropy", budget=0.05, probe_size=16, kappa_probe_size=4,
                                   ntk_probe_size=4, figure=False)
     # Many short epochs, each ending in a scheduled measurement: without a budget measuring would dominate.
     pl.Trainer(max_epochs=60, callbacks=[monitor], logger=False, enable_checkpointing=False,
                enable_progress_bar=False, enable_model_summary=False).fit(
-        Classifier(net), DataLoader(data, batch_size=4))
+        Classifier(net), _loader(shape))
     budget = monitor.core.budget
     scheduled = 60 + 10  # epoch ends and log steps 1, 2, 4, ..., 512 (the last one at fit end is forced)
     assert budget.thinned() > 0, budget.counts
@@ -123,14 +101,12 @@ def test_the_last_epoch_and_a_monitored_measure_are_measured_in_full(tmp_path):
     from pytorch_lightning.callbacks import EarlyStopping
 
     net, shape = _models()["mlp"]
-    g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(64, *shape, generator=g), torch.randint(0, 10, (64,), generator=g))
     for callbacks in ([], [EarlyStopping("lazy/kappa", patience=100, mode="max", check_on_train_epoch_end=True)]):
         monitor = LazyTrainingMonitor(loss="cross_entropy", budget=0.01, probe_size=16, kappa_probe_size=4,
                                       ntk_probe_size=4, figure=False)
         trainer = pl.Trainer(max_epochs=6, callbacks=[monitor, *callbacks], logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False)
-        trainer.fit(Classifier(net), DataLoader(data, batch_size=4))
+        trainer.fit(Classifier(net), _loader(shape))
         ends = [entry for entry in monitor.history if entry["step"] % 16 == 0 and entry["step"] > 0]
         if callbacks:
             assert len(ends) == 6 and all("kappa" in entry and "ntk_distance" in entry for entry in ends), ends
@@ -162,12 +138,10 @@ def test_an_epoch_end_at_a_measured_step_is_not_counted_again(tmp_path):
     """Log step 8 ends epoch 0 and 16 ends epoch 1: the epoch ends reuse those measurements, which the counts (and the
     summary's Cost line) hold once each, beside the one at w0."""
     net, shape = _models()["mlp"]
-    g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(32, *shape, generator=g), torch.randint(0, 10, (32,), generator=g))
     monitor = LazyTrainingMonitor(loss="cross_entropy", budget=None, probe_size=16, kappa_probe_size=4,
                                   ntk_probe_size=4, figure=False)
     pl.Trainer(max_epochs=2, callbacks=[monitor], logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False).fit(Classifier(net), DataLoader(data, batch_size=4))
+               enable_model_summary=False).fit(Classifier(net), _loader(shape, n=32))
     assert [entry["step"] for entry in monitor.history] == [1.0, 2.0, 4.0, 8.0, 16.0]
     assert monitor.core.budget.counts == {"full": 5, "skip": 0, "whole": 1}
     # Without a budget the summary still says what the measurements cost.
