@@ -2,9 +2,10 @@
 
 Three small models, which the budget test (``tests/test_budget.py``) takes from here (an MLP, a CNN with BatchNorm,
 an attention layer), trained with ``LazyTrainingMonitor`` at its defaults for many short epochs (each ending in a
-scheduled measurement), once with ``budget=0.05`` (the default) and once with ``budget=None``. For each: the share the monitor
-keeps (``Budget.scheduled_share``: the scheduled measurements' seconds over the run's since the measurement at w0
-began) and the share of all of them (``Budget.spent_share``: the whole ones at w0 and at the end included) and how many scheduled measurements were taken in full, without their costliest parts (which), or left
+scheduled measurement), once with ``budget=0.05`` (the default) and once with ``budget=None``. For each: the share
+the monitor keeps (``Budget.scheduled_share``: the scheduled measurements' seconds over the run's since the
+measurement at w0 began), the share of all of them (``Budget.spent_share``: the whole ones at w0 and at the end
+included), and how many scheduled measurements were taken in full, without their costliest parts (which), or left
 out. Writes JSON.
 
     OMP_NUM_THREADS=1 python benchmarks/budget_share.py [--epochs 60] [--budget 0.05]

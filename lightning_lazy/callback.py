@@ -171,7 +171,8 @@ class LazyTrainingMonitor(Callback):
         budget: the share of the fit's wall time the measurements may take (default ``0.05``; ``None``: every
             scheduled measurement in full): a scheduled measurement that would exceed it leaves out its costliest
             parts (κ, the NTK, the per-layer measures: the costliest first, by what each took last time), or is
-            left out, and the summary says what was spent and thinned (:class:`~lightning_lazy.watch.schedule.Budget`); ``lazy/cost/share`` logs the share spent. The
+            left out, and the summary says what was spent and thinned
+            (:class:`~lightning_lazy.watch.schedule.Budget`); ``lazy/cost/share`` logs the share spent. The
             measurement at w0, the last epoch's (the end state), and every epoch end's when another callback
             monitors a ``lazy/`` key (``ModelCheckpoint``, ``EarlyStopping``) are always taken in full: they count in
             ``lazy/cost/share`` but not against the budget. An experiment that plots every measurement passes

@@ -656,8 +656,9 @@ class LazinessWatch:
 
     def values(self, plan: tuple[str, ...] = FULL) -> dict[str, Any]:
         """The measures now, as floats (``displacement_per_tensor``: by tensor name; per layer as
-        ``"layers/<layer>/<measure>"``), without adding them to the history; ``plan``: the parts left out
-        (of :data:`~lightning_lazy.watch.probe.MEASURE_PARTS`; the budget's, :class:`~lightning_lazy.watch.schedule.Budget`)."""
+        ``"layers/<layer>/<measure>"``), without adding them to the history; ``plan``: the parts left out (of
+        :data:`~lightning_lazy.watch.probe.MEASURE_PARTS`; the budget's plan,
+        :class:`~lightning_lazy.watch.schedule.Budget`)."""
         if self.measures is None:
             raise WatchError(f"{self.who}.measure needs the probe: training has not started")
         self.check_twin()

@@ -184,8 +184,8 @@ class Budget:
         return line
 
     def state_dict(self) -> dict[str, Any]:
-        return {"share": self.share, "spent": self.spent, "scheduled": self.scheduled, "counts": dict(self.counts), "estimates": dict(self.estimates),
-                "part_seconds": dict(self.part_seconds), "elapsed": self._elapsed()}
+        return {"share": self.share, "spent": self.spent, "scheduled": self.scheduled, "counts": dict(self.counts),
+                "estimates": dict(self.estimates), "part_seconds": dict(self.part_seconds), "elapsed": self._elapsed()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.spent, self.estimates = state["spent"], dict(state["estimates"])
