@@ -206,7 +206,6 @@ class LazinessWatch:
         self._labels: dict[str, str] = {}  # short layer / parameter name -> label with its type, for people
         self._last_scalars: tuple[Any, dict[str, float]] = (None, {})
         self._last_plan: tuple[str, ...] = FULL  # the parts the last measurement left out
-        self._measure_started, self._repeated = 0.0, False  # the measurement under way: when, and whether it is new
         self._drawn = 0
         self._draw_seconds = 1.0
         self._drawn_at = time.perf_counter()
@@ -710,14 +709,14 @@ class LazinessWatch:
         if plan is None:
             self.budget.spend(0.0, None)
             return None
-        self._measure_started = time.perf_counter()
-        self._measuring, self._repeated = True, False
+        started, last = time.perf_counter(), self._last_scalars
+        self._measuring = True
         try:
-            return self._measure_and_log(step, on_step, epoch, plan)
+            return self._measure_and_log(step, on_step, epoch, plan, started)
         finally:
             self._measuring = False
-            if not self._repeated:
-                self.budget.spend(time.perf_counter() - self._measure_started, plan, self._part_seconds("last"),
+            if self._last_scalars is not last:  # a new measurement (not the last one's values again)
+                self.budget.spend(time.perf_counter() - started, plan, self._part_seconds("last"),
                                   forced=forced)
 
     def _part_seconds(self, bucket: str) -> dict[str, float]:
@@ -726,8 +725,8 @@ class LazinessWatch:
         return {part: sum(timings[key] for key in keys if key in timings) for part, keys in MEASURE_PARTS.items()
                 if any(key in timings for key in keys)}
 
-    def _measure_and_log(self, step: int, on_step: bool, epoch: int | None,
-                         plan: tuple[str, ...]) -> dict[str, float] | None:
+    def _measure_and_log(self, step: int, on_step: bool, epoch: int | None, plan: tuple[str, ...],
+                         started: float) -> dict[str, float] | None:
         weights = self._weights_now()
         same = self.history and self.history[-1]["step"] == float(step) and self._last_scalars[0] == (step, weights)
         if same and set(self._last_plan) <= set(plan):  # the last one left out no more than this one would
@@ -735,7 +734,6 @@ class LazinessWatch:
             # step): one entry per optimizer step. The ‖D²h‖ search, a lower bound, would give another value.
             if not on_step:
                 self.host.log_again_at_epoch_end(self._last_scalars[1], step)
-            self._repeated = True  # no new measurement: nothing spent
             return self._last_scalars[1]
         if same:  # a richer measurement of the network the budget thinned at this step replaces that entry
             self.history.pop()
@@ -760,7 +758,7 @@ class LazinessWatch:
         if math.isfinite(code):
             scalars["lazy/regime"] = code
         if self.budget.share is not None:  # this measurement's time so far included
-            scalars["lazy/cost/share"] = self.budget.spent_share(pending=time.perf_counter() - self._measure_started)
+            scalars["lazy/cost/share"] = self.budget.spent_share(pending=time.perf_counter() - started)
         self._last_scalars = ((step, weights), dict(scalars))
         self.host.log_scalars(scalars, step, epoch_end=not on_step)
         # Rendering costs a few tenths of a second: at epoch ends (never at log steps) while that stays under 5 % of
